@@ -1,0 +1,58 @@
+"""The master's side of node liveness and failures, run by the reconciler on every pass.
+
+    silent past node_stale_after_seconds    -> stale
+    silent past node_offline_after_seconds  -> offline, and the jobs it leased are re-queued now
+    failure streak >= node_quarantine_after_failures -> quarantined (until an admin resumes it)
+
+The same rules as `states.liveness_state`, applied to all nodes in one
+statement each (a test checks SQL and Python agree).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy import Engine, text
+
+from nexus.agent.store import forfeit_leases
+from nexus.config import Settings
+
+log = logging.getLogger(__name__)
+
+# Offline first, so a node silent past both thresholds (the reconciler itself was down) goes straight there.
+_MARK_OFFLINE = text(
+    """UPDATE nodes SET state = 'offline', state_changed_at = now()
+       WHERE state IN ('registering', 'ready', 'draining', 'stale')
+         AND last_heartbeat_at < now() - make_interval(secs => :offline_after)
+       RETURNING name"""
+)
+_MARK_STALE = text(
+    """UPDATE nodes SET state = 'stale', state_changed_at = now()
+       WHERE state IN ('registering', 'ready', 'draining')
+         AND last_heartbeat_at < now() - make_interval(secs => :stale_after)
+       RETURNING name"""
+)
+_QUARANTINE = text(
+    """UPDATE nodes SET state = 'quarantined', state_changed_at = now()
+       WHERE state IN ('ready', 'draining') AND consecutive_failures >= :threshold
+       RETURNING name, consecutive_failures"""
+)
+
+
+def reconcile_nodes(engine: Engine, settings: Settings) -> dict[str, int]:
+    """One pass; run it before the lease-expiry pass so an offline node's jobs are re-queued in the same pass."""
+    with engine.begin() as conn:
+        offline = [row.name for row in conn.execute(
+            _MARK_OFFLINE, {"offline_after": settings.node_offline_after_seconds})]
+        stale = [row.name for row in conn.execute(_MARK_STALE, {"stale_after": settings.node_stale_after_seconds})]
+        quarantined = conn.execute(_QUARANTINE, {"threshold": settings.node_quarantine_after_failures}).all()
+        forfeited = forfeit_leases(conn, offline)
+    for name in stale:
+        log.warning("node %s missed its heartbeats: stale", name)
+    for name in offline:
+        log.warning("node %s is offline; its running jobs are re-queued", name)
+    for row in quarantined:
+        log.warning("node %s failed %d jobs in a row: quarantined until an admin resumes it",
+                    row.name, row.consecutive_failures)
+    return {"nodes_stale": len(stale), "nodes_offline": len(offline), "nodes_quarantined": len(quarantined),
+            "offline_leases_forfeited": forfeited}

@@ -1,0 +1,50 @@
+"""The master's HTTP API: an APIFlask app factory, one blueprint per resource.
+
+    app = create_app(settings)          # tests build their own with their own settings
+"""
+
+from __future__ import annotations
+
+import logging
+
+from apiflask import APIFlask
+
+import nexus
+from nexus.api.errors import install_error_handlers
+from nexus.api.security import authenticate_request
+from nexus.config import Settings, load_settings
+from nexus.services import Services
+
+
+def create_app(settings: Settings | None = None, services: Services | None = None) -> APIFlask:
+    settings = settings or load_settings()
+    app = APIFlask("nexus", title="Nexus API", version=nexus.__version__, docs_path="/docs")
+    app.config.update(
+        MAX_CONTENT_LENGTH=settings.max_body_bytes,
+        VALIDATION_ERROR_STATUS_CODE=400,
+        JSON_SORT_KEYS=False,
+    )
+    app.security_schemes = {"bearer": {"type": "http", "scheme": "bearer"}}
+    app.extensions["nexus"] = services or Services(settings)
+    app.extensions["nexus_settings"] = settings
+    install_error_handlers(app)
+    app.before_request(authenticate_request)
+    for blueprint in _blueprints():
+        app.register_blueprint(blueprint)
+    return app
+
+
+def _blueprints():
+    from nexus.api import health, inputs, jobs, tokens
+    from nexus.api import cluster, gpu, nodes  # the node agent's routes (issue 3)
+    from nexus.api import proofs  # proof jobs: receipts, verification, proven weight (issue 5)
+    from nexus.api import models, openai  # model catalog and instances, the OpenAI-compatible /v1 (issue 4)
+
+    return [health.bp, jobs.bp, inputs.bp, tokens.bp, nodes.bp, gpu.bp, cluster.bp, proofs.bp,
+            models.bp, openai.bp]
+
+
+def create_wsgi_app() -> APIFlask:
+    """Entry point for gunicorn (`nexus.api:create_wsgi_app()`)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return create_app()

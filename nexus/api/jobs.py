@@ -1,0 +1,215 @@
+"""Jobs: submit one or many, read, list, follow events, cancel, retry."""
+
+from __future__ import annotations
+
+import base64
+import time
+import uuid
+from datetime import datetime
+
+from apiflask import APIBlueprint
+from flask import request
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import text
+
+from nexus.api.errors import ApiError
+from nexus.api.inputs import tenant_prefix
+from nexus.api.security import caller, require, services
+from nexus.api.views import job_view, row_view
+from nexus.auth import Role
+from nexus.jobs import lifecycle
+from nexus.jobs.schemas import BulkJobRequest, JobRequest
+from nexus.jobs.notify import job_channel
+from nexus.jobs.states import FINAL_STATES, JobState
+
+FINAL_VALUES = frozenset(s.value for s in FINAL_STATES)
+
+bp = APIBlueprint("jobs", __name__, url_prefix="/api/v1/jobs", tag="Jobs")
+
+
+class JobListQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    state: JobState | None = None
+    type: str | None = Field(None, max_length=64)
+    tenant: str | None = Field(None, max_length=64)
+    parent_id: uuid.UUID | None = None
+    limit: int = Field(100, ge=1, le=1000)
+    cursor: str | None = Field(None, max_length=200)
+
+
+def _tenant_for(requested: str | None) -> str:
+    """Submitters act in their own tenant; admins may name one."""
+    principal = caller()
+    if requested and requested != principal.tenant and not principal.is_admin:
+        raise ApiError(403, "only admins may submit for another tenant", {"field": "tenant"})
+    return requested or principal.tenant
+
+
+def _check_inputs(jobs: list[JobRequest], tenant: str) -> None:
+    """A tenant's jobs may only read that tenant's uploads (admins may reference any key)."""
+    if caller().is_admin:
+        return
+    for index, job in enumerate(jobs):
+        if job.input_key is not None and not job.input_key.startswith(tenant_prefix(tenant)):
+            raise ApiError(403, "input_key must be one of your tenant's uploads (POST /api/v1/inputs)",
+                           {"field": "input_key", "index": index})
+
+
+def _view(row: dict) -> dict:
+    s = services()
+    return job_view(row, s.store, s.settings.bucket_outputs)
+
+
+def load_job(job_id: uuid.UUID) -> dict:
+    """The job, if the caller may see it; 404 otherwise (another tenant's job does not exist for you)."""
+    with services().engine.connect() as conn:
+        row = conn.execute(text("SELECT * FROM jobs WHERE id = :id"), {"id": job_id}).mappings().first()
+    if row is None or (not caller().is_admin and row["tenant"] != caller().tenant):
+        raise ApiError(404, f"job {job_id} not found")
+    return dict(row)
+
+
+@bp.post("")
+@bp.input(JobRequest, arg_name="job")
+@bp.doc(security="bearer", responses={201: "created", 200: "an idempotent repeat: the existing job"})
+@require(Role.SUBMITTER)
+def submit(job: JobRequest):
+    header_key = request.headers.get("Idempotency-Key")
+    if header_key is not None:
+        if not 0 < len(header_key) <= 256:
+            raise ApiError(400, "Idempotency-Key must be 1 to 256 characters", {"header": "Idempotency-Key"})
+        if job.idempotency_key not in (None, header_key):
+            raise ApiError(400, "Idempotency-Key header and idempotency_key field differ")
+        job = job.model_copy(update={"idempotency_key": header_key})
+    tenant = _tenant_for(job.tenant)
+    _check_inputs([job], tenant)
+    [(row, created)] = services().submitter.submit_many([job], tenant=tenant)
+    return _view(row), 201 if created else 200
+
+
+@bp.post("/bulk")
+@bp.input(BulkJobRequest, arg_name="bulk")
+@bp.doc(security="bearer")
+@require(Role.SUBMITTER)
+def submit_bulk(bulk: BulkJobRequest):
+    limit = services().settings.max_bulk_jobs
+    if len(bulk.jobs) > limit:
+        raise ApiError(413, f"at most {limit} jobs per bulk request", {"jobs": len(bulk.jobs)})
+    tenants = {_tenant_for(j.tenant) for j in bulk.jobs}
+    if len(tenants) > 1:
+        raise ApiError(400, "one bulk request submits for one tenant", {"tenants": sorted(tenants)})
+    tenant = tenants.pop()
+    _check_inputs(bulk.jobs, tenant)
+    results = services().submitter.submit_many(bulk.jobs, tenant=tenant)
+    jobs = [{"id": str(row["id"]), "state": row["state"], "created": created} for row, created in results]
+    return {"jobs": jobs, "created": sum(1 for j in jobs if j["created"])}, 201
+
+
+class JobGetQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    wait: float = Field(0, ge=0, le=30, description="hold the request up to this many seconds until the job is final")
+
+
+@bp.get("/<uuid:job_id>")
+@bp.input(JobGetQuery, location="query", arg_name="query")
+@bp.doc(security="bearer")
+def get_job(job_id: uuid.UUID, query: JobGetQuery):
+    job = load_job(job_id)
+    if query.wait and job["state"] not in FINAL_VALUES:
+        job = _wait_until_final(job_id, query.wait) or job
+    return _view(job)
+
+
+def _wait_until_final(job_id: uuid.UUID, seconds: float) -> dict | None:
+    """Long-poll: workers announce each outcome on the job's Redis channel; the row stays the truth."""
+    pubsub = services().redis.pubsub(ignore_subscribe_messages=True)
+    try:
+        pubsub.subscribe(job_channel(job_id))
+        deadline = time.monotonic() + seconds
+        job = load_job(job_id)  # re-read after subscribing: an outcome in between is not missed
+        while job["state"] not in FINAL_VALUES and (remaining := deadline - time.monotonic()) > 0:
+            pubsub.get_message(timeout=min(remaining, 1.0))  # a notice, or a second passed
+            job = load_job(job_id)
+        return job
+    finally:
+        pubsub.close()
+
+
+@bp.get("")
+@bp.input(JobListQuery, location="query", arg_name="query")
+@bp.doc(security="bearer")
+def list_jobs(query: JobListQuery):
+    """Newest first; pass `next_cursor` back as `cursor` for the next page."""
+    where, params = ["TRUE"], {"limit": query.limit + 1}
+    tenant = query.tenant if caller().is_admin else caller().tenant
+    if tenant:
+        where.append("tenant = :tenant")
+        params["tenant"] = tenant
+    if query.state:
+        where.append("state = :state")
+        params["state"] = query.state.value
+    if query.type:
+        where.append("type = :type")
+        params["type"] = query.type
+    if query.parent_id:
+        where.append("parent_id = :parent_id")
+        params["parent_id"] = query.parent_id
+    if query.cursor:
+        params["c_at"], params["c_id"] = _decode_cursor(query.cursor)
+        where.append("(created_at, id) < (:c_at, :c_id)")
+    sql = f"SELECT * FROM jobs WHERE {' AND '.join(where)} ORDER BY created_at DESC, id DESC LIMIT :limit"
+    with services().engine.connect() as conn:
+        rows = [dict(r) for r in conn.execute(text(sql), params).mappings()]
+    page, more = rows[:query.limit], len(rows) > query.limit
+    return {"jobs": [_view(r) for r in page],
+            "next_cursor": _encode_cursor(page[-1]) if more else None}
+
+
+@bp.get("/<uuid:job_id>/events")
+@bp.doc(security="bearer")
+def job_events(job_id: uuid.UUID):
+    load_job(job_id)
+    with services().engine.connect() as conn:
+        rows = conn.execute(
+            text("SELECT at, from_state, to_state, attempt, node, message FROM job_events "
+                 "WHERE job_id = :id ORDER BY id"), {"id": job_id}).mappings()
+        return {"events": [row_view(dict(r)) for r in rows]}
+
+
+@bp.post("/<uuid:job_id>/cancel")
+@bp.doc(security="bearer")
+@require(Role.SUBMITTER)
+def cancel(job_id: uuid.UUID):
+    """A waiting job is cancelled at once; a running one stops at its next check."""
+    load_job(job_id)
+    with services().engine.begin() as conn:
+        lifecycle.request_cancel(conn, job_id, by=caller().name)
+    return _view(load_job(job_id))
+
+
+@bp.post("/<uuid:job_id>/retry")
+@bp.doc(security="bearer")
+@require(Role.SUBMITTER)
+def retry(job_id: uuid.UUID):
+    """Give a failed or cancelled job one more attempt."""
+    job = load_job(job_id)
+    with services().engine.begin() as conn:
+        row = lifecycle.manual_retry(conn, job_id, by=caller().name)
+    if row is None:
+        raise ApiError(409, f"only failed or cancelled jobs can be retried; this one is {job['state']}",
+                       {"state": job["state"]})
+    return _view(load_job(job_id))
+
+
+def _encode_cursor(row: dict) -> str:
+    return base64.urlsafe_b64encode(f"{row['created_at'].isoformat()}|{row['id']}".encode()).decode()
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        at, _, job_id = base64.urlsafe_b64decode(cursor.encode()).decode().partition("|")
+        return datetime.fromisoformat(at), uuid.UUID(job_id)
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, "invalid cursor", {"field": "cursor"}) from None

@@ -1,0 +1,50 @@
+"""Prometheus metrics read from the sources of truth at scrape time (no counters to drift)."""
+
+from __future__ import annotations
+
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from sqlalchemy import text
+
+from nexus.jobs.notify import DURATION_BUCKETS, DURATION_KEY
+from nexus.jobs.reconciler import queue_depth
+from nexus.jobs.states import JobState
+from nexus.queueing.tiers import TIER_ORDER
+
+
+class NexusCollector:
+    def __init__(self, services):
+        self.services = services
+
+    def collect(self):
+        with self.services.engine.connect() as conn:
+            rows = conn.execute(text("SELECT state, type, count(*) FROM jobs GROUP BY state, type")).all()
+            queues = {r[0] for r in conn.execute(text(
+                "SELECT DISTINCT queue FROM jobs WHERE state IN ('queued','retrying')"))}
+        jobs = GaugeMetricFamily("nexus_jobs", "Jobs by state and type", labels=["state", "type"])
+        seen_types = {t for _, t, _ in rows} or {"noop"}
+        counts = {(s, t): n for s, t, n in rows}
+        for state in JobState:
+            for job_type in sorted(seen_types):
+                jobs.add_metric([state.value, job_type], counts.get((state.value, job_type), 0))
+        yield jobs
+
+        depth = GaugeMetricFamily("nexus_queue_depth", "Messages waiting in each broker queue", labels=["queue"])
+        for queue in sorted(queues | {t.queue for t in TIER_ORDER}):
+            depth.add_metric([queue], queue_depth(self.services.redis, queue))
+        yield depth
+
+        yield from self._durations(sorted(seen_types))
+
+    def _durations(self, job_types):
+        family = HistogramMetricFamily("nexus_job_duration_seconds", "Run time of succeeded jobs", labels=["type"])
+        for job_type in job_types:
+            raw = {k.decode(): float(v) for k, v in self.services.redis.hgetall(DURATION_KEY.format(type=job_type)).items()}
+            if not raw:
+                continue
+            cumulative, buckets = 0.0, []
+            for bound in DURATION_BUCKETS:
+                cumulative += raw.get(str(bound), 0.0)
+                buckets.append((str(bound), cumulative))
+            buckets.append(("+Inf", cumulative + raw.get("+Inf", 0.0)))
+            family.add_metric([job_type], buckets, raw.get("sum", 0.0))
+        yield family

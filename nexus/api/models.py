@@ -1,0 +1,185 @@
+"""Models and their instances: declare, list, delete; deploy (placement), list, stop, report state."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timedelta, timezone
+from typing import Any, Literal
+
+from apiflask import APIBlueprint
+from pydantic import BaseModel, ConfigDict, Field
+
+from nexus.api.errors import ApiError
+from nexus.api.security import require, services
+from nexus.auth import Role
+from nexus.inference import catalog, liveness
+from nexus.inference.catalog import BackendKind, InstanceState, ModelSpec
+from nexus.inference.placement import (MAX_PIPELINE_STAGES, PlacementError, PlacementRequest, pending_reservations,
+                                       place)
+from nexus.queueing.tiers import Tier
+
+bp = APIBlueprint("models", __name__, url_prefix="/api/v1/models", tag="Models")
+
+# How long an instance's VRAM stays promised while it starts (its real use shows in heartbeats after).
+PENDING_RESERVATION = timedelta(minutes=30)
+
+
+class ModelRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=catalog.MODEL_NAME_PATTERN, description="what clients pass as `model`")
+    source: str = Field("", max_length=1024, description="a local path on the workers or s3://bucket/prefix")
+    backend: BackendKind = BackendKind.TRANSFORMERS
+    args: dict[str, Any] = Field(default_factory=dict,
+                                 description="backend options: extra_args (vllm), url/api_key (openai), ...")
+    vram_mb: int = Field(0, ge=0, le=10_000_000, description="VRAM the model needs in all (weights + KV cache)")
+    min_tier: Tier = Tier.CPU_ONLY
+    max_model_len: int | None = Field(None, ge=1, le=10_000_000)
+
+
+class DeployRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tensor_parallel_size: Literal[1, 2, 4, 8] | None = Field(None, description="fixed; placement chooses if unset")
+    pipeline_parallel_size: int | None = Field(None, ge=1, le=MAX_PIPELINE_STAGES)
+    nodes: list[str] = Field(default_factory=list, max_length=256, description="place only on these node ids")
+
+
+class StateReport(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    state: InstanceState
+    error: str | None = Field(None, max_length=8000)
+    worker: str | None = Field(None, max_length=255)
+
+
+def _spec(name: str) -> ModelSpec:
+    with services().engine.connect() as conn:
+        spec = catalog.get_model(conn, name)
+    if spec is None:
+        raise ApiError(404, f"model {name!r} not found")
+    return spec
+
+
+def _model_view(spec: ModelSpec, instances: list[dict]) -> dict:
+    live = set(liveness.live_instances(services().redis, spec.name))
+    return {**spec.view(), "live_instances": len(live),
+            "instances": [catalog.instance_view(i, str(i["id"]) in live) for i in instances]}
+
+
+@bp.post("")
+@bp.input(ModelRequest, arg_name="body")
+@bp.doc(security="bearer", responses={201: "declared", 409: "a model of that name exists"})
+@require()
+def create_model(body: ModelRequest):
+    spec = ModelSpec(body.name, body.source, body.backend, body.args, body.vram_mb, body.min_tier, body.max_model_len)
+    try:
+        catalog.check_spec(spec)
+    except ValueError as exc:
+        raise ApiError(400, str(exc), {"field": "args" if "args" in str(exc) else "body"}) from None
+    with services().engine.begin() as conn:
+        if not catalog.insert_model(conn, spec):
+            raise ApiError(409, f"model {body.name!r} exists; delete it first to change it")
+    return _model_view(spec, []), 201
+
+
+@bp.get("")
+@bp.doc(security="bearer")
+def list_models():
+    with services().engine.connect() as conn:
+        specs = catalog.list_models(conn)
+        instances = catalog.list_instances(conn)
+    return {"models": [_model_view(s, [i for i in instances if i["model"] == s.name]) for s in specs]}
+
+
+@bp.get("/<path:name>")
+@bp.doc(security="bearer")
+def get_model(name: str):
+    spec = _spec(name)
+    with services().engine.connect() as conn:
+        return _model_view(spec, catalog.list_instances(conn, name))
+
+
+@bp.delete("/<path:name>")
+@bp.doc(security="bearer")
+@require()
+def delete_model(name: str):
+    """Its instances stop: serving workers see it at their next heartbeat."""
+    _spec(name)
+    with services().engine.begin() as conn:
+        instances = catalog.list_instances(conn, name)
+        catalog.delete_model(conn, name)
+    for instance in instances:
+        liveness.withdraw(services().redis, name, str(instance["id"]))
+    return {"deleted": name, "stopped_instances": len(instances)}
+
+
+@bp.post("/<path:name>/instances")
+@bp.input(DeployRequest, arg_name="body")
+@bp.doc(security="bearer", responses={201: "placed, pending", 409: "no node can take it"})
+@require()
+def deploy(name: str, body: DeployRequest):
+    spec = _spec(name)
+    request = PlacementRequest(spec.vram_mb if spec.backend is not BackendKind.OPENAI else 0, spec.min_tier,
+                               body.tensor_parallel_size, body.pipeline_parallel_size, frozenset(body.nodes))
+    now = datetime.now(timezone.utc)
+    with services().engine.begin() as conn:
+        nodes, reservations = _fleet(conn) if request.wants_gpu else ([], [])
+        reservations += pending_reservations(catalog.list_instances(conn, active_only=True), now + PENDING_RESERVATION)
+        try:
+            plan = place(request, nodes, reservations, now)
+        except PlacementError as exc:
+            raise ApiError(409, str(exc), {"vram_mb": spec.vram_mb, "min_tier": spec.min_tier.value},
+                           code="no_capacity") from None
+        instance = catalog.create_instance(conn, name, plan)
+    return catalog.instance_view(instance, False), 201
+
+
+def _fleet(conn):
+    """The GPU nodes and their live reservations, as the node agent records them (issue 3)."""
+    from nexus.agent.reservations import fleet, live_reservations
+
+    return fleet(conn), live_reservations(conn)
+
+
+@bp.get("/<path:name>/instances")
+@bp.doc(security="bearer")
+def list_instances(name: str):
+    _spec(name)
+    live = set(liveness.live_instances(services().redis, name))
+    with services().engine.connect() as conn:
+        return {"instances": [catalog.instance_view(i, str(i["id"]) in live)
+                              for i in catalog.list_instances(conn, name)]}
+
+
+def _instance(name: str, instance_id: uuid.UUID) -> dict:
+    with services().engine.connect() as conn:
+        row = catalog.get_instance(conn, instance_id)
+    if row is None or row["model"] != name:
+        raise ApiError(404, f"instance {instance_id} of model {name!r} not found")
+    return row
+
+
+@bp.delete("/<path:name>/instances/<uuid:instance_id>")
+@bp.doc(security="bearer")
+@require()
+def stop_instance(name: str, instance_id: uuid.UUID):
+    """Stopped at once for routing (no new requests reach it); its worker frees it at the next heartbeat."""
+    _instance(name, instance_id)
+    with services().engine.begin() as conn:
+        row = catalog.stop_instance(conn, instance_id)
+    liveness.withdraw(services().redis, name, str(instance_id))
+    return catalog.instance_view(row, False)
+
+
+@bp.put("/<path:name>/instances/<uuid:instance_id>/state")
+@bp.input(StateReport, arg_name="report")
+@bp.doc(security="bearer", summary="Report an instance's state (node agents and workers)")
+@require(Role.WORKER)
+def report_state(name: str, instance_id: uuid.UUID, report: StateReport):
+    _instance(name, instance_id)
+    with services().engine.begin() as conn:
+        row = catalog.set_instance_state(conn, instance_id, report.state, report.error, report.worker)
+    if row is None:
+        raise ApiError(409, "the instance was stopped; it stays stopped", {"state": "stopped"})
+    return catalog.instance_view(row)

@@ -1,0 +1,210 @@
+"""The OpenAI-compatible API: /v1/models, /v1/completions, /v1/chat/completions.
+
+Each request becomes a `completion` job on its model's queue; the worker
+serving the model writes events to the job's Redis stream and this view
+relays them (server-sent events when `stream` is true, one JSON body
+otherwise). API keys are Nexus tokens. Every error, including a missing or
+bad token, answers in OpenAI's shape {"error": {message, type, param, code}}
+so the official SDK raises its usual exceptions.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+
+from apiflask import APIBlueprint, HTTPError
+from flask import Response, jsonify, request, stream_with_context
+from sqlalchemy import text
+
+from nexus.api.security import caller, services
+from nexus.auth import Role
+from nexus.inference import catalog, liveness
+from nexus.inference.openai_shapes import (ApiCall, AuthenticationError, ContextLengthExceededError, Endpoint,
+                                           ModelNotFoundError, ModelUnavailableError, OpenAIError, SSE_DONE,
+                                           build_chunk, build_models_list, build_response, build_usage_chunk,
+                                           new_response_id, parse_body, sse_event)
+from nexus.inference.streams import GenerationFailed, read_events, stream_key
+from nexus.inference.types import GenerationResult, StreamDelta, Usage
+from nexus.jobs import lifecycle
+
+log = logging.getLogger(__name__)
+
+bp = APIBlueprint("openai", __name__, url_prefix="/v1", tag="OpenAI-compatible")
+
+JOB_CHECK_EVERY_SECONDS = 2.0
+
+
+def _error_response(error: OpenAIError):
+    return jsonify(error.body()), error.status
+
+
+@bp.errorhandler(OpenAIError)
+def _openai_error(error: OpenAIError):
+    return _error_response(error)
+
+
+@bp.errorhandler(HTTPError)
+def _http_error(error: HTTPError):
+    """Nexus errors raised for /v1 routes (a bad token, a forbidden role) in OpenAI's shape."""
+    if error.status_code == 401:
+        return _error_response(AuthenticationError(error.message or "invalid API key"))
+    kind = "invalid_request_error" if error.status_code < 500 else "server_error"
+    code = (error.extra_data or {}).get("code") or {403: "permission_denied", 404: "not_found",
+                                                     503: "unavailable"}.get(error.status_code)
+    return _error_response(OpenAIError(error.message or "error", status=error.status_code, type=kind, code=code))
+
+
+def _require_submitter() -> None:
+    if caller().role not in (Role.ADMIN, Role.SUBMITTER):
+        raise OpenAIError("this API key may not run inference (it needs the submitter role)", status=403,
+                          type="permission_error", code="permission_denied")
+
+
+@bp.get("/models")
+@bp.doc(security="bearer")
+def list_models():
+    with services().engine.connect() as conn:
+        models = catalog.list_models(conn)
+    return build_models_list([m.name for m in models])
+
+
+@bp.get("/models/<path:name>")
+@bp.doc(security="bearer")
+def get_model(name: str):
+    with services().engine.connect() as conn:
+        if catalog.get_model(conn, name) is None:
+            raise ModelNotFoundError(f"The model '{name}' does not exist", param="model")
+    return build_models_list([name])["data"][0]
+
+
+@bp.post("/completions")
+@bp.doc(security="bearer", summary="Create a completion (OpenAI-compatible)")
+def completions():
+    return _serve(Endpoint.COMPLETIONS)
+
+
+@bp.post("/chat/completions")
+@bp.doc(security="bearer", summary="Create a chat completion (OpenAI-compatible)")
+def chat_completions():
+    return _serve(Endpoint.CHAT)
+
+
+def _serve(endpoint: Endpoint):
+    _require_submitter()
+    body = request.get_json(silent=True)
+    if body is None:
+        raise OpenAIError("the request body must be JSON (Content-Type: application/json)", code="invalid_json")
+    call = parse_body(endpoint, body)
+    _check_servable(call)
+    job_id = _submit(endpoint, body, call)
+    events = read_events(services().redis, job_id, _idle_check(job_id, time.monotonic()))
+    if not call.stream:
+        return _complete(call, job_id, events)
+    first = next(events)  # an error before the first token is still a proper HTTP error
+    if isinstance(first, GenerationFailed):
+        _forget(job_id)
+        raise first.error
+    return Response(stream_with_context(_sse(call, job_id, itertools.chain([first], events))),
+                    mimetype="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _check_servable(call: ApiCall) -> None:
+    with services().engine.connect() as conn:
+        spec = catalog.get_model(conn, call.model)
+    if spec is None:
+        raise ModelNotFoundError(f"The model '{call.model}' does not exist; GET /v1/models lists the models",
+                                 param="model")
+    max_tokens = call.request.params.max_tokens
+    if spec.max_model_len and max_tokens is not None and max_tokens >= spec.max_model_len:
+        raise ContextLengthExceededError(
+            f"max_tokens is {max_tokens}, but this model's maximum context length is {spec.max_model_len} tokens "
+            "(prompt included)", param="max_tokens")
+    if not liveness.live_instances(services().redis, call.model):
+        raise ModelUnavailableError(f"no instance of model '{call.model}' is serving right now; deploy one with "
+                                    f"POST /api/v1/models/{call.model}/instances", param="model")
+
+
+def _submit(endpoint: Endpoint, body: dict, call: ApiCall) -> str:
+    job = {"type": "completion", "payload": {"endpoint": endpoint.value, "body": body},
+           "requirements": {"model": call.model},
+           # A retry after tokens went out would repeat them; a lost request fails and the client retries.
+           "max_attempts": 1, "priority": 7}
+    [(row, _)] = services().submitter.submit_many([job], tenant=caller().tenant)
+    return str(row["id"])
+
+
+def _idle_check(job_id: str, started: float):
+    """Runs while no event arrives: give up when the job ended without one, or on timeout."""
+    timeout = services().settings.inference_request_timeout_seconds
+    last_check = [0.0]
+
+    def check(_idle_seconds: float) -> None:
+        now = time.monotonic()
+        if now - started > timeout:
+            _cancel(job_id)
+            raise OpenAIError(f"the model did not answer within {timeout:.0f} s", status=504, type="server_error",
+                              code="timeout")
+        if now - last_check[0] < JOB_CHECK_EVERY_SECONDS:
+            return
+        last_check[0] = now
+        with services().engine.connect() as conn:
+            row = conn.execute(text("SELECT state, error FROM jobs WHERE id = :id"), {"id": job_id}).first()
+        if row is not None and row.state in ("failed", "cancelled"):
+            raise ModelUnavailableError(f"the request could not be served: {row.error or row.state}")
+
+    return check
+
+
+def _complete(call: ApiCall, job_id: str, events) -> dict:
+    try:
+        for event in events:
+            if isinstance(event, GenerationFailed):
+                raise event.error
+            if isinstance(event, GenerationResult):
+                return build_response(call, event)
+    finally:
+        _forget(job_id)
+    raise OpenAIError("the worker ended the request without an answer", status=502, type="server_error")
+
+
+def _sse(call: ApiCall, job_id: str, events):
+    response_id, created, started = new_response_id(call.endpoint), int(time.time()), set()
+    finished = False
+    try:
+        for event in events:
+            if isinstance(event, StreamDelta):
+                yield sse_event(build_chunk(call, response_id, created, event, first=event.index not in started))
+                started.add(event.index)
+            elif isinstance(event, Usage):
+                if call.include_usage:
+                    yield sse_event(build_usage_chunk(call, response_id, created, event))
+                finished = True
+            elif isinstance(event, GenerationFailed):
+                finished = True
+                yield sse_event(event.error.body())
+        yield SSE_DONE
+    except OpenAIError as exc:  # timeout or a failed job while streaming: tell the client in the stream
+        finished = True
+        yield sse_event(exc.body())
+        yield SSE_DONE
+    finally:
+        if not finished:  # the client went away: stop the generation
+            _cancel(job_id)
+        _forget(job_id)
+
+
+def _cancel(job_id: str) -> None:
+    try:
+        with services().engine.begin() as conn:
+            lifecycle.request_cancel(conn, job_id, by="client disconnected")
+    except Exception as exc:  # best effort: the job finishes on its own otherwise
+        log.warning("could not cancel %s: %s", job_id, exc)
+
+
+def _forget(job_id: str) -> None:
+    try:
+        services().redis.delete(stream_key(job_id))
+    except Exception:  # it expires on its own
+        pass

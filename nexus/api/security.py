@@ -1,0 +1,80 @@
+"""Bearer tokens on every route but health: resolve the caller once per request, check roles per view."""
+
+from __future__ import annotations
+
+import functools
+
+from flask import current_app, g, request
+
+from nexus.api.errors import ApiError
+from nexus.auth import Principal, Role, authenticate
+
+# Endpoints anyone may call: health for load balancers, the API description for humans.
+PUBLIC_ENDPOINTS = frozenset({"health.healthz", "openapi.spec", "openapi.docs", "openapi.redoc", "static"})
+
+
+def services():
+    return current_app.extensions["nexus"]
+
+
+def bearer_token() -> str | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def authenticate_request() -> None:
+    """before_request: every non-public route needs a valid, unrevoked token."""
+    if request.endpoint is None or request.endpoint in PUBLIC_ENDPOINTS or \
+            current_app.view_functions.get(request.endpoint, None) in _public_views:
+        return
+    token = bearer_token()
+    if token is None:
+        raise ApiError(401, "missing bearer token: send 'Authorization: Bearer <token>'",
+                       headers={"WWW-Authenticate": 'Bearer realm="nexus"'})
+    with services().engine.connect() as conn:
+        principal = authenticate(conn, token)
+    if principal is None:
+        raise ApiError(401, "invalid or revoked token", headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+    g.principal = principal
+    # The role check of `require`, done here as well: before the body is validated, so a caller
+    # without the role learns nothing about the route's input (403, never a 400 listing the fields).
+    roles = getattr(current_app.view_functions.get(request.endpoint), "nexus_roles", None)
+    if roles is not None and principal.role not in roles:
+        raise ApiError(403, _needs(roles))
+
+
+_public_views: set = set()
+
+
+def public(view):
+    """Mark a view as needing no token (the agent's register call authenticates with the join token itself)."""
+    _public_views.add(view)
+    return view
+
+
+def caller() -> Principal:
+    return g.principal
+
+
+def require(*roles: Role):
+    """Allow only these roles (admin is always allowed)."""
+    allowed = {Role.ADMIN, *roles}
+
+    def decorate(view):
+        @functools.wraps(view)
+        def wrapper(*args, **kwargs):
+            if caller().role not in allowed:
+                raise ApiError(403, _needs(allowed))
+            return view(*args, **kwargs)
+
+        wrapper.nexus_roles = frozenset(allowed)  # copied onto outer wrappers by functools.wraps
+        return wrapper
+
+    return decorate
+
+
+def _needs(roles) -> str:
+    return f"this route needs the role {' or '.join(sorted(r.value for r in roles))}"

@@ -1,0 +1,116 @@
+"""NexusClient: the Python way to use a Nexus cluster (the CLI is built on it).
+
+    client = NexusClient("http://127.0.0.1:8000", token)
+    job = client.submit("sleep", {"seconds": 1})
+    done = client.wait(job["id"], timeout=60)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Callable, Iterator
+
+import requests
+
+from nexus.config import Settings
+
+FINAL_STATES = {"succeeded", "failed", "cancelled"}
+
+
+class NexusError(Exception):
+    """The API answered with an error: `status`, `code`, `message` and `details` say what."""
+
+    def __init__(self, status: int, code: str, message: str, details: dict | None = None):
+        super().__init__(f"{status} {code}: {message}")
+        self.status, self.code, self.message, self.details = status, code, message, details or {}
+
+
+class NexusClient:
+    def __init__(self, url: str, token: str, timeout: float = 30.0):
+        self.url = url.rstrip("/")
+        self.session = requests.Session()
+        self.session.headers["Authorization"] = f"Bearer {token}"
+        self.timeout = timeout
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "NexusClient":
+        """NEXUS_URL/NEXUS_TOKEN, else the local cluster's cluster.json."""
+        url, token = settings.url, settings.token
+        if (not url or not token) and settings.cluster_file.exists():
+            cluster = json.loads(settings.cluster_file.read_text())
+            url, token = url or cluster["api_url"], token or cluster["admin_token"]
+        if not token:
+            raise NexusError(0, "no_token", "set NEXUS_TOKEN (or start a local cluster with `nexus dev`)")
+        return cls(url or settings.public_api_url, token)
+
+    # --- HTTP ---------------------------------------------------------------------------
+    def request(self, method: str, path: str, **kwargs) -> Any:
+        kwargs.setdefault("timeout", self.timeout)
+        response = self.session.request(method, self.url + path, **kwargs)
+        if response.status_code >= 400:
+            try:
+                error = response.json()["error"]
+            except (ValueError, KeyError, TypeError):
+                error = {"code": "http_error", "message": response.text[:500]}
+            raise NexusError(response.status_code, error.get("code", "error"), error.get("message", ""),
+                             error.get("details"))
+        return response.json() if response.content else None
+
+    # --- jobs ---------------------------------------------------------------------------
+    def submit(self, type: str, payload: Any = None, **fields) -> dict:
+        """Submit one job; fields: requirements, priority, max_attempts, idempotency_key, input_key, tenant."""
+        return self.request("POST", "/api/v1/jobs", json={"type": type, "payload": payload, **fields})
+
+    def submit_many(self, jobs: list[dict]) -> list[dict]:
+        """Submit up to 10,000 jobs in one transaction; returns [{id, state, created}] in order."""
+        return self.request("POST", "/api/v1/jobs/bulk", json={"jobs": jobs})["jobs"]
+
+    def get(self, job_id: str, wait: float = 0) -> dict:
+        """The job; with `wait`, the server holds the request up to that many seconds until it finishes."""
+        params = {"wait": wait} if wait else None
+        return self.request("GET", f"/api/v1/jobs/{job_id}", params=params, timeout=self.timeout + wait)
+
+    def list(self, **filters) -> Iterator[dict]:
+        """All jobs matching state/type/tenant/parent_id, newest first, following the cursor."""
+        params = {k: v for k, v in filters.items() if v is not None}
+        while True:
+            page = self.request("GET", "/api/v1/jobs", params=params)
+            yield from page["jobs"]
+            if not page["next_cursor"]:
+                return
+            params["cursor"] = page["next_cursor"]
+
+    def events(self, job_id: str) -> list[dict]:
+        return self.request("GET", f"/api/v1/jobs/{job_id}/events")["events"]
+
+    def cancel(self, job_id: str) -> dict:
+        return self.request("POST", f"/api/v1/jobs/{job_id}/cancel")
+
+    def retry(self, job_id: str) -> dict:
+        return self.request("POST", f"/api/v1/jobs/{job_id}/retry")
+
+    def wait(self, job_id: str, timeout: float = 300.0, on_update: Callable[[dict], None] | None = None) -> dict:
+        """Block until the job is final (or raise TimeoutError); `on_update` sees each new view of it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            job = self.get(job_id, wait=max(0.0, min(5.0, remaining)))
+            if on_update:
+                on_update(job)
+            if job["state"] in FINAL_STATES:
+                return job
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"job {job_id} still {job['state']} after {timeout:.0f} s")
+
+    def upload(self, data: bytes, name: str = "input") -> str:
+        """Store an input object; returns the key to pass as `input_key`."""
+        return self.request("POST", "/api/v1/inputs", params={"name": name}, data=data,
+                            headers={"Content-Type": "application/octet-stream"})["key"]
+
+    # --- cluster --------------------------------------------------------------------------
+    def health(self) -> dict:
+        return requests.get(self.url + "/healthz", timeout=self.timeout).json()
+
+    def create_token(self, name: str, role: str, tenant: str = "default") -> dict:
+        return self.request("POST", "/api/v1/tokens", json={"name": name, "role": role, "tenant": tenant})

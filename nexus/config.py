@@ -1,0 +1,219 @@
+"""Settings: the only reader of NEXUS_* environment variables.
+
+Every knob of the master, the workers, the agent and the local cluster lives
+here, with the same names `bento.env` and `worker.env` set (a test proves they
+agree). Code receives a `Settings` instance; nothing else reads os.environ.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Secrets that must never reach production: the well-known defaults of the
+# services we bundle and the placeholders our example env files ship with.
+KNOWN_DEFAULT_SECRETS = frozenset(
+    {"", "minioadmin", "postgres", "password", "changeme", "change-me", "admin", "secret",
+     "nexus", "nexus-dev-admin-token", "nexus-dev-join-token", "example", "redis"}
+)
+
+
+class Mode(str, Enum):
+    DEV = "dev"
+    PRODUCTION = "production"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="NEXUS_", extra="ignore", frozen=True)
+
+    mode: Mode = Mode.DEV
+
+    # --- master services -------------------------------------------------
+    database_url: str = "postgresql+psycopg2://postgres@127.0.0.1:5432/nexus"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    s3_endpoint: str = "127.0.0.1:9000"
+    s3_access_key: str = "nexus-dev-access"
+    s3_secret_key: str = "nexus-dev-secret-key"
+    s3_secure: bool = False
+    s3_region: str = "us-east-1"
+    bucket_inputs: str = "nexus-inputs"
+    bucket_outputs: str = "nexus-outputs"
+    bucket_receipts: str = "nexus-receipts"
+    bucket_models: str = "nexus-models"
+    presign_expiry_seconds: int = Field(900, ge=1, le=7 * 24 * 3600)
+
+    # --- API ----------------------------------------------------------------
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(8000, ge=1, le=65535)
+    api_url: str = ""  # how workers and clients reach the API; derived when empty
+    admin_token: str = "nexus-dev-admin-token"  # bootstrap admin, created at master start
+    join_token: str = "nexus-dev-join-token"  # workers present it to register
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    max_bulk_jobs: int = Field(10_000, ge=1)
+    max_payload_bytes: int = Field(256 * 1024, ge=64)
+
+    # --- clients (CLI, NexusClient): where the API is and which token to use ---
+    url: str = ""  # NEXUS_URL; else the local cluster's cluster.json, else public_api_url
+    token: str = ""  # NEXUS_TOKEN; else the local cluster's admin token
+    cluster_file: Path = Path(".nexus") / "cluster.json"  # written by `nexus dev`
+
+    # --- Flower ---------------------------------------------------------------
+    flower_host: str = "127.0.0.1"
+    flower_port: int = Field(5555, ge=1, le=65535)
+    flower_user: str = "admin"
+    flower_password: str = "nexus-dev-flower"
+
+    # --- job lifecycle ----------------------------------------------------------
+    default_max_attempts: int = Field(3, ge=1, le=100)
+    retry_backoff_base_seconds: float = Field(1.0, ge=0)
+    retry_backoff_max_seconds: float = Field(300.0, ge=0)
+    job_lease_seconds: float = Field(30.0, gt=0)
+    job_heartbeat_seconds: float = Field(5.0, gt=0)
+    requeue_after_seconds: float = Field(120.0, gt=0)  # a queued job's message is presumed lost after this
+    reconcile_interval_seconds: float = Field(2.0, gt=0)
+    # Redis re-delivers an unacknowledged message after this; it must outlast the longest job.
+    visibility_timeout_seconds: int = Field(6 * 3600, ge=60)
+
+    # --- worker ---------------------------------------------------------------
+    node_name: str = ""  # defaults to the host name
+    worker_tier: str = "cpu_only"
+    worker_take_lower_tiers: bool = False
+    worker_pool: str = "threads"
+    worker_concurrency: int = Field(4, ge=1, le=1024)
+    worker_send_events: bool = True  # task events for Flower; off halves broker traffic
+    data_dir: Path = Path.home() / ".nexus"
+
+    # --- agent: detection, tiers, heartbeats, supervision (issue 3) -----------
+    agent_detector: str = "nvml"  # nvml | fixture
+    agent_hardware_fixture: str = ""  # NodeHardware JSON read by the fixture detector
+    node_id: str = ""  # the agent sets it in its workers' environment after registering
+    # A GPU is AI_FACTORY with this much VRAM *and* a data-centre class name (tokens of the NVML name).
+    tier_ai_factory_min_vram_mb: int = Field(40_000, ge=0)
+    tier_ai_factory_gpu_classes: str = "H100,H200,H800,H20,GH200,GB200,B100,B200,A100,A800,A40,L40,L40S"
+    tier_gpu_peer_min_vram_mb: int = Field(20_000, ge=0)  # 3090/4090: 24 GB
+    tier_gpu_infra_min_vram_mb: int = Field(7_000, ge=0)  # 3060/4070: 8-12 GB
+    tier_min_compute_capability: str = "7.0"  # older GPUs are ignored (vLLM needs 7.0)
+    heartbeat_interval_seconds: float = Field(5.0, gt=0)
+    node_stale_after_seconds: float = Field(20.0, gt=0)  # no heartbeat for this long: stale
+    node_offline_after_seconds: float = Field(60.0, gt=0)  # ... this long: offline, jobs re-queued
+    node_quarantine_after_failures: int = Field(5, ge=1)  # consecutive job failures on one node
+    agent_drain_grace_seconds: float = Field(60.0, ge=0)
+    agent_restart_backoff_base_seconds: float = Field(1.0, ge=0)
+    agent_restart_backoff_max_seconds: float = Field(60.0, ge=0)
+    agent_restart_reset_after_seconds: float = Field(60.0, gt=0)  # a child up this long was healthy
+    agent_request_timeout_seconds: float = Field(10.0, gt=0)
+
+    # --- proof jobs (issue 5) --------------------------------------------------
+    proof_torch_threads: int = Field(0, ge=0, le=1024)  # torch intra-op threads in a worker; 0 keeps torch's default
+    proof_poll_seconds: float = Field(0.5, gt=0)  # how often a waiting proof job looks at its segments
+    proof_parent_helps: bool = True  # a waiting proof job proves its own queued segments (see nexus/proofs/jobs.py)
+    # A retried job waits this long for a node where it has not failed yet before running again where it did.
+    node_avoid_failed_seconds: float = Field(120.0, ge=0)
+    declined_job_delay_seconds: float = Field(1.0, ge=0)  # a declined message comes back after this
+
+    # --- local read replicas on a worker node (issue 6, DESIGN decision 6) ---------
+    # Empty: no replica, every read goes to the master. Writes always go to the master.
+    replica_database_url: str = ""  # hot standby of the master's PostgreSQL (pg_basebackup -R)
+    replica_redis_url: str = ""  # read-only Redis replica (replicaof the master)
+    replica_s3_endpoint: str = ""  # local MinIO/S3 kept in step with the master's buckets
+    replica_s3_access_key: str = ""  # empty: the master's keys (the compose mirror uses them)
+    replica_s3_secret_key: str = ""
+    # How long a read waits for the standby to replay past the LSN a message carries, then asks the master.
+    replica_wait_seconds: float = Field(0.5, ge=0, le=30)
+    replica_retry_after_seconds: float = Field(10.0, gt=0)  # a replica that failed is skipped this long
+    # Redis replica silent longer than this: read flags from the master (it pings replicas every 10 s when idle).
+    replica_max_flag_lag_seconds: float = Field(15.0, gt=0)
+
+    @model_validator(mode="after")
+    def _production_refuses_weak_url_passwords(self) -> "Settings":
+        """Passwords inside connection URLs (bento.env's POSTGRES_/REDIS_PASSWORD reach us this way)."""
+        if self.mode is Mode.PRODUCTION:
+            weak = [name for name, password in self.url_passwords().items()
+                    if password is not None and _is_weak(password)]
+            if self.replica_s3_secret_key and _is_weak(self.replica_s3_secret_key):
+                weak.append("replica_s3_secret_key")
+            if weak:
+                raise ValueError(
+                    "production mode refuses default, example or empty passwords: the password in "
+                    + ", ".join(f"NEXUS_{n.upper()}" for n in weak)
+                    + " is weak (`just config` generates strong ones)"
+                )
+        return self
+
+    def url_passwords(self) -> dict[str, str | None]:
+        """The password each connection URL carries (None: the URL has none)."""
+        from sqlalchemy.engine import make_url
+
+        urls = {"database_url": self.database_url, "redis_url": self.redis_url,
+                "replica_database_url": self.replica_database_url, "replica_redis_url": self.replica_redis_url}
+        out: dict[str, str | None] = {}
+        for name, url in urls.items():
+            if url:
+                try:
+                    out[name] = make_url(url).password
+                except Exception:  # not parseable as a URL: the driver will say so; nothing to check here
+                    out[name] = None
+        return out
+
+    # --- inference: model serving, the /v1 API, batch jobs (issue 4) ---------------
+    worker_models: str = ""  # comma-separated catalog names this worker serves (`nexus worker --model`)
+    worker_instance_id: str = ""  # the agent names the instance a worker runs (one model); else it adopts one
+    inference_concurrency: int = Field(16, ge=1, le=1024)  # requests in flight per serving worker
+    inference_max_batch_size: int = Field(8, ge=1, le=256)  # transformers backend: rows per forward pass
+    inference_batch_window_ms: float = Field(2.0, ge=0)  # ... and how long it waits to fill a batch
+    inference_torch_threads: int = Field(0, ge=0)  # 0: torch's default
+    inference_switch_interval_ms: float = Field(1.0, gt=0, le=100)  # a serving worker's GIL switch interval
+    inference_heartbeat_seconds: float = Field(2.0, gt=0)  # a serving worker re-announces its instances
+    inference_request_timeout_seconds: float = Field(300.0, gt=0)  # /v1 requests give up after this
+    inference_stream_ttl_seconds: int = Field(600, ge=10)  # Redis keeps a request's events this long
+    inference_batch_chunk_lines: int = Field(64, ge=1, le=100_000)  # lines per child job of a batch
+    vllm_executable: str = "vllm"
+    vllm_startup_timeout_seconds: float = Field(900.0, gt=0)
+
+    # --- worker consumption health (issue 7): each worker probes itself through the broker -------
+    worker_probe_interval_seconds: float = Field(10.0, gt=0)  # a probe message to its own queue this often
+    # A probe waiting in the queue this long while the worker has free slots: alive but not consuming.
+    worker_probe_timeout_seconds: float = Field(30.0, gt=0)
+    # A worker whose own probe finds it not consuming shuts down warmly so its supervisor restarts it.
+    worker_exit_when_not_consuming: bool = True
+
+    @model_validator(mode="after")
+    def _production_refuses_default_secrets(self) -> "Settings":
+        if self.mode is Mode.PRODUCTION:
+            weak = [name for name, value in self.secrets().items() if _is_weak(value)]
+            if weak:
+                raise ValueError(
+                    "production mode refuses default, example or empty secrets: set "
+                    + ", ".join(f"NEXUS_{n.upper()}" for n in weak)
+                    + " to strong values (`just config` generates them)"
+                )
+        return self
+
+    def secrets(self) -> dict[str, str]:
+        return {
+            "s3_secret_key": self.s3_secret_key,
+            "admin_token": self.admin_token,
+            "join_token": self.join_token,
+            "flower_password": self.flower_password,
+        }
+
+    @property
+    def public_api_url(self) -> str:
+        return self.api_url or f"http://{self.api_host}:{self.api_port}"
+
+    @property
+    def buckets(self) -> tuple[str, ...]:
+        return (self.bucket_inputs, self.bucket_outputs, self.bucket_receipts, self.bucket_models)
+
+
+def _is_weak(value: str) -> bool:
+    lowered = value.strip().lower()
+    return lowered in KNOWN_DEFAULT_SECRETS or lowered.startswith(("nexus-dev-", "example", "change")) or len(value) < 12
+
+
+def load_settings(**overrides) -> Settings:
+    """Settings from the environment, with explicit overrides (tests, CLI flags) on top."""
+    return Settings(**overrides)

@@ -1,0 +1,1 @@
+"""PostgreSQL: engine, models and the migrations that ship with the package."""

@@ -1,0 +1,188 @@
+"""The Docker-free local cluster: `nexus dev -n 3`.
+
+Starts real servers installed from the package registries (Redis, PostgreSQL,
+an S3 server) unless NEXUS_* URLs point at running ones, then the API, the
+reconciler, Flower and N workers as supervised child processes (restarted when
+they crash). Writes DIR/cluster.json, prints the URLs and the admin token, and
+stops everything in order on Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import requests
+
+from nexus.agent.supervisor import ChildSpec, RestartPolicy, Supervisor
+from nexus.config import Settings
+from nexus.queueing.health import StuckWorkers
+from nexus.localservers import LocalServer, PostgresServer, RedisServer, S3Server, free_port
+
+log = logging.getLogger(__name__)
+
+NEXUS = (sys.executable, "-m", "nexus")
+
+
+def local_secrets(data_dir: Path) -> dict[str, str]:
+    """Secrets generated on first start and reused after, so restarts keep tokens and data valid."""
+    path = data_dir / "secrets.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    values = {"admin_token": "nx_" + secrets.token_urlsafe(32), "join_token": "nxj_" + secrets.token_urlsafe(32),
+              "flower_password": secrets.token_urlsafe(18), "s3_access_key": "nexus-" + secrets.token_hex(6),
+              "s3_secret_key": secrets.token_urlsafe(30)}
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(values, indent=2))
+    path.chmod(0o600)
+    return values
+
+
+def settings_env(settings: Settings, names: set[str]) -> dict[str, str]:
+    """NEXUS_* variables that hand these settings to child processes."""
+    return {f"NEXUS_{name.upper()}": str(getattr(settings, name)) for name in sorted(names)}
+
+
+class LocalCluster:
+    def __init__(self, settings: Settings, data_dir: Path, workers: int):
+        self.data_dir = data_dir.absolute()
+        self.workers = workers
+        self.base = settings
+        self.servers: list[LocalServer] = []
+        self.stop_requested = threading.Event()
+
+    # --- servers ---------------------------------------------------------------------------
+    def start_servers(self) -> Settings:
+        given = self.base.model_fields_set
+        overrides: dict = {**local_secrets(self.data_dir)} if not {"admin_token"} & given else {}
+        overrides = {k: v for k, v in overrides.items() if k not in given}
+        if "database_url" not in given:
+            pg = self._start(PostgresServer(self.data_dir / "postgres", self._port("postgres")))
+            overrides["database_url"] = pg.url_for("nexus")
+        if "redis_url" not in given:
+            overrides["redis_url"] = self._start(RedisServer(self.data_dir / "redis", self._port("redis"))).url
+        if "s3_endpoint" not in given:
+            keys = {k: overrides.get(k) or getattr(self.base, k) for k in ("s3_access_key", "s3_secret_key")}
+            s3 = self._start(S3Server(self.data_dir / "s3", self._port("s3"), access_key=keys["s3_access_key"],
+                                      secret_key=keys["s3_secret_key"]))
+            overrides["s3_endpoint"] = s3.endpoint
+        overrides["data_dir"] = self.data_dir
+        return self.base.model_copy(update=overrides)
+
+    def _start(self, server: LocalServer) -> LocalServer:
+        log.info("starting %s", server.name)
+        server.start()
+        self.servers.append(server)
+        return server
+
+    def _port(self, name: str) -> int:
+        """Keep each server's port across restarts (URLs in cluster.json stay valid)."""
+        path = self.data_dir / "ports.json"
+        ports = json.loads(path.read_text()) if path.exists() else {}
+        if name not in ports:
+            ports[name] = free_port()
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(ports))
+        return ports[name]
+
+    # --- nexus processes ---------------------------------------------------------------------
+    def child_specs(self, settings: Settings) -> list[ChildSpec]:
+        names = {"database_url", "redis_url", "s3_endpoint", "s3_access_key", "s3_secret_key", "admin_token",
+                 "join_token", "flower_password", "api_port", "api_host", "data_dir"}
+        env = {**_inherited_env(), **settings_env(settings, names), "NEXUS_URL": settings.public_api_url}
+        specs = [ChildSpec("api", (*NEXUS, "master", "--workers", "1"), env),
+                 ChildSpec("reconciler", (*NEXUS, "reconciler"), env),
+                 ChildSpec("flower", (*NEXUS, "flower"), env)]
+        specs += [self._agent_spec(i, env) for i in range(1, self.workers + 1)]
+        return specs
+
+    def _agent_spec(self, index: int, env: dict) -> ChildSpec:
+        """Each dev worker is a node agent (registers with the join token, supervises its own Celery
+        worker) with a data directory of its own; its drain grace fits inside the launcher's stop grace."""
+        name = f"dev-worker-{index}"
+        return ChildSpec(f"worker-{index}", (*NEXUS, "agent", "--name", name),
+                         {**env, "NEXUS_NODE_NAME": name, "NEXUS_DATA_DIR": str(self.data_dir / "nodes" / name),
+                          "NEXUS_AGENT_DRAIN_GRACE_SECONDS": "10"})
+
+    def _spawn(self, spec: ChildSpec) -> subprocess.Popen:
+        logs = self.data_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        with open(logs / f"{spec.name}.log", "ab") as out:
+            return subprocess.Popen(list(spec.argv), env=dict(spec.env), stdout=out, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def run(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: self.stop_requested.set())
+        supervisor = None
+        try:
+            settings = self.start_servers()
+            supervisor = Supervisor(self.child_specs(settings), RestartPolicy(0.5, 10, 30), spawn=self._spawn,
+                                    unhealthy=StuckWorkers.for_settings(settings))  # alive, not consuming
+            supervisor.start()
+            self._wait_for_api(settings, supervisor)
+            self._announce(settings)
+            while not self.stop_requested.wait(0.5):
+                supervisor.poll()
+        finally:
+            print("\nstopping the local cluster ...", flush=True)
+            if supervisor is not None:
+                supervisor.stop(grace_seconds=15)
+            for server in reversed(self.servers):
+                server.stop()
+            print("stopped.", flush=True)
+
+    def _wait_for_api(self, settings: Settings, supervisor: Supervisor, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not self.stop_requested.is_set():
+            supervisor.poll()
+            try:
+                if requests.get(settings.public_api_url + "/healthz", timeout=2).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.3)
+        if not self.stop_requested.is_set():
+            raise RuntimeError(f"the API did not become healthy in {timeout:.0f} s; see {self.data_dir}/logs/api.log")
+
+    def _announce(self, settings: Settings) -> None:
+        cluster = {
+            "api_url": settings.public_api_url,
+            "admin_token": settings.admin_token,
+            "join_token": settings.join_token,
+            "database_url": settings.database_url,
+            "redis_url": settings.redis_url,
+            "s3_endpoint": settings.s3_endpoint,
+            "flower_url": f"http://{settings.flower_host}:{settings.flower_port}",
+            "flower_user": settings.flower_user,
+            "flower_password": settings.flower_password,
+            "workers": self.workers,
+        }
+        path = self.data_dir / "cluster.json"
+        path.write_text(json.dumps(cluster, indent=2))
+        path.chmod(0o600)
+        print(f"""
+Nexus local cluster is up ({self.workers} workers). Ctrl-C stops it.
+  API          {cluster['api_url']}   (docs: {cluster['api_url']}/docs)
+  admin token  {cluster['admin_token']}
+  Flower       {cluster['flower_url']}   (user {settings.flower_user}, password in {path})
+  logs         {self.data_dir}/logs/
+  cluster.json {path}
+
+Try:  curl -s -X POST {cluster['api_url']}/api/v1/jobs -H "Authorization: Bearer $(python -c "import json;print(json.load(open('{path}'))['admin_token'])")" \\
+           -H 'Content-Type: application/json' -d '{{"type": "noop", "payload": {{"echo": "hello"}}}}'
+""", flush=True)
+
+
+def _inherited_env() -> dict[str, str]:
+    """Children inherit the launcher's environment (any NEXUS_* the user set), ours on top."""
+    import os
+
+    return dict(os.environ)

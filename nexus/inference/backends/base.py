@@ -1,0 +1,45 @@
+"""The one small interface every inference backend implements."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+
+from nexus.inference.types import Choice, GenerationRequest, GenerationResult, StreamDelta, Usage
+
+
+class InferenceBackend(ABC):
+    """Turns a GenerationRequest into choices. Thread-safe: many requests may be in flight."""
+
+    @abstractmethod
+    def generate(self, request: GenerationRequest) -> GenerationResult:
+        """The whole answer at once. Raises OpenAIError subclasses for bad requests."""
+
+    @abstractmethod
+    def stream(self, request: GenerationRequest) -> Iterator[StreamDelta | Usage]:
+        """Text deltas as they are produced (each choice's last one has its finish
+        reason), then exactly one Usage."""
+
+    def healthy(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        """Release the model or the connection; the backend is unusable afterwards."""
+
+
+def collect_stream(events: Iterator[StreamDelta | Usage]) -> GenerationResult:
+    """Assemble a full result from a stream; lets a backend implement generate() once."""
+    texts: dict[int, list[str]] = {}
+    finishes: dict[int, object] = {}
+    usage: Usage | None = None
+    for event in events:
+        if isinstance(event, Usage):
+            usage = event
+            continue
+        texts.setdefault(event.index, []).append(event.text)
+        if event.finish_reason is not None:
+            finishes[event.index] = event.finish_reason
+    if usage is None:
+        raise RuntimeError("the stream ended without usage")
+    choices = tuple(Choice(i, "".join(texts[i]), finishes[i]) for i in sorted(texts))
+    return GenerationResult(choices=choices, usage=usage)

@@ -1,0 +1,133 @@
+"""Any OpenAI-compatible server (vLLM, TGI, llama.cpp, another Nexus) as a backend.
+
+Requests go over HTTP with a pooled session, so many may be in flight at once
+and the server batches them itself. Errors the server answers keep their
+status and OpenAI shape, so a client sees the same 400 it would see there.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from nexus.inference.backends.base import InferenceBackend
+from nexus.inference.openai_shapes import BackendError, error_from_body
+from nexus.inference.types import Choice, FinishReason, GenerationRequest, GenerationResult, StreamDelta, Usage
+
+
+def finish_reason(value: str | None) -> FinishReason | None:
+    """OpenAI servers also answer 'abort', 'tool_calls' or 'content_filter'; all of them end the choice."""
+    if value is None:
+        return None
+    return FinishReason.LENGTH if value == "length" else FinishReason.STOP
+
+
+def request_body(model: str, request: GenerationRequest, stream: bool) -> dict:
+    params = request.params
+    body: dict = {"model": model, "temperature": params.temperature, "top_p": params.top_p, "n": params.n,
+                  "stream": stream}
+    if params.max_tokens is not None:
+        body["max_tokens"] = params.max_tokens
+    if params.stop:
+        body["stop"] = list(params.stop)
+    if params.seed is not None:
+        body["seed"] = params.seed
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    if request.is_chat:
+        body["messages"] = [m.as_dict() for m in request.messages]
+    else:
+        body["prompt"] = request.prompt
+    return body
+
+
+class OpenAIBackend(InferenceBackend):
+    def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout_seconds: float = 600.0,
+                 max_connections: int = 64) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.timeout = timeout_seconds
+        self._session = requests.Session()
+        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=max_connections)
+        self._session.mount("http://", adapter)
+        self._session.mount("https://", adapter)
+        if api_key:
+            self._session.headers["Authorization"] = f"Bearer {api_key}"
+
+    def _post(self, request: GenerationRequest, stream: bool) -> requests.Response:
+        path = "/chat/completions" if request.is_chat else "/completions"
+        try:
+            response = self._session.post(self.base_url + path, json=request_body(self.model, request, stream),
+                                          stream=stream, timeout=(10, self.timeout))
+        except requests.RequestException as exc:
+            raise BackendError(f"the model server at {self.base_url} is unreachable: {exc}") from None
+        if response.status_code >= 400:
+            try:
+                body = response.json()
+            except ValueError:
+                body = response.text
+            raise error_from_body(response.status_code, body)
+        return response
+
+    def generate(self, request: GenerationRequest) -> GenerationResult:
+        body = self._post(request, stream=False).json()
+        choices = tuple(
+            Choice(int(c.get("index", i)), _choice_text(c, request.is_chat), finish_reason(c.get("finish_reason"))
+                   or FinishReason.STOP)
+            for i, c in enumerate(body.get("choices", [])))
+        usage = body.get("usage") or {}
+        return GenerationResult(tuple(sorted(choices, key=lambda c: c.index)),
+                                Usage(int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))))
+
+    def stream(self, request: GenerationRequest) -> Iterator[StreamDelta | Usage]:
+        response = self._post(request, stream=True)
+        usage = Usage(0, 0)
+        try:
+            for chunk in _sse_chunks(response):
+                if chunk.get("usage"):
+                    usage = Usage(int(chunk["usage"].get("prompt_tokens", 0)),
+                                  int(chunk["usage"].get("completion_tokens", 0)))
+                for choice in chunk.get("choices") or ():
+                    yield StreamDelta(int(choice.get("index", 0)), _delta_text(choice, request.is_chat),
+                                      finish_reason(choice.get("finish_reason")))
+        finally:
+            response.close()
+        yield usage
+
+    def healthy(self) -> bool:
+        try:
+            return self._session.get(self.base_url + "/models", timeout=5).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def close(self) -> None:
+        self._session.close()
+
+
+def _choice_text(choice: dict, chat: bool) -> str:
+    if chat:
+        return (choice.get("message") or {}).get("content") or ""
+    return choice.get("text") or ""
+
+
+def _delta_text(choice: dict, chat: bool) -> str:
+    if chat:
+        return (choice.get("delta") or {}).get("content") or ""
+    return choice.get("text") or ""
+
+
+def _sse_chunks(response: requests.Response) -> Iterator[dict]:
+    """The JSON objects of a server-sent event stream, up to `data: [DONE]`."""
+    for line in response.iter_lines(decode_unicode=True):
+        if not line or not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return
+        event = json.loads(data)
+        if "error" in event:
+            raise error_from_body(500, event)
+        yield event

@@ -1,0 +1,244 @@
+"""The model catalog and instance rows: typed values and the SQL that reads and writes them.
+
+Pure validation (`check_args`) plus small functions over a SQLAlchemy
+connection; the API, the serving workers and (through `report_instance_state`)
+the node agent all go through these.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from sqlalchemy import Connection, bindparam, text
+from sqlalchemy.dialects.postgresql import JSONB
+
+from nexus.inference.placement import ParallelismPlan
+from nexus.queueing.tiers import Tier
+
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"  # what routing.Requirements accepts
+S3_SCHEME = "s3://"
+
+
+class BackendKind(str, Enum):
+    TRANSFORMERS = "transformers"  # in the worker process, CPU or one GPU
+    VLLM = "vllm"  # a supervised `vllm serve` subprocess
+    OPENAI = "openai"  # any OpenAI-compatible server, by URL
+
+
+class InstanceState(str, Enum):
+    PENDING = "pending"  # placed, waiting for a worker or agent to take it
+    DOWNLOADING = "downloading"  # weights coming from the object store
+    STARTING = "starting"  # loading the model / starting the server
+    RUNNING = "running"
+    ERROR = "error"
+    STOPPED = "stopped"  # asked to stop (DELETE); terminal
+
+
+ACTIVE_STATES = (InstanceState.PENDING, InstanceState.DOWNLOADING, InstanceState.STARTING, InstanceState.RUNNING)
+_ARG_KEYS = {
+    BackendKind.TRANSFORMERS: {"max_batch_size", "batch_window_ms", "torch_threads", "device"},
+    BackendKind.VLLM: {"extra_args", "served_model_name"},
+    BackendKind.OPENAI: {"url", "served_model_name", "api_key"},
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    source: str  # a local path on the workers, or s3://bucket/prefix
+    backend: BackendKind = BackendKind.TRANSFORMERS
+    args: dict[str, Any] = field(default_factory=dict)
+    vram_mb: int = 0
+    min_tier: Tier = Tier.CPU_ONLY
+    max_model_len: int | None = None
+
+    @property
+    def served_model_name(self) -> str:
+        """The name the backend server knows the model by (an outside server may call it otherwise)."""
+        return str(self.args.get("served_model_name") or self.name)
+
+    @property
+    def s3_location(self) -> tuple[str, str] | None:
+        if not self.source.startswith(S3_SCHEME):
+            return None
+        bucket, _, prefix = self.source[len(S3_SCHEME):].partition("/")
+        return bucket, prefix
+
+    def view(self) -> dict:
+        return {"name": self.name, "source": self.source, "backend": self.backend.value, "args": _public_args(self.args),
+                "vram_mb": self.vram_mb, "min_tier": self.min_tier.value, "max_model_len": self.max_model_len}
+
+    @classmethod
+    def from_row(cls, row) -> "ModelSpec":
+        return cls(name=row["name"], source=row["source"], backend=BackendKind(row["backend"]), args=dict(row["args"]),
+                   vram_mb=row["vram_mb"], min_tier=Tier(row["min_tier"]), max_model_len=row["max_model_len"])
+
+
+def _public_args(args: dict) -> dict:
+    return {k: ("***" if k == "api_key" else v) for k, v in args.items()}
+
+
+def check_spec(spec: ModelSpec) -> None:
+    """ValueError saying what is wrong with a catalog entry."""
+    if not re.match(MODEL_NAME_PATTERN, spec.name):
+        raise ValueError("name must be letters, digits and . _ : / - (at most 128)")
+    unknown = set(spec.args) - _ARG_KEYS[spec.backend]
+    if unknown:
+        raise ValueError(f"unknown args for backend {spec.backend.value}: {sorted(unknown)}; "
+                         f"allowed: {sorted(_ARG_KEYS[spec.backend])}")
+    if spec.backend is BackendKind.OPENAI and not str(spec.args.get("url", "")).startswith(("http://", "https://")):
+        raise ValueError("the openai backend needs args.url, the server's base URL (e.g. http://host:8000/v1)")
+    extra = spec.args.get("extra_args", [])
+    if not isinstance(extra, list) or not all(isinstance(a, str) for a in extra):
+        raise ValueError("args.extra_args must be a list of strings (vLLM flags)")
+    if spec.backend is BackendKind.VLLM and spec.vram_mb <= 0:
+        raise ValueError("a vllm model needs vram_mb, the VRAM estimate placement uses")
+    if spec.backend is not BackendKind.OPENAI and not spec.source:
+        raise ValueError("source is required: a local path or s3://bucket/prefix")
+
+
+# --- models ----------------------------------------------------------------------
+
+_MODEL_PARAMS = bindparam("args", type_=JSONB)
+
+
+def insert_model(conn: Connection, spec: ModelSpec, replace: bool = False) -> bool:
+    """False when a model of that name exists (and `replace` is off)."""
+    conflict = ("DO UPDATE SET source = EXCLUDED.source, backend = EXCLUDED.backend, args = EXCLUDED.args, "
+                "vram_mb = EXCLUDED.vram_mb, min_tier = EXCLUDED.min_tier, max_model_len = EXCLUDED.max_model_len"
+                if replace else "DO NOTHING")
+    row = conn.execute(text(
+        "INSERT INTO models (name, source, backend, args, vram_mb, min_tier, max_model_len) "
+        f"VALUES (:name, :source, :backend, :args, :vram_mb, :min_tier, :max_model_len) ON CONFLICT (name) {conflict} "
+        "RETURNING name").bindparams(_MODEL_PARAMS),
+        {"name": spec.name, "source": spec.source, "backend": spec.backend.value, "args": spec.args,
+         "vram_mb": spec.vram_mb, "min_tier": spec.min_tier.value, "max_model_len": spec.max_model_len}).first()
+    return row is not None
+
+
+def get_model(conn: Connection, name: str) -> ModelSpec | None:
+    row = conn.execute(text("SELECT * FROM models WHERE name = :name"), {"name": name}).mappings().first()
+    return ModelSpec.from_row(row) if row else None
+
+
+def list_models(conn: Connection) -> list[ModelSpec]:
+    return [ModelSpec.from_row(r) for r in conn.execute(text("SELECT * FROM models ORDER BY name")).mappings()]
+
+
+def delete_model(conn: Connection, name: str) -> bool:
+    """Its instances go with it (the serving workers notice at their next heartbeat)."""
+    return conn.execute(text("DELETE FROM models WHERE name = :name RETURNING name"), {"name": name}).first() is not None
+
+
+# --- instances -------------------------------------------------------------------
+
+
+def create_instance(conn: Connection, model: str, plan: ParallelismPlan) -> dict:
+    head = plan.head
+    row = conn.execute(text(
+        "INSERT INTO model_instances (id, model, node_id, gpus, plan) VALUES (:id, :model, :node, :gpus, :plan) "
+        "RETURNING *").bindparams(bindparam("plan", type_=JSONB)),
+        {"id": uuid.uuid4(), "model": model, "node": head.node_id if head else None,
+         "gpus": list(head.gpus) if head else [], "plan": plan.to_dict()}).mappings().one()
+    return dict(row)
+
+
+def list_instances(conn: Connection, model: str | None = None, active_only: bool = False) -> list[dict]:
+    where, params = ["TRUE"], {}
+    if model:
+        where.append("model = :model")
+        params["model"] = model
+    if active_only:
+        where.append("state IN ('pending', 'downloading', 'starting', 'running')")
+    rows = conn.execute(text(f"SELECT * FROM model_instances WHERE {' AND '.join(where)} ORDER BY created_at"), params)
+    return [dict(r) for r in rows.mappings()]
+
+
+def get_instance(conn: Connection, instance_id: uuid.UUID) -> dict | None:
+    row = conn.execute(text("SELECT * FROM model_instances WHERE id = :id"), {"id": instance_id}).mappings().first()
+    return dict(row) if row else None
+
+
+def set_instance_state(conn: Connection, instance_id, state: InstanceState, error: str | None = None,
+                       worker: str | None = None) -> dict | None:
+    """Move an active instance to `state`; a stopped one stays stopped (None is returned)."""
+    row = conn.execute(text(
+        "UPDATE model_instances SET state = :state, error = :error, worker = COALESCE(:worker, worker), "
+        "updated_at = now(), heartbeat_at = now() WHERE id = :id AND state <> 'stopped' RETURNING *"),
+        {"id": instance_id, "state": state.value, "error": error, "worker": worker}).mappings().first()
+    return dict(row) if row else None
+
+
+def stop_instance(conn: Connection, instance_id) -> dict | None:
+    row = conn.execute(text(
+        "UPDATE model_instances SET state = 'stopped', updated_at = now() WHERE id = :id RETURNING *"),
+        {"id": instance_id}).mappings().first()
+    return dict(row) if row else None
+
+
+def adopt_instance(conn: Connection, model: str, node_id: str | None, worker: str) -> dict | None:
+    """Take the oldest pending instance of `model` placed on this node (or on no node)."""
+    row = conn.execute(text(
+        """UPDATE model_instances SET state = 'starting', worker = :worker, node_id = COALESCE(node_id, :node),
+                  updated_at = now(), heartbeat_at = now()
+           WHERE id = (SELECT id FROM model_instances WHERE model = :model AND state = 'pending'
+                         AND (node_id IS NULL OR node_id = :node)
+                       ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED)
+           RETURNING *"""), {"model": model, "node": node_id, "worker": worker}).mappings().first()
+    return dict(row) if row else None
+
+
+def take_instance(conn: Connection, instance_id, model: str, node_id: str | None, worker: str) -> dict | None:
+    """The instance an agent started this worker for (again, after a restart); None if stopped or unknown."""
+    row = conn.execute(text(
+        "UPDATE model_instances SET state = 'starting', worker = :worker, node_id = COALESCE(node_id, :node), "
+        "error = NULL, updated_at = now(), heartbeat_at = now() "
+        "WHERE id = :id AND model = :model AND state <> 'stopped' RETURNING *"),
+        {"id": instance_id, "model": model, "node": node_id, "worker": worker}).mappings().first()
+    return dict(row) if row else None
+
+
+def start_unplanned_instance(conn: Connection, model: str, node_id: str | None, worker: str) -> dict:
+    """A worker started to serve a model with nothing deployed records its own instance."""
+    row = conn.execute(text(
+        "INSERT INTO model_instances (id, model, state, node_id, worker, plan, heartbeat_at) "
+        "VALUES (:id, :model, 'starting', :node, :worker, :plan, now()) RETURNING *").bindparams(
+        bindparam("plan", type_=JSONB)),
+        {"id": uuid.uuid4(), "model": model, "node": node_id, "worker": worker,
+         "plan": {"strategy": "cpu", "stages": []}}).mappings().one()
+    return dict(row)
+
+
+def instance_heartbeat(conn: Connection, instance_id, model: str, node_id: str | None, worker: str) -> str | None:
+    """Record that the instance is alive; returns its state (stopped: stop serving).
+
+    A row that vanished while the model still exists is written again (the worker
+    is the witness that it runs); None when the model itself is gone.
+    """
+    row = conn.execute(text(
+        "UPDATE model_instances SET heartbeat_at = now() WHERE id = :id RETURNING state"), {"id": instance_id}).first()
+    if row is not None:
+        return row[0]
+    row = conn.execute(text(
+        "INSERT INTO model_instances (id, model, state, node_id, worker, heartbeat_at) "
+        "SELECT :id, name, 'running', :node, :worker, now() FROM models WHERE name = :model RETURNING state"),
+        {"id": instance_id, "model": model, "node": node_id, "worker": worker}).first()
+    return row[0] if row else None
+
+
+def instance_view(row: dict, live: bool | None = None) -> dict:
+    view = {"id": str(row["id"]), "model": row["model"], "state": row["state"], "node_id": row["node_id"],
+            "gpus": list(row["gpus"] or []), "plan": row["plan"], "worker": row["worker"], "error": row["error"],
+            "heartbeat_at": _iso(row["heartbeat_at"]), "created_at": _iso(row["created_at"]),
+            "updated_at": _iso(row["updated_at"])}
+    if live is not None:
+        view["live"] = live
+    return view
+
+
+def _iso(value) -> str | None:
+    return value.isoformat() if value is not None else None

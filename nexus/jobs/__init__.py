@@ -1,0 +1,1 @@
+"""Job lifecycle: submit, claim, complete, retry, cancel, reconcile."""

@@ -1,0 +1,110 @@
+"""What a job handler sees: its identity, storage, progress, cancellation and children."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Engine, text
+
+from nexus.config import Settings
+from nexus.jobs import lifecycle
+
+if TYPE_CHECKING:
+    from nexus.jobs.submit import Submitter
+    from nexus.replicas import NodeReads
+    from nexus.storage import ObjectStore
+
+
+class JobCancelled(Exception):
+    """Raised inside a handler when its job was cancelled; the worker records `cancelled`."""
+
+
+class JobLost(Exception):
+    """Raised inside a handler when its attempt lost the lease; the newer attempt owns the job."""
+
+
+@dataclass
+class JobContext:
+    job_id: uuid.UUID
+    attempt: int
+    node: str
+    tenant: str
+    input_key: str | None
+    settings: Settings
+    engine: Engine
+    storage: "ObjectStore"
+    submitter: "Submitter"
+    # Replica-aware reads (DESIGN decision 6): the master WAL position the message carried, and the
+    # node's read paths. None: read everything from the master.
+    read_after_lsn: str | None = None
+    reads: "NodeReads | None" = None
+    cancel_event: threading.Event = field(default_factory=threading.Event)
+    lost_event: threading.Event = field(default_factory=threading.Event)
+    _last_progress: float = 0.0
+
+    # --- cooperative cancellation ---------------------------------------------
+    def check_cancelled(self) -> None:
+        """Call between steps: stops the handler if the job was cancelled or taken over."""
+        if self.lost_event.is_set():
+            raise JobLost(str(self.job_id))
+        if self.cancel_event.is_set():
+            raise JobCancelled(str(self.job_id))
+
+    def sleep(self, seconds: float, step: float = 0.1) -> None:
+        deadline = time.monotonic() + seconds
+        while (remaining := deadline - time.monotonic()) > 0:
+            self.check_cancelled()
+            time.sleep(min(step, remaining))
+        self.check_cancelled()
+
+    # --- progress ----------------------------------------------------------------
+    def progress(self, done: int, total: int, message: str | None = None, *, force: bool = False) -> None:
+        """Record progress; throttled to a few writes a second unless `force` or done."""
+        now = time.monotonic()
+        if not force and done < total and now - self._last_progress < 0.5:
+            return
+        self._last_progress = now
+        body: dict[str, Any] = {"done": done, "total": total}
+        if message:
+            body["message"] = message
+        with self.engine.begin() as conn:
+            lifecycle.set_progress(conn, self.job_id, self.attempt, body)
+
+    # --- objects -------------------------------------------------------------------
+    def read_input(self) -> bytes:
+        if not self.input_key:
+            raise ValueError("this job has no input object")
+        return self.storage.get_bytes(self.settings.bucket_inputs, self.input_key)
+
+    def output_key(self, name: str = "output") -> str:
+        return f"jobs/{self.job_id}/{name}"
+
+    def write_output(self, data: bytes, name: str = "output", content_type: str = "application/octet-stream") -> str:
+        """Store bytes in the outputs bucket; return its key (the API presigns it for clients)."""
+        key = self.output_key(name)
+        self.storage.put_bytes(self.settings.bucket_outputs, key, data, content_type)
+        return key
+
+    # --- child jobs ------------------------------------------------------------------
+    def submit_children(self, specs: list[dict]) -> list[str]:
+        """Submit child jobs; idempotent per `idempotency_key`, so a retried parent finds its children."""
+        jobs = self.submitter.submit_many(
+            [{**spec, "idempotency_key": f"{self.job_id}:{spec['idempotency_key']}"} if spec.get("idempotency_key")
+             else spec for spec in specs],
+            tenant=self.tenant,
+            parent_id=self.job_id,
+        )
+        return [str(job["id"]) for job, _created in jobs]
+
+    def children(self) -> list[dict]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                text("SELECT id, type, state, attempt, result, error, output_key, idempotency_key FROM jobs "
+                     "WHERE parent_id = :id ORDER BY created_at, id"),
+                {"id": self.job_id},
+            ).mappings()
+            return [dict(r) for r in rows]

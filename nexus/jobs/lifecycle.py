@@ -1,0 +1,289 @@
+"""Every write of a job's state, each one conditional SQL statement (DESIGN decision 1).
+
+A transition and its event row are written by the same statement, so the event
+log can never disagree with the job. Claims, completions and failures are
+guarded by the attempt number (the fencing token): a worker that lost its
+lease cannot overwrite a newer attempt.
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from sqlalchemy import Connection, Engine, bindparam, text
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.types import Uuid
+
+from nexus.jobs.states import JobState, sources_of
+
+
+@dataclass
+class JobSpec:
+    """A validated submission, ready to insert."""
+
+    type: str
+    queue: str
+    payload: Any = None
+    input_key: str | None = None
+    requirements: dict = field(default_factory=dict)
+    priority: int = 5
+    max_attempts: int = 3
+    tenant: str = "default"
+    idempotency_key: str | None = None
+    parent_id: uuid.UUID | None = None
+    id: uuid.UUID = field(default_factory=uuid.uuid4)
+
+
+def backoff_seconds(attempt: int, base: float, cap: float, rng: random.Random | None = None) -> float:
+    """Exponential backoff with 'equal jitter': half fixed, half random, never above `cap`."""
+    ceiling = min(cap, base * (2 ** max(0, attempt - 1)))
+    return ceiling / 2 + (rng or random).random() * ceiling / 2
+
+
+_INSERT_JOBS = text(
+    """
+    WITH ins AS (
+    INSERT INTO jobs (id, type, payload, input_key, requirements, queue, priority, max_attempts, tenant,
+                      idempotency_key, parent_id, published_at)
+    SELECT t.*, now() FROM unnest(
+        CAST(:ids AS uuid[]), CAST(:types AS text[]), CAST(:payloads AS jsonb[]), CAST(:input_keys AS text[]),
+        CAST(:requirements AS jsonb[]), CAST(:queues AS text[]), CAST(:priorities AS smallint[]),
+        CAST(:max_attempts AS int[]), CAST(:tenants AS text[]), CAST(:idem_keys AS text[]),
+        CAST(:parent_ids AS uuid[])) AS t
+    ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    RETURNING id, created_at
+    ),
+    ev AS (
+        INSERT INTO job_events (job_id, from_state, to_state, attempt, message)
+        SELECT id, NULL, 'queued', 0, 'submitted' FROM ins
+    )
+    SELECT id, created_at FROM ins
+    """
+).bindparams(
+    bindparam("ids", type_=ARRAY(Uuid)),
+    bindparam("payloads", type_=ARRAY(JSONB)),
+    bindparam("requirements", type_=ARRAY(JSONB)),
+    bindparam("parent_ids", type_=ARRAY(Uuid)),
+)
+
+def insert_jobs(conn: Connection, specs: list[JobSpec]) -> dict[uuid.UUID, Any]:
+    """Insert rows and their `submitted` events in one statement; returns {id: created_at} of the rows
+    inserted (idempotent repeats are not)."""
+    if not specs:
+        return {}
+    params = {
+        "ids": [s.id for s in specs],
+        "types": [s.type for s in specs],
+        "payloads": [s.payload for s in specs],
+        "input_keys": [s.input_key for s in specs],
+        "requirements": [s.requirements for s in specs],
+        "queues": [s.queue for s in specs],
+        "priorities": [s.priority for s in specs],
+        "max_attempts": [s.max_attempts for s in specs],
+        "tenants": [s.tenant for s in specs],
+        "idem_keys": [s.idempotency_key for s in specs],
+        "parent_ids": [s.parent_id for s in specs],
+    }
+    return {row[0]: row[1] for row in conn.execute(_INSERT_JOBS, params)}
+
+
+def find_by_idempotency(conn: Connection, tenant: str, keys: Iterable[str]) -> dict[str, dict]:
+    rows = conn.execute(
+        text("SELECT * FROM jobs WHERE tenant = :tenant AND idempotency_key = ANY(:keys)"),
+        {"tenant": tenant, "keys": list(keys)},
+    ).mappings()
+    return {row["idempotency_key"]: dict(row) for row in rows}
+
+
+def delete_unstarted(conn: Connection, ids: list[uuid.UUID]) -> None:
+    """Undo a submission whose messages could not be published (nothing half-written)."""
+    conn.execute(
+        text("DELETE FROM jobs WHERE id = ANY(:ids) AND state = 'queued' AND attempt = 0").bindparams(
+            bindparam("ids", type_=ARRAY(Uuid))
+        ),
+        {"ids": ids},
+    )
+
+
+def _transition_sql(to_state: str | None, where: str, sets: str) -> str:
+    """UPDATE one job under `where` and log the event, in one statement.
+
+    `to_state` None keeps the state (the SET clause decides it). The row is
+    locked first so concurrent claimers queue up and re-check the guard.
+    """
+    state_set = f"state = '{to_state}', " if to_state else ""
+    return f"""
+    WITH old AS (SELECT id, state FROM jobs WHERE id = :id FOR UPDATE),
+    upd AS (
+        UPDATE jobs j SET {state_set}updated_at = now(), {sets}
+        FROM old WHERE j.id = old.id AND {where}
+        RETURNING j.*, old.state AS from_state,
+                  EXTRACT(EPOCH FROM (now() - j.started_at)) AS run_seconds
+    ),
+    ev AS (
+        INSERT INTO job_events (job_id, from_state, to_state, attempt, node, message)
+        SELECT id, from_state, state, attempt, :event_node, :event_message FROM upd
+    )
+    SELECT * FROM upd
+    """
+
+
+def _sql_list(values: Iterable[str]) -> str:
+    return ", ".join(f"'{v}'" for v in values)
+
+
+def _one(conn: Connection, sql: str, params: dict) -> dict | None:
+    params.setdefault("event_node", None)
+    params.setdefault("event_message", None)
+    row = conn.execute(text(sql), params).mappings().first()
+    return dict(row) if row else None
+
+
+# The claim commits asynchronously (no WAL flush wait, ~0.35 ms saved per job). Safe because of
+# fencing: if PostgreSQL crashed before flushing it, the row reverts to queued, the running attempt's
+# lease renewals and completion find no matching row and are discarded, and the reconciler
+# re-publishes the job. Submission and completion stay synchronous: clients are told about those.
+_CLAIM = "SET LOCAL synchronous_commit = off;" + _transition_sql(
+    JobState.RUNNING.value,
+    where=f"""j.state IN ({_sql_list(sources_of(JobState.RUNNING))}) AND j.attempt = :attempt - 1
+              AND j.attempt < j.max_attempts AND NOT j.cancel_requested
+              AND (j.not_before IS NULL OR j.not_before <= now())""",
+    sets="""attempt = j.attempt + 1, node = :node, started_at = now(), heartbeat_at = now(),
+            lease_expires_at = now() + make_interval(secs => :lease), error = NULL""",
+)
+
+
+def claim(conn: Connection, job_id: uuid.UUID | str, attempt: int, node: str, lease_seconds: float) -> dict | None:
+    """Take the job for `attempt`, or None: the message is stale or a duplicate and must be dropped."""
+    return _one(conn, _CLAIM, {"id": job_id, "attempt": attempt, "node": node, "lease": lease_seconds,
+                               "event_node": node})
+
+
+_RENEW = text(
+    """UPDATE jobs j SET lease_expires_at = now() + make_interval(secs => :lease), heartbeat_at = now()
+       FROM unnest(CAST(:ids AS uuid[]), CAST(:attempts AS int[])) AS a(id, attempt)
+       WHERE j.id = a.id AND j.attempt = a.attempt AND j.state = 'running'
+       RETURNING j.id, j.cancel_requested"""
+).bindparams(bindparam("ids", type_=ARRAY(Uuid)))
+
+
+def renew_leases(conn: Connection, attempts: dict[uuid.UUID, int], lease_seconds: float) -> dict[uuid.UUID, bool]:
+    """Extend the leases of these (job, attempt) pairs in one statement.
+
+    Returns {job id: cancel requested} for the attempts that still own their job;
+    a job missing from the answer was taken over by a newer attempt (or finished).
+    """
+    if not attempts:
+        return {}
+    rows = conn.execute(_RENEW, {"ids": list(attempts), "attempts": list(attempts.values()), "lease": lease_seconds})
+    return {row[0]: bool(row[1]) for row in rows}
+
+
+_FENCED = "j.id = :id AND j.attempt = :attempt AND j.state = 'running'"
+
+_COMPLETE = _transition_sql(
+    JobState.SUCCEEDED.value,
+    where=_FENCED,
+    sets="result = :result, output_key = :output_key, finished_at = now(), lease_expires_at = NULL",
+)
+
+
+def complete(conn: Connection, job_id, attempt: int, node: str, result: Any, output_key: str | None) -> dict | None:
+    """Record success once; None if this attempt was fenced off (a newer attempt owns the job)."""
+    return _one(
+        conn,
+        _COMPLETE,
+        {"id": job_id, "attempt": attempt, "result": _json(result), "output_key": output_key, "event_node": node},
+    )
+
+
+_FAIL = _transition_sql(
+    None,
+    where=_FENCED,
+    sets="""state = CASE WHEN :retry AND j.attempt < j.max_attempts AND NOT j.cancel_requested
+                         THEN 'retrying' ELSE 'failed' END,
+            error = :error, lease_expires_at = NULL,
+            not_before = now() + make_interval(secs => :backoff),
+            failed_nodes = array_append(j.failed_nodes, :node),
+            finished_at = CASE WHEN :retry AND j.attempt < j.max_attempts AND NOT j.cancel_requested
+                               THEN NULL ELSE now() END""",
+)
+
+
+def fail(conn: Connection, job_id, attempt: int, node: str, error: str, retry: bool, backoff: float) -> dict | None:
+    """Record a failed attempt: `retrying` after `backoff` while attempts remain, else `failed`."""
+    return _one(
+        conn,
+        _FAIL,
+        {"id": job_id, "attempt": attempt, "node": node, "error": error[:8000], "retry": retry,
+         "backoff": backoff, "event_node": node, "event_message": error[:500]},
+    )
+
+
+_CANCEL_RUNNING = _transition_sql(
+    JobState.CANCELLED.value, where=_FENCED, sets="finished_at = now(), lease_expires_at = NULL"
+)
+
+
+def mark_cancelled(conn: Connection, job_id, attempt: int, node: str) -> dict | None:
+    """A running attempt saw the cancel flag and stopped."""
+    return _one(conn, _CANCEL_RUNNING, {"id": job_id, "attempt": attempt, "event_node": node,
+                                        "event_message": "cancelled while running"})
+
+
+_CANCEL_WAITING = _transition_sql(
+    JobState.CANCELLED.value,
+    where="j.state IN ('queued', 'retrying')",
+    sets="finished_at = now(), cancel_requested = true",
+)
+_REQUEST_CANCEL = text(
+    "UPDATE jobs SET cancel_requested = true, updated_at = now() WHERE id = :id AND state = 'running'"
+)
+
+
+def request_cancel(conn: Connection, job_id, by: str | None = None) -> None:
+    """Cancel at once if waiting; otherwise raise the flag the running attempt checks. Children follow."""
+    _one(conn, _CANCEL_WAITING, {"id": job_id, "event_message": f"cancelled by {by or 'request'}"})
+    conn.execute(_REQUEST_CANCEL, {"id": job_id})
+    for (child_id,) in conn.execute(
+        text("SELECT id FROM jobs WHERE parent_id = :id AND state IN ('queued','running','retrying')"),
+        {"id": job_id},
+    ).all():
+        request_cancel(conn, child_id, by=f"parent {job_id}")
+
+
+_MANUAL_RETRY = _transition_sql(
+    JobState.RETRYING.value,
+    where="j.state IN ('failed', 'cancelled')",
+    sets="""max_attempts = GREATEST(j.max_attempts, j.attempt + 1), cancel_requested = false,
+            not_before = now(), finished_at = NULL, published_attempt = j.attempt, error = NULL""",
+)
+
+
+def manual_retry(conn: Connection, job_id, by: str | None = None) -> dict | None:
+    """Give a failed or cancelled job one more attempt; the reconciler publishes it."""
+    return _one(conn, _MANUAL_RETRY, {"id": job_id, "event_message": f"retry requested by {by or 'request'}"})
+
+
+def set_progress(conn: Connection, job_id, attempt: int, progress: dict) -> None:
+    conn.execute(
+        text("UPDATE jobs SET progress = :p WHERE id = :id AND attempt = :attempt AND state = 'running'").bindparams(
+            bindparam("p", type_=JSONB)
+        ),
+        {"id": job_id, "attempt": attempt, "p": progress},
+    )
+
+
+def _json(value: Any):
+    """Bind a Python value to a JSONB parameter (None stays SQL NULL)."""
+    import json
+
+    return None if value is None else json.dumps(value)
+
+
+def run_in_transaction(engine: Engine, fn, *args, **kwargs):
+    with engine.begin() as conn:
+        return fn(conn, *args, **kwargs)

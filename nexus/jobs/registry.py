@@ -1,0 +1,71 @@
+"""Job types: a name, a handler and optional payload validation and requirements.
+
+Built-in types are declared in pyproject.toml under the `nexus.job_types`
+entry-point group, exactly like a third-party package would declare its own.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from nexus.jobs.context import JobContext
+
+ENTRY_POINT_GROUP = "nexus.job_types"
+
+Handler = Callable[["JobContext", Any], Any]
+
+
+@dataclass(frozen=True)
+class JobType:
+    name: str
+    run: Handler
+    # Returns the normalised payload or raises ValueError with a message for the client (400).
+    validate: Callable[[Any], Any] | None = None
+    # Requirements a job of this type always has (e.g. {"gpu": True}); the request's own win.
+    default_requirements: dict = field(default_factory=dict)
+    # Whether the job reads an uploaded input object (`input_key`).
+    accepts_input: bool = True
+
+
+class UnknownJobType(KeyError):
+    pass
+
+
+_registry: dict[str, JobType] = {}
+_loaded = False
+_lock = threading.Lock()
+
+
+def register(job_type: JobType) -> JobType:
+    _registry[job_type.name] = job_type
+    return job_type
+
+
+def _load_entry_points() -> None:
+    global _loaded
+    with _lock:
+        if _loaded:
+            return
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            if ep.name in _registry:
+                continue
+            obj = ep.load()
+            register(obj if isinstance(obj, JobType) else JobType(name=ep.name, run=obj))
+        _loaded = True
+
+
+def get_job_type(name: str) -> JobType:
+    _load_entry_points()
+    try:
+        return _registry[name]
+    except KeyError:
+        raise UnknownJobType(name) from None
+
+
+def job_type_names() -> list[str]:
+    _load_entry_points()
+    return sorted(_registry)

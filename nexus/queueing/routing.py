@@ -1,0 +1,93 @@
+"""Routing as one pure function: a job's requirements decide its queue.
+
+A message only reaches a worker that can run it: tier queues for plain work,
+one queue per model for inference (only workers serving that model consume it).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from nexus.queueing.tiers import Tier
+
+MODEL_QUEUE_PREFIX = "model."
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+
+# Minimum VRAM a GPU of each tier has; a job needing more than a tier offers goes up.
+DEFAULT_TIER_MIN_VRAM_MB = {Tier.AI_FACTORY: 40_000, Tier.GPU_PEER: 20_000, Tier.GPU_INFRA: 1}
+
+REQUIREMENT_FIELDS = {"tier", "gpu", "min_vram_mb", "model", "labels"}
+
+
+@dataclass(frozen=True)
+class Requirements:
+    tier: Tier | None = None
+    gpu: bool = False
+    min_vram_mb: int = 0
+    model: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, raw: dict | None) -> "Requirements":
+        """Validate a requirements object from a request; ValueError says what is wrong."""
+        raw = raw or {}
+        if not isinstance(raw, dict):
+            raise ValueError("requirements must be a JSON object")
+        unknown = set(raw) - REQUIREMENT_FIELDS
+        if unknown:
+            raise ValueError(f"unknown requirement fields: {sorted(unknown)}; allowed: {sorted(REQUIREMENT_FIELDS)}")
+        tier = Tier.parse(raw["tier"]) if raw.get("tier") is not None else None
+        gpu = raw.get("gpu", False)
+        if not isinstance(gpu, bool):
+            raise ValueError("requirements.gpu must be true or false")
+        vram = raw.get("min_vram_mb", 0)
+        if not isinstance(vram, int) or isinstance(vram, bool) or not 0 <= vram <= 10_000_000:
+            raise ValueError("requirements.min_vram_mb must be an integer between 0 and 10000000")
+        model = raw.get("model")
+        if model is not None and (not isinstance(model, str) or not _MODEL_NAME.match(model)):
+            raise ValueError("requirements.model must be a model name (letters, digits, . _ : / -)")
+        labels = raw.get("labels", {})
+        if not isinstance(labels, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+            raise ValueError("requirements.labels must be an object of strings")
+        if tier is Tier.CPU_ONLY and (gpu or vram):
+            raise ValueError("requirements ask for a GPU but tier cpu_only has none")
+        return cls(tier=tier, gpu=gpu, min_vram_mb=vram, model=model, labels=labels)
+
+    def to_dict(self) -> dict:
+        out: dict = {}
+        if self.tier is not None:
+            out["tier"] = self.tier.value
+        if self.gpu:
+            out["gpu"] = True
+        if self.min_vram_mb:
+            out["min_vram_mb"] = self.min_vram_mb
+        if self.model:
+            out["model"] = self.model
+        if self.labels:
+            out["labels"] = dict(self.labels)
+        return out
+
+
+def tier_for_vram(min_vram_mb: int, thresholds: dict[Tier, int] = DEFAULT_TIER_MIN_VRAM_MB) -> Tier:
+    """The least capable GPU tier whose GPUs have at least `min_vram_mb`."""
+    for tier in (Tier.GPU_INFRA, Tier.GPU_PEER, Tier.AI_FACTORY):
+        next_up = {Tier.GPU_INFRA: Tier.GPU_PEER, Tier.GPU_PEER: Tier.AI_FACTORY}.get(tier)
+        if next_up is None or min_vram_mb < thresholds[next_up]:
+            return tier
+    return Tier.AI_FACTORY
+
+
+def route_for(req: Requirements, thresholds: dict[Tier, int] = DEFAULT_TIER_MIN_VRAM_MB) -> str:
+    """The queue a job with these requirements goes to."""
+    if req.model:
+        return model_queue(req.model)
+    if req.tier is not None:
+        return req.tier.queue
+    if req.gpu or req.min_vram_mb:
+        return tier_for_vram(req.min_vram_mb, thresholds).queue
+    return Tier.CPU_ONLY.queue
+
+
+def model_queue(model: str) -> str:
+    return MODEL_QUEUE_PREFIX + model

@@ -1,0 +1,54 @@
+"""The one Celery task Nexus runs: execute a job attempt by id."""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+import redis
+from celery import Celery
+from sqlalchemy.exc import OperationalError
+
+from nexus.config import Settings
+from nexus.db.engine import get_engine
+from nexus.jobs.notify import Notifier
+from nexus.jobs.runtime import JobRunner
+from nexus.jobs.submit import Submitter
+from nexus.queueing.celery_app import RUN_JOB_TASK
+from nexus.queueing.health import install_consumption_probe
+from nexus.replicas import make_node_reads
+
+log = logging.getLogger(__name__)
+
+
+def node_name(settings: Settings) -> str:
+    return settings.node_name or socket.gethostname()
+
+
+def register_tasks(app: Celery, settings: Settings) -> None:
+    install_consumption_probe(app, settings)  # a worker proves it consumes (nexus.queueing.health)
+    runner: list[JobRunner] = []  # built lazily in the worker process (after any fork)
+
+    def get_runner() -> JobRunner:
+        if not runner:
+            engine = get_engine(settings)
+            master_redis = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
+            reads = make_node_reads(settings, engine, master_redis)  # master-only when no NEXUS_REPLICA_* is set
+            runner.append(JobRunner(
+                settings, engine, reads.store, Submitter(settings, engine, app), Notifier(master_redis),
+                node_name(settings), reads=reads,
+            ))
+        return runner[0]
+
+    @app.task(name=RUN_JOB_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+    def run_job(self, job_id: str, attempt: int, read_after_lsn: str | None = None) -> str:
+        # read_after_lsn: the master's WAL position after the job was committed (older messages lack it).
+        try:
+            outcome = get_runner().execute(job_id, int(attempt), read_after_lsn)
+        except OperationalError as exc:
+            # The database is down before the claim: try again later rather than drop the message.
+            delay = min(2 ** self.request.retries, 15)
+            log.warning("database unavailable for job %s, retrying in %ss: %s", job_id, delay, exc)
+            raise self.retry(countdown=delay, max_retries=None) from None
+        log.info("job %s attempt %s: %s", job_id, attempt, outcome)
+        return outcome

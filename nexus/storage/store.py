@@ -1,0 +1,102 @@
+"""A small object-store interface over the minio SDK.
+
+Messages and rows carry keys and checksums; bytes live here (DESIGN decision 2).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from datetime import timedelta
+from typing import Any
+
+import urllib3
+from minio import Minio
+from minio.error import S3Error
+
+from nexus.config import Settings
+
+
+class ObjectNotFound(KeyError):
+    pass
+
+
+class ObjectStore:
+    def __init__(self, client: Minio, presign_expiry: timedelta = timedelta(minutes=15)):
+        self.client = client
+        self.presign_expiry = presign_expiry
+
+    # --- buckets -------------------------------------------------------
+    def ensure_buckets(self, names: tuple[str, ...] | list[str]) -> None:
+        for name in names:
+            if not self.client.bucket_exists(bucket_name=name):
+                try:
+                    self.client.make_bucket(bucket_name=name)
+                except S3Error as exc:  # another master created it meanwhile
+                    if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                        raise
+
+    def ping(self) -> None:
+        self.client.list_buckets()
+
+    # --- objects -------------------------------------------------------------
+    def put_bytes(self, bucket: str, key: str, data: bytes, content_type: str = "application/octet-stream") -> str:
+        result = self.client.put_object(
+            bucket_name=bucket, object_name=key, data=io.BytesIO(data), length=len(data), content_type=content_type
+        )
+        return result.etag
+
+    def get_bytes(self, bucket: str, key: str) -> bytes:
+        try:
+            response = self.client.get_object(bucket_name=bucket, object_name=key)
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchBucket"):
+                raise ObjectNotFound(f"{bucket}/{key}") from None
+            raise
+        try:
+            return response.read()
+        finally:
+            response.close()
+            response.release_conn()
+
+    def put_json(self, bucket: str, key: str, obj: Any) -> str:
+        data = json.dumps(obj, separators=(",", ":"), sort_keys=True).encode()
+        return self.put_bytes(bucket, key, data, content_type="application/json")
+
+    def get_json(self, bucket: str, key: str) -> Any:
+        return json.loads(self.get_bytes(bucket, key))
+
+    def exists(self, bucket: str, key: str) -> bool:
+        return self.etag(bucket, key) is not None
+
+    def etag(self, bucket: str, key: str) -> str | None:
+        try:
+            return self.client.stat_object(bucket_name=bucket, object_name=key).etag
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchBucket", "NoSuchObject"):
+                return None
+            raise
+
+    def presigned_get(self, bucket: str, key: str, expires: timedelta | None = None) -> str:
+        return self.client.presigned_get_object(
+            bucket_name=bucket, object_name=key, expires=expires or self.presign_expiry
+        )
+
+
+def make_minio_client(endpoint: str, access_key: str, secret_key: str, secure: bool, region: str) -> Minio:
+    # Short timeouts and few retries: a dead store must surface as 503 quickly, not hang a request.
+    http = urllib3.PoolManager(
+        timeout=urllib3.Timeout(connect=3, read=30),
+        retries=urllib3.Retry(total=2, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]),
+        maxsize=20,
+    )
+    return Minio(
+        endpoint=endpoint, access_key=access_key, secret_key=secret_key, secure=secure, region=region, http_client=http
+    )
+
+
+def make_object_store(settings: Settings) -> ObjectStore:
+    client = make_minio_client(
+        settings.s3_endpoint, settings.s3_access_key, settings.s3_secret_key, settings.s3_secure, settings.s3_region
+    )
+    return ObjectStore(client, timedelta(seconds=settings.presign_expiry_seconds))

@@ -1,0 +1,106 @@
+"""After a fault: is every job final, with the outcome it should have, recorded once, its story intact?"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+
+from tests.chaos.cluster import ChaosCluster
+from tests.chaos.stream import JobStream
+
+FINAL = ("succeeded", "failed", "cancelled")
+
+
+@dataclass
+class Report:
+    fault: str
+    submitted: int
+    succeeded: int
+    failed_as_planned: int
+    retried: int  # jobs that needed more than one attempt
+    duplicates: int  # jobs with more than one recorded completion (must be 0)
+    lost: int  # acknowledged jobs missing or not final (must be 0)
+    settle_s: float  # from the end of the fault to every job final
+    recovery_s: dict = field(default_factory=dict)  # what "recovered" means differs per fault; named here
+
+    def line(self) -> str:
+        recovery = " ".join(f"{k}={v}" for k, v in self.recovery_s.items())
+        return (f"{self.fault}: submitted={self.submitted} succeeded={self.succeeded} "
+                f"failed_as_planned={self.failed_as_planned} retried={self.retried} duplicates={self.duplicates} "
+                f"lost={self.lost} settle_s={self.settle_s} {recovery}")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def wait_all_final(cluster: ChaosCluster, tenant: str, expected: int, timeout: float = 120) -> float:
+    """Seconds until `expected` jobs of the tenant exist and all are final; raises with the stragglers if not."""
+    began = time.monotonic()
+    deadline = began + timeout
+    while True:
+        rows = cluster.query("SELECT state, count(*) AS n FROM jobs WHERE tenant = :t GROUP BY state", {"t": tenant})
+        counts = {r["state"]: r["n"] for r in rows}
+        if sum(counts.values()) >= expected and all(state in FINAL for state in counts):
+            return round(time.monotonic() - began, 2)
+        if time.monotonic() > deadline:
+            stuck = cluster.query("SELECT id, state, attempt, node, not_before, lease_expires_at FROM jobs "
+                                  "WHERE tenant = :t AND state NOT IN ('succeeded','failed','cancelled') LIMIT 10",
+                                  {"t": tenant})
+            raise AssertionError(f"jobs not final after {timeout} s: {counts}; e.g. {stuck}")
+        time.sleep(0.25)
+
+
+def audit(cluster: ChaosCluster, stream: JobStream, fault: str, settle_s: float, recovery_s: dict) -> Report:
+    """Check every invariant over the tenant's jobs and their event log; returns the counts."""
+    should_succeed = {stream.ids[p.key]: p.should_succeed for p in stream.planned if p.key in stream.ids}
+    jobs = {str(r["id"]): r for r in cluster.query(
+        "SELECT id, state, attempt, max_attempts FROM jobs WHERE tenant = :t", {"t": stream.tenant})}
+    events = defaultdict(list)
+    for e in cluster.query("SELECT e.job_id, e.from_state, e.to_state, e.attempt, e.message FROM job_events e "
+                           "JOIN jobs j ON j.id = e.job_id WHERE j.tenant = :t ORDER BY e.id", {"t": stream.tenant}):
+        events[str(e["job_id"])].append(e)
+
+    assert len(stream.ids) == len(stream.planned), "the stream did not submit everything"
+    assert set(jobs) == set(should_succeed), "the tenant's jobs are not exactly the acknowledged ones (a repeat " \
+                                             "created a second job, or an acknowledged job vanished)"
+    lost = [j for j in should_succeed if j not in jobs or jobs[j]["state"] not in FINAL]
+    wrong = {j: jobs[j]["state"] for j, ok in should_succeed.items()
+             if j in jobs and jobs[j]["state"] != ("succeeded" if ok else "failed")}
+    duplicates = [j for j, evs in events.items() if sum(e["to_state"] == "succeeded" for e in evs) > 1]
+    over = {j: (r["attempt"], r["max_attempts"]) for j, r in jobs.items() if r["attempt"] > r["max_attempts"]}
+    broken = {j: problem for j in jobs if (problem := story_problem(jobs[j], events[j]))}
+    assert not lost, f"lost jobs: {lost[:10]}"
+    assert not wrong, f"jobs with the wrong outcome: {dict(list(wrong.items())[:10])}"
+    assert not duplicates, f"jobs completed twice: {duplicates[:10]}"
+    assert not over, f"attempts past max_attempts: {dict(list(over.items())[:10])}"
+    assert not broken, f"event logs that do not tell the story: {dict(list(broken.items())[:5])}"
+    return Report(
+        fault=fault, submitted=len(jobs), succeeded=sum(r["state"] == "succeeded" for r in jobs.values()),
+        failed_as_planned=sum(r["state"] == "failed" for r in jobs.values()),
+        retried=sum(r["attempt"] > 1 for r in jobs.values()), duplicates=len(duplicates), lost=len(lost),
+        settle_s=settle_s, recovery_s=recovery_s,
+    )
+
+
+def story_problem(job: dict, events: list[dict]) -> str | None:
+    """The event log must replay to the job's row: submitted first, each step starting where the last ended,
+    one claim (-> running) per attempt, ending in the job's state."""
+    if not events or events[0]["from_state"] is not None or events[0]["to_state"] != "queued":
+        return "does not start with the submission"
+    for before, after in zip(events, events[1:]):
+        if after["from_state"] != before["to_state"]:
+            return f"{before['to_state']} is followed by a step from {after['from_state']}"
+    if events[-1]["to_state"] != job["state"]:
+        return f"ends in {events[-1]['to_state']} but the job is {job['state']}"
+    claims = [e["attempt"] for e in events if e["to_state"] == "running"]
+    if claims != list(range(1, job["attempt"] + 1)):
+        return f"claims for attempts {claims}, job at attempt {job['attempt']}"
+    return None
+
+
+def events_with(cluster: ChaosCluster, tenant: str, message: str) -> list:
+    """Events of the tenant's jobs whose message starts with `message` (e.g. 'lease expired')."""
+    return cluster.query("SELECT e.job_id, e.attempt, e.node, e.to_state FROM job_events e JOIN jobs j "
+                         "ON j.id = e.job_id WHERE j.tenant = :t AND e.message LIKE :m",
+                         {"t": tenant, "m": message + "%"})

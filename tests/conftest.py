@@ -1,0 +1,165 @@
+"""Fixtures over real services: PostgreSQL, Redis, an S3 server and real Celery workers.
+
+    settings    Settings pointing at this session's servers (short leases and backoffs)
+    services    nexus.services.Services for those settings (engine, celery, redis, store, submitter)
+    app/api     the Flask app and its test client; `auth(token)` builds headers
+    worker      one real `nexus worker` process for the session
+    live_api    a real gunicorn API process: (url, admin token)
+Tables and Redis are emptied before each test that uses `services`.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.engine import make_url
+
+from nexus.config import Settings
+from nexus.db.engine import dispose_engines
+from nexus.localservers import PostgresServer, RedisServer, S3Server, free_port
+from nexus.master import prepare_master
+from nexus.services import Services
+from tests.support import (ADMIN_TOKEN, JOIN_TOKEN, S3_ACCESS, S3_SECRET, NexusProcess, port_open, start_api,
+                           start_worker)
+
+SYSTEM_PG = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
+
+
+@pytest.fixture(scope="session")
+def session_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("nexus")
+
+
+@pytest.fixture(scope="session")
+def postgres_url(session_dir):
+    """A fresh database for this session: on the system server when it answers, else our own server."""
+    server = None
+    if port_open("127.0.0.1", 5432):
+        admin_url = SYSTEM_PG
+    else:
+        server = PostgresServer(session_dir / "postgres").start()
+        admin_url = server.url
+    name = f"nexus_test_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    yield str(make_url(admin_url).set(database=name).render_as_string(hide_password=False))
+    dispose_engines()
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+    if server:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server(session_dir):
+    with RedisServer(session_dir / "redis") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def s3_server(session_dir):
+    with S3Server(session_dir / "s3", access_key=S3_ACCESS, secret_key=S3_SECRET) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def settings(postgres_url, redis_server, s3_server, session_dir) -> Settings:
+    settings = Settings(
+        database_url=postgres_url, redis_url=redis_server.url, s3_endpoint=s3_server.endpoint,
+        s3_access_key=S3_ACCESS, s3_secret_key=S3_SECRET, admin_token=ADMIN_TOKEN, join_token=JOIN_TOKEN,
+        api_port=free_port(), data_dir=session_dir / "data",
+        job_lease_seconds=3.0, job_heartbeat_seconds=0.5, retry_backoff_base_seconds=0.2,
+        retry_backoff_max_seconds=1.0, reconcile_interval_seconds=0.5, requeue_after_seconds=10.0,
+        worker_send_events=False, cluster_file=session_dir / "cluster.json",
+    )
+    prepare_master(settings)
+    return settings
+
+
+@pytest.fixture(scope="session")
+def session_services(settings) -> Services:
+    return Services(settings)
+
+
+@pytest.fixture
+def services(session_services) -> Services:
+    """Services over emptied tables and an emptied Redis."""
+    reset_state(session_services)
+    return session_services
+
+
+def reset_state(services: Services, attempts: int = 5) -> None:
+    """Empty every table but the schema version and the bootstrap token, and Redis.
+
+    Session processes (workers, agents, the reconciler) keep writing meanwhile, so
+    TRUNCATE can deadlock with them: PostgreSQL then aborts one side; we try again.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            _truncate(services)
+            break
+        except DBAPIError as exc:
+            if "deadlock" not in str(exc) or attempt == attempts:
+                raise
+            time.sleep(0.1 * attempt)
+    services.redis.flushdb()
+
+
+def _truncate(services: Services) -> None:
+    with services.engine.begin() as conn:
+        tables = [r[0] for r in conn.execute(text(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename NOT IN "
+            "('alembic_version', 'api_tokens')"))]
+        if tables:
+            conn.execute(text("TRUNCATE " + ", ".join(f'"{t}"' for t in tables) + " CASCADE"))
+        conn.execute(text("DELETE FROM api_tokens WHERE name <> 'bootstrap-admin'"))
+
+
+@pytest.fixture
+def app(services):
+    from nexus.api import create_app
+
+    return create_app(services.settings, services)
+
+
+@pytest.fixture
+def api(app):
+    return app.test_client()
+
+
+def auth(token: str = ADMIN_TOKEN) -> dict:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.fixture
+def admin_headers() -> dict:
+    return auth()
+
+
+@pytest.fixture(scope="session")
+def worker(settings, session_dir):
+    process = start_worker(settings, session_dir, name="session-worker")
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="session")
+def live_api(settings, session_dir):
+    process, url = start_api(settings, session_dir)
+    yield url, ADMIN_TOKEN
+    process.stop()
+
+
+@pytest.fixture(scope="session")
+def reconciler(settings, session_dir):
+    process = NexusProcess(settings, ["reconciler"], session_dir, "reconciler").start()
+    process.wait_for_log("reconciler running")
+    yield process
+    process.stop()

@@ -1,0 +1,170 @@
+"""Stale/offline transitions, re-queue of an offline node's jobs, quarantine and the decline of retries,
+with the real reconciler pass over real PostgreSQL and Redis."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from sqlalchemy import text
+
+from nexus.agent.placement import decline_retry
+from nexus.agent.states import NodeState, liveness_state, state_on_heartbeat
+from nexus.jobs import lifecycle
+from nexus.jobs.reconciler import Reconciler, queue_depth
+from tests.agent_support import beat, registered
+from tests.conftest import auth
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def reconciler_for(services, **overrides) -> Reconciler:
+    settings = services.settings.model_copy(update=overrides)
+    return Reconciler(settings, services.engine, services.celery, services.redis)
+
+
+def state_of(services, node_id: str) -> str:
+    with services.engine.connect() as conn:
+        return conn.execute(text("SELECT state FROM nodes WHERE id = :id"), {"id": node_id}).scalar()
+
+
+def job(services, job_id: str) -> dict:
+    with services.engine.connect() as conn:
+        return dict(conn.execute(text("SELECT * FROM jobs WHERE id = :id"), {"id": job_id}).mappings().one())
+
+
+def submit(services, tier: str = "gpu_peer", **fields) -> str:
+    """A job on a queue no test worker consumes, so only this test's claims touch it."""
+    [(row, _)] = services.submitter.submit_many([{"type": "noop", "requirements": {"tier": tier}, **fields}],
+                                                tenant="default")
+    return str(row["id"])
+
+
+def claim(services, job_id: str, attempt: int, node: str) -> None:
+    with services.engine.begin() as conn:
+        assert lifecycle.claim(conn, job_id, attempt, node, 60) is not None
+
+
+def test_silent_nodes_go_stale_then_offline_and_come_back(api, services):
+    node = registered(api, "quiet")
+    beat(api, node)
+    reconciler = reconciler_for(services, node_stale_after_seconds=1.0, node_offline_after_seconds=2.5)
+    assert reconciler.run_once()["nodes_stale"] == 0
+    time.sleep(1.2)
+    assert reconciler.run_once()["nodes_stale"] == 1 and state_of(services, node["node_id"]) == "stale"
+    time.sleep(1.5)
+    assert reconciler.run_once()["nodes_offline"] == 1 and state_of(services, node["node_id"]) == "offline"
+    assert beat(api, node).json["state"] == "ready"  # a node that comes back is ready again
+
+
+def test_an_offline_nodes_running_jobs_are_requeued_in_the_same_pass(api, services):
+    node = registered(api, "vanishing", "rtx4090")
+    beat(api, node, "rtx4090")
+    job_id = submit(services)
+    claim(services, job_id, 1, "vanishing")  # its lease (60 s) is far from expiring on its own
+    time.sleep(1.2)
+    counts = reconciler_for(services, node_stale_after_seconds=0.5, node_offline_after_seconds=1.0).run_once()
+    assert counts["nodes_offline"] == 1 and counts["offline_leases_forfeited"] == 1
+    assert counts["leases_expired"] == 1 and counts["retries_published"] == 1
+    requeued = job(services, job_id)
+    assert requeued["state"] == "retrying" and requeued["failed_nodes"] == ["vanishing"]
+    assert "vanishing" in requeued["error"]
+    assert queue_depth(services.redis, "gpu_peer") >= 1  # a message for attempt 2 is waiting
+
+
+def test_a_node_failing_k_jobs_in_a_row_is_quarantined_until_resumed(api, services):
+    threshold = services.settings.node_quarantine_after_failures
+    node = registered(api, "flaky", "rtx4090")
+    beat(api, node, "rtx4090")
+    reconciler = reconciler_for(services)
+
+    def fail_one(succeed: bool = False):
+        job_id = submit(services, max_attempts=1)
+        claim(services, job_id, 1, "flaky")
+        with services.engine.begin() as conn:
+            if succeed:
+                lifecycle.complete(conn, job_id, 1, "flaky", {"ok": True}, None)
+            else:
+                lifecycle.fail(conn, job_id, 1, "flaky", "boom", retry=False, backoff=0)
+
+    for _ in range(threshold - 1):
+        fail_one()
+    fail_one(succeed=True)  # a success ends the streak
+    for _ in range(threshold - 1):
+        fail_one()
+    assert reconciler.run_once()["nodes_quarantined"] == 0 and state_of(services, node["node_id"]) == "ready"
+    fail_one()
+    assert reconciler.run_once()["nodes_quarantined"] == 1
+    assert state_of(services, node["node_id"]) == "quarantined"
+    assert beat(api, node, "rtx4090").json["state"] == "quarantined"  # heartbeats do not clear it
+    listed = api.get("/api/v1/nodes?state=quarantined", headers=auth()).json["nodes"]
+    assert [n["consecutive_failures"] for n in listed] == [threshold]
+    resumed = api.post(f"/api/v1/nodes/{node['node_id']}/resume", headers=auth()).json
+    assert resumed["state"] == "ready" and resumed["consecutive_failures"] == 0
+
+
+def test_a_retry_declines_the_node_where_it_failed_while_another_can_take_it(api, services):
+    settings = services.settings
+    first, other = registered(api, "first", "rtx4090"), registered(api, "other", "rtx4090")
+    beat(api, first, "rtx4090")
+    job_id = submit(services)
+    claim(services, job_id, 1, "first")
+    with services.engine.begin() as conn:
+        lifecycle.fail(conn, job_id, 1, "first", "boom", retry=True, backoff=0)
+    services.redis.flushdb()
+    # `other` has not heartbeated yet (registering): no eligible node, so `first` runs it again.
+    assert not decline_retry(services.engine, services.celery, settings, job_id, 2, "first")
+    beat(api, other, "rtx4090")
+    assert decline_retry(services.engine, services.celery, settings, job_id, 2, "first")
+    assert queue_depth(services.redis, "gpu_peer") == 1  # published again for someone else
+    assert not decline_retry(services.engine, services.celery, settings, job_id, 2, "other")
+    # After the window, better a repeat on the same node than no run at all.
+    late = settings.model_copy(update={"node_avoid_failed_seconds": 0.0})
+    assert not decline_retry(services.engine, services.celery, late, job_id, 2, "first")
+    # A drained `other` is not eligible either.
+    api.post(f"/api/v1/nodes/{other['node_id']}/drain", headers=auth())
+    assert not decline_retry(services.engine, services.celery, settings, job_id, 2, "first")
+
+
+@pytest.mark.parametrize("current", [s for s in NodeState if s is not NodeState.REMOVED])
+@pytest.mark.parametrize("drain_requested,agent_draining", [(False, False), (True, False), (False, True)])
+def test_heartbeat_sql_follows_the_state_rules(api, services, current, drain_requested, agent_draining):
+    node = registered(api, "rules")
+    with services.engine.begin() as conn:
+        conn.execute(text("UPDATE nodes SET state = :s, drain_requested = :d WHERE id = :id"),
+                     {"s": current.value, "d": drain_requested, "id": node["node_id"]})
+    answer = beat(api, node, state="draining" if agent_draining else "ready").json
+    assert answer["state"] == state_on_heartbeat(current, drain_requested, agent_draining).value
+
+
+@pytest.mark.parametrize("current", list(NodeState))
+@pytest.mark.parametrize("silent_for", [0.0, 30.0, 90.0])
+def test_liveness_sql_follows_the_state_rules(api, services, current, silent_for):
+    node = registered(api, "aging")
+    with services.engine.begin() as conn:
+        conn.execute(text("UPDATE nodes SET state = :s, last_heartbeat_at = now() - make_interval(secs => :age) "
+                          "WHERE id = :id"), {"s": current.value, "age": silent_for, "id": node["node_id"]})
+    reconciler_for(services, node_stale_after_seconds=20.0, node_offline_after_seconds=60.0).run_once()
+    expected = liveness_state(current, silent_for, 20.0, 60.0) or current
+    assert state_of(services, node["node_id"]) == expected.value
+
+
+def test_the_worker_runtime_declines_then_runs_where_it_may(api, services):
+    """The real JobRunner: node `first` declines the retry it failed, node `other` runs it."""
+    from nexus.jobs.notify import Notifier
+    from nexus.jobs.runtime import JobRunner
+
+    def runner(node: str) -> JobRunner:
+        return JobRunner(services.settings, services.engine, services.store, services.submitter,
+                         Notifier(services.redis), node)
+
+    for name in ("first", "other"):
+        beat(api, registered(api, name, "rtx4090"), "rtx4090")
+    retry_id = submit(services, payload={"fail_attempts": 1})
+    assert runner("first").execute(retry_id, 1) == "retrying"
+    assert job(services, retry_id)["failed_nodes"] == ["first"]
+    assert runner("first").execute(retry_id, 2) == "declined"
+    assert job(services, retry_id)["state"] == "retrying"  # untouched by the declining node
+    time.sleep(services.settings.retry_backoff_max_seconds)  # the retry's backoff
+    assert runner("other").execute(retry_id, 2) == "succeeded"
+    assert job(services, retry_id)["node"] == "other"

@@ -1,0 +1,130 @@
+"""The official `openai` SDK, unmodified, against the real API process and a real worker serving the tiny model."""
+
+from __future__ import annotations
+
+import time
+
+import openai
+import pytest
+
+from nexus.inference.types import GenerationRequest, SamplingParams
+from tests.inference_support import TINY, declare, model_worker, tiny_model_dir, tiny_served, tiny_spec  # noqa: F401
+
+pytestmark = pytest.mark.timeout(120)
+
+CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hello"}]
+
+
+@pytest.fixture
+def sdk(live_api, tiny_served):
+    url, token = live_api
+    return openai.OpenAI(base_url=url + "/v1", api_key=token, max_retries=0, timeout=60)
+
+
+def test_models_are_listed(sdk):
+    assert TINY in [m.id for m in sdk.models.list()]
+    assert sdk.models.retrieve(TINY).id == TINY
+
+
+def test_completion(sdk):
+    response = sdk.completions.create(model=TINY, prompt="The cluster", max_tokens=8, temperature=0)
+    assert response.object == "text_completion" and response.model == TINY
+    [choice] = response.choices
+    assert choice.finish_reason in ("length", "stop") and isinstance(choice.text, str)
+    assert response.usage.prompt_tokens >= 1 and 1 <= response.usage.completion_tokens <= 8
+    assert response.usage.total_tokens == response.usage.prompt_tokens + response.usage.completion_tokens
+
+
+def test_greedy_answers_match_the_bare_backend(sdk, tiny_model_dir):
+    from nexus.inference.backends.transformers_backend import TransformersBackend
+
+    bare = TransformersBackend(tiny_model_dir)
+    try:
+        expected = bare.generate(GenerationRequest(prompt="A job is a row",
+                                                   params=SamplingParams(max_tokens=12, temperature=0)))
+    finally:
+        bare.close()
+    response = sdk.completions.create(model=TINY, prompt="A job is a row", max_tokens=12, temperature=0)
+    assert response.choices[0].text == expected.choices[0].text
+    assert response.usage.completion_tokens == expected.usage.completion_tokens
+
+
+def test_chat_with_n_seed_and_stop(sdk):
+    response = sdk.chat.completions.create(model=TINY, messages=CHAT, max_tokens=6, n=2, seed=7, temperature=0.9,
+                                           top_p=0.95)
+    assert response.object == "chat.completion" and [c.index for c in response.choices] == [0, 1]
+    assert all(c.message.role == "assistant" for c in response.choices)
+    again = sdk.chat.completions.create(model=TINY, messages=CHAT, max_tokens=6, n=2, seed=7, temperature=0.9,
+                                        top_p=0.95)
+    assert [c.message.content for c in again.choices] == [c.message.content for c in response.choices]
+    assert response.usage.completion_tokens <= 12
+    text = sdk.chat.completions.create(model=TINY, messages=CHAT, max_tokens=16, temperature=0).choices[0].message.content
+    if len(text) > 4:
+        stop = text[2:4]
+        cut = sdk.chat.completions.create(model=TINY, messages=CHAT, max_tokens=16, temperature=0, stop=[stop])
+        assert cut.choices[0].message.content == text[:text.index(stop)]
+        assert cut.choices[0].finish_reason == "stop"
+
+
+def test_streaming_chat(sdk):
+    full = sdk.chat.completions.create(model=TINY, messages=CHAT, max_tokens=12, temperature=0)
+    chunks = list(sdk.chat.completions.create(model=TINY, messages=CHAT, max_tokens=12, temperature=0, stream=True,
+                                              stream_options={"include_usage": True}))
+    content = [c for c in chunks if c.choices]
+    assert content[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in content) == full.choices[0].message.content
+    assert content[-1].choices[0].finish_reason == full.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_streaming_completion_without_usage(sdk):
+    chunks = list(sdk.completions.create(model=TINY, prompt="Hello", max_tokens=10, temperature=0, stream=True))
+    assert chunks and all(c.usage is None for c in chunks)
+    assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+    assert "".join(c.choices[0].text for c in chunks) == \
+        sdk.completions.create(model=TINY, prompt="Hello", max_tokens=10, temperature=0).choices[0].text
+
+
+def test_unknown_model_is_404(sdk):
+    with pytest.raises(openai.NotFoundError) as caught:
+        sdk.completions.create(model="no-such-model", prompt="x")
+    assert caught.value.code == "model_not_found" and "no-such-model" in caught.value.message
+
+
+@pytest.mark.parametrize("params, param", [({"temperature": 5}, "temperature"), ({"n": 100}, "n"),
+                                           ({"max_tokens": -1}, "max_tokens"), ({"top_p": 2}, "top_p")])
+def test_bad_parameters_are_400(sdk, params, param):
+    with pytest.raises(openai.BadRequestError) as caught:
+        sdk.chat.completions.create(model=TINY, messages=CHAT, **params)
+    assert caught.value.param == param
+
+
+def test_too_many_tokens_is_400(sdk):
+    with pytest.raises(openai.BadRequestError) as caught:  # refused by the API from the catalog's max_model_len
+        sdk.completions.create(model=TINY, prompt="x", max_tokens=100_000)
+    assert caught.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as caught:  # refused by the worker, which counts the prompt
+        sdk.completions.create(model=TINY, prompt="word " * 500, max_tokens=100)
+    assert caught.value.code == "context_length_exceeded" and "512" in caught.value.message
+    with pytest.raises(openai.BadRequestError) as caught:  # the same when streaming: an error, not a broken stream
+        sdk.completions.create(model=TINY, prompt="word " * 500, max_tokens=100, stream=True)
+    assert caught.value.code == "context_length_exceeded"
+
+
+def test_a_bad_api_key_is_401(live_api, tiny_served):
+    url, _ = live_api
+    client = openai.OpenAI(base_url=url + "/v1", api_key="nx_not-a-token", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as caught:
+        client.models.list()
+    assert caught.value.body["type"] == "authentication_error"
+
+
+def test_a_model_nobody_serves_is_503_at_once(sdk, services, tiny_model_dir):
+    declare(services.engine, tiny_spec(tiny_model_dir, name="idle-model"))
+    started = time.monotonic()
+    with pytest.raises(openai.InternalServerError) as caught:
+        sdk.chat.completions.create(model="idle-model", messages=CHAT)
+    assert time.monotonic() - started < 5
+    assert caught.value.status_code == 503 and caught.value.code == "model_unavailable"
+    assert "POST /api/v1/models/idle-model/instances" in caught.value.message

@@ -1,0 +1,130 @@
+"""The transformers backend on the tiny model, in this process: batching, sampling, stops, limits.
+
+The tiny model is real (Llama architecture, saved and loaded with from_pretrained);
+only its weights are random, so the tests compare behaviours, not wording.
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from nexus.inference.backends.base import collect_stream
+from nexus.inference.openai_shapes import ContextLengthExceededError
+from nexus.inference.types import ChatMessage, FinishReason, GenerationRequest, SamplingParams, StreamDelta, Usage
+
+pytestmark = pytest.mark.timeout(120)
+
+PROMPTS = ["Hello", "The cluster", "A job is a row", "Numbers: 1 2 3", "def add(a, b):", "Streaming sends",
+           "Queues carry routing", "The quick brown fox"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from nexus.inference.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_dir):
+    from nexus.inference.backends.transformers_backend import TransformersBackend
+
+    backend = TransformersBackend(tiny_dir, max_batch_size=8, batch_window_ms=20)
+    yield backend
+    backend.close()
+
+
+def greedy(prompt: str, max_tokens: int = 12, **params) -> GenerationRequest:
+    return GenerationRequest(prompt=prompt, params=SamplingParams(max_tokens=max_tokens, temperature=0, **params))
+
+
+def test_the_tiny_model_is_a_standard_hugging_face_folder(tiny_dir):
+    names = {p.name for p in tiny_dir.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+            "generation_config.json"} <= names
+    config = json.loads((tiny_dir / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    assert "im_start" in json.loads((tiny_dir / "tokenizer_config.json").read_text())["chat_template"]
+
+
+def test_concurrent_requests_are_batched_and_answer_as_if_alone(backend):
+    alone = [backend.generate(greedy(p)).choices[0].text for p in PROMPTS]
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        together = [r.choices[0].text for r in pool.map(lambda p: backend.generate(greedy(p)), PROMPTS)]
+    assert together == alone
+    assert sum(1 for text in alone if text) >= len(PROMPTS) // 2  # random weights: a few may stop at once
+
+
+def test_a_seed_fixes_sampling_whatever_the_batch(backend):
+    request = GenerationRequest(prompt="Hello", params=SamplingParams(max_tokens=10, temperature=1.0, seed=42))
+    first = backend.generate(request).choices[0].text
+    with ThreadPoolExecutor(4) as pool:
+        others = list(pool.map(lambda _: backend.generate(request).choices[0].text, range(4)))
+    assert others == [first] * 4
+
+
+def test_n_choices_and_usage(backend):
+    result = backend.generate(GenerationRequest(prompt="Hello", params=SamplingParams(max_tokens=5, n=3, seed=1)))
+    assert [c.index for c in result.choices] == [0, 1, 2]
+    assert all(c.finish_reason is FinishReason.LENGTH for c in result.choices)
+    assert result.usage.completion_tokens == 15 and result.usage.prompt_tokens >= 1
+
+
+def test_stop_strings_cut_the_answer(backend):
+    full = backend.generate(greedy("The quick brown fox", 20)).choices[0].text
+    stop = full[len(full) // 2:len(full) // 2 + 3]
+    cut = backend.generate(greedy("The quick brown fox", 20, stop=(stop,))).choices[0]
+    assert cut.finish_reason is FinishReason.STOP
+    assert cut.text == full[:full.index(stop)]
+
+
+def test_streamed_deltas_add_up_to_the_answer(backend):
+    events = list(backend.stream(greedy("A job is a row", 16)))
+    deltas = [e for e in events if isinstance(e, StreamDelta)]
+    assert isinstance(events[-1], Usage) and deltas[-1].finish_reason is FinishReason.LENGTH
+    assert "".join(d.text for d in deltas) == backend.generate(greedy("A job is a row", 16)).choices[0].text
+    assert collect_stream(iter(events)).usage == events[-1]
+
+
+def test_chat_uses_the_chat_template(backend):
+    result = backend.generate(GenerationRequest(messages=(ChatMessage("user", "hi"),),
+                                                params=SamplingParams(max_tokens=4, temperature=0)))
+    assert result.usage.prompt_tokens > 5  # the template's role markers are in the prompt
+
+
+def test_more_than_the_context_is_refused(backend):
+    with pytest.raises(ContextLengthExceededError, match="maximum context length is 512"):
+        backend.generate(greedy("Hello", 600))
+    with pytest.raises(ContextLengthExceededError):
+        backend.generate(greedy("word " * 600, 1))
+
+
+def test_requests_join_a_running_batch_and_still_answer_as_if_alone(backend):
+    long_request = greedy("The cluster", 48)
+    alone_long = backend.generate(long_request).choices[0].text
+    alone = [backend.generate(greedy(p, 8)).choices[0].text for p in PROMPTS[:4]]
+    events = backend.stream(long_request)
+    first = next(e for e in events if isinstance(e, StreamDelta))  # the long one is decoding now
+    with ThreadPoolExecutor(4) as pool:
+        joined = [r.choices[0].text for r in pool.map(lambda p: backend.generate(greedy(p, 8)), PROMPTS[:4])]
+    rest = [e.text for e in events if isinstance(e, StreamDelta)]
+    assert joined == alone
+    assert first.text + "".join(rest) == alone_long
+
+
+def test_closing_fails_what_waits_and_refuses_more(tiny_dir):
+    from nexus.inference.backends.transformers_backend import TransformersBackend
+
+    backend = TransformersBackend(tiny_dir, max_batch_size=1)
+    running = backend.stream(greedy("Hello", 64))
+    waiting = backend.stream(greedy("Hello", 8))
+    next(e for e in running if isinstance(e, StreamDelta))
+    backend.close()
+    assert isinstance(list(running)[-1], Usage)  # the running request finished
+    with pytest.raises(RuntimeError, match="closed"):
+        list(waiting)
+    with pytest.raises(RuntimeError, match="closed"):
+        backend.generate(greedy("Hello"))

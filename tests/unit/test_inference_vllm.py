@@ -1,0 +1,89 @@
+"""The `vllm serve` command line and environment for each parallelism plan (no GPU, no vllm needed)."""
+
+from __future__ import annotations
+
+import sys
+
+from nexus.inference.backends.vllm_backend import Backoff, VllmLaunch, vllm_command, vllm_env
+from nexus.inference.placement import ParallelismPlan, Stage, Strategy
+
+
+def flags(argv: list[str]) -> dict[str, str]:
+    """--flag value pairs of a command line (after `vllm serve MODEL`)."""
+    return {argv[i]: argv[i + 1] for i in range(3, len(argv) - 1, 2) if argv[i].startswith("--")}
+
+
+def launch_for(plan: ParallelismPlan, **kwargs) -> VllmLaunch:
+    return VllmLaunch.from_plan(plan, "/models/llama", "llama", 8101, **kwargs)
+
+
+def test_single_gpu():
+    plan = ParallelismPlan(Strategy.SINGLE_GPU, 1, 1, (Stage("n1", (3,)),), 14_000, 0.85)
+    launch = launch_for(plan, max_model_len=4096)
+    argv = vllm_command(launch)
+    assert argv[:3] == ["vllm", "serve", "/models/llama"]
+    assert flags(argv) == {"--served-model-name": "llama", "--host": "127.0.0.1", "--port": "8101",
+                           "--tensor-parallel-size": "1", "--pipeline-parallel-size": "1",
+                           "--gpu-memory-utilization": "0.85", "--distributed-executor-backend": "mp",
+                           "--max-model-len": "4096"}
+    env = vllm_env({"PATH": "/usr/bin"}, launch)
+    assert env["CUDA_VISIBLE_DEVICES"] == "3" and env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    assert env["HF_HUB_OFFLINE"] == "1" and env["PATH"] == "/usr/bin"
+
+
+def test_tensor_parallel_on_one_node():
+    plan = ParallelismPlan(Strategy.TENSOR_PARALLEL, 4, 1, (Stage("n1", (0, 1, 2, 3)),), 70_000)
+    launch = launch_for(plan)
+    f = flags(vllm_command(launch))
+    assert (f["--tensor-parallel-size"], f["--pipeline-parallel-size"]) == ("4", "1")
+    assert f["--distributed-executor-backend"] == "mp" and "--max-model-len" not in f
+    assert vllm_env({}, launch)["CUDA_VISIBLE_DEVICES"] == "0,1,2,3"
+
+
+def test_pipeline_parallel_on_one_node_sees_every_stage_gpu():
+    plan = ParallelismPlan(Strategy.PIPELINE_PARALLEL, 1, 3, (Stage("n1", (0,)), Stage("n1", (1,)), Stage("n1", (2,))),
+                           20_000)
+    launch = launch_for(plan)
+    assert launch.gpus == (0,)  # the head stage
+    f = flags(vllm_command(launch))
+    assert (f["--tensor-parallel-size"], f["--pipeline-parallel-size"]) == ("1", "3")
+    assert f["--distributed-executor-backend"] == "mp"
+
+
+def test_pipeline_parallel_across_nodes_runs_on_ray():
+    plan = ParallelismPlan(Strategy.PIPELINE_PARALLEL, 1, 2, (Stage("a", (0,)), Stage("b", (0,))), 20_000)
+    launch = launch_for(plan)
+    assert launch.multi_node
+    f = flags(vllm_command(launch))
+    assert (f["--pipeline-parallel-size"], f["--distributed-executor-backend"]) == ("2", "ray")
+    assert vllm_env({}, launch)["CUDA_VISIBLE_DEVICES"] == "0"
+
+
+def test_tensor_and_pipeline_parallel_across_nodes():
+    plan = ParallelismPlan(Strategy.HYBRID_TP_PP, 8, 2, (Stage("a", tuple(range(8))), Stage("b", tuple(range(8)))),
+                           62_500, 0.9)
+    launch = launch_for(plan, extra_args=["--dtype", "bfloat16", "--enable-prefix-caching"])
+    argv = vllm_command(launch, executable="/opt/venv/bin/vllm")
+    assert argv[0] == "/opt/venv/bin/vllm"
+    f = flags(argv)
+    assert (f["--tensor-parallel-size"], f["--pipeline-parallel-size"]) == ("8", "2")
+    assert f["--distributed-executor-backend"] == "ray" and f["--gpu-memory-utilization"] == "0.90"
+    assert argv[-3:] == ["--dtype", "bfloat16", "--enable-prefix-caching"]  # catalog extras come last
+    assert vllm_env({}, launch)["CUDA_VISIBLE_DEVICES"] == "0,1,2,3,4,5,6,7"
+
+
+def test_api_key_is_passed_when_set():
+    launch = VllmLaunch("/m", "m", 8100, api_key="k-123")
+    assert flags(vllm_command(launch))["--api-key"] == "k-123"
+
+
+def test_restart_backoff_doubles_and_caps():
+    backoff = Backoff(base_seconds=1, max_seconds=10)
+    assert [backoff.delay(n) for n in range(1, 7)] == [1, 2, 4, 8, 10, 10]
+
+
+def test_nothing_imports_vllm():
+    import nexus.inference.backends  # noqa: F401
+    import nexus.inference.backends.vllm_backend  # noqa: F401
+
+    assert "vllm" not in sys.modules

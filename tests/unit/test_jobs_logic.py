@@ -1,0 +1,95 @@
+"""Pure logic of the job platform: the state machine, routing, backoff and request validation."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from nexus.config import Settings
+from nexus.jobs.lifecycle import backoff_seconds
+from nexus.jobs.states import FINAL_STATES, TRANSITIONS, InvalidTransition, JobState, check_transition, sources_of
+from nexus.jobs.submit import SubmissionError, build_spec
+from nexus.queueing.routing import Requirements, route_for
+from nexus.queueing.tiers import Tier, queues_for_worker
+
+
+def test_the_written_down_transitions():
+    assert TRANSITIONS[JobState.QUEUED] == {JobState.RUNNING, JobState.CANCELLED}
+    assert JobState.RETRYING in TRANSITIONS[JobState.RUNNING]
+    assert JobState.RUNNING in TRANSITIONS[JobState.RETRYING]
+    assert TRANSITIONS[JobState.SUCCEEDED] == frozenset()  # success is forever
+    check_transition(JobState.QUEUED, JobState.RUNNING)
+    with pytest.raises(InvalidTransition, match="a succeeded job cannot become running"):
+        check_transition(JobState.SUCCEEDED, JobState.RUNNING)
+    assert set(sources_of(JobState.RUNNING)) == {"queued", "retrying"}
+    assert all(s.is_final for s in FINAL_STATES) and not JobState.RUNNING.is_final
+
+
+def test_backoff_grows_exponentially_with_jitter_and_a_cap():
+    rng = random.Random(7)
+    delays = [backoff_seconds(attempt, base=1.0, cap=30.0, rng=rng) for attempt in range(1, 10)]
+    for attempt, delay in enumerate(delays, start=1):
+        ceiling = min(30.0, 2 ** (attempt - 1))
+        assert ceiling / 2 <= delay <= ceiling
+    assert max(delays) <= 30.0
+
+
+@pytest.mark.parametrize("requirements, queue", [
+    ({}, "cpu_only"),
+    ({"tier": "gpu_peer"}, "gpu_peer"),
+    ({"gpu": True}, "gpu_infra"),
+    ({"min_vram_mb": 16_000}, "gpu_infra"),
+    ({"min_vram_mb": 24_000}, "gpu_peer"),
+    ({"min_vram_mb": 80_000}, "ai_factory"),
+    ({"model": "tiny-llama", "tier": "gpu_peer"}, "model.tiny-llama"),
+])
+def test_routing_is_a_pure_function_of_requirements(requirements, queue):
+    assert route_for(Requirements.parse(requirements)) == queue
+
+
+@pytest.mark.parametrize("requirements, message", [
+    ({"tier": "moon"}, "unknown tier"),
+    ({"gpu": "yes"}, "gpu"),
+    ({"min_vram_mb": -1}, "min_vram_mb"),
+    ({"tier": "cpu_only", "gpu": True}, "cpu_only"),
+    ({"color": "red"}, "unknown requirement"),
+    ({"model": "bad model!"}, "model"),
+])
+def test_bad_requirements_say_what_is_wrong(requirements, message):
+    with pytest.raises(ValueError, match=message):
+        Requirements.parse(requirements)
+
+
+def test_workers_take_lower_tiers_only_when_allowed():
+    assert queues_for_worker(Tier.GPU_PEER, take_lower_tiers=False) == ["gpu_peer"]
+    assert queues_for_worker(Tier.GPU_PEER, take_lower_tiers=True) == ["gpu_peer", "gpu_infra", "cpu_only"]
+    assert queues_for_worker(Tier.CPU_ONLY, take_lower_tiers=True) == ["cpu_only"]
+
+
+def test_build_spec_validates_shape_type_and_payload():
+    settings = Settings()
+    spec = build_spec({"type": "sleep", "payload": {"seconds": 2}, "priority": 9}, settings, tenant="t")
+    assert (spec.type, spec.queue, spec.priority, spec.tenant) == ("sleep", "cpu_only", 9, "t")
+    assert spec.payload == {"seconds": 2.0} and spec.max_attempts == settings.default_max_attempts
+    for raw, fragment in [
+        ({"type": "noop", "priority": True}, "priority"),
+        ({"type": "noop", "max_attempts": 0}, "max_attempts"),
+        ({"type": "noop", "input_key": "k"}, "takes no input"),
+        ({"type": "noop", "payload": {"bogus": 1}}, "unknown payload fields"),
+        ({"type": "sleep", "payload": {"seconds": 10_000}}, "seconds"),
+        ("not an object", "invalid job request"),
+    ]:
+        with pytest.raises(SubmissionError) as info:
+            build_spec(raw, settings, tenant="t")
+        assert fragment in str(info.value) + str(info.value.details)
+
+
+def test_production_mode_refuses_default_secrets():
+    with pytest.raises(ValueError, match="NEXUS_ADMIN_TOKEN"):
+        Settings(mode="production")
+    strong = {"s3_secret_key": "s" * 32, "admin_token": "a" * 32 + "x", "join_token": "j" * 32 + "y",
+              "flower_password": "f" * 20 + "z"}
+    with pytest.raises(ValueError, match="NEXUS_S3_SECRET_KEY"):
+        Settings(mode="production", **{**strong, "s3_secret_key": "minioadmin"})
+    assert Settings(mode="production", **strong).mode.value == "production"
