@@ -144,14 +144,24 @@ def test_a_segment_lost_with_its_worker_is_retried_alone(api, services, reconcil
     assert sum(receipt["node_counts"].values()) == receipt["valid_count"]
 
 
+def cancel_a_waiting_segment(api, services, proof_id):
+    """Cancel the last segment still waiting for a worker. A running one could finish before it sees
+    the flag (the workers run alongside this test), so only a queued one makes the outcome certain."""
+    waiting = [r for r in segment_rows(services, proof_id) if r["state"] == "queued"]
+    assert waiting, "every segment had started before one could be cancelled"
+    response = api.post(f"/api/v1/jobs/{waiting[-1]['id']}/cancel", headers=auth())
+    assert response.status_code == 200 and response.json["state"] == "cancelled", response.json
+    return waiting[-1]
+
+
 def test_a_stopped_segment_fails_the_proof_and_a_retry_redoes_only_that_segment(api, services, reconciler,
                                                                               proof_workers):
     proof_workers("proof-retrier")
-    proof = submit_proof(api, tiny(nonce_end=12 * 2048, segment_size=2048, tier=PROOF_TIER))
-    rows = wait_for(lambda: len(r := segment_rows(services, proof["id"])) == 12 and r, what="segments submitted")
-    assert api.post(f"/api/v1/jobs/{rows[-1]['id']}/cancel", headers=auth()).status_code == 200
+    proof = submit_proof(api, tiny(nonce_end=24 * 2048, segment_size=2048, tier=PROOF_TIER))
+    wait_for(lambda: len(segment_rows(services, proof["id"])) == 24, what="segments submitted")
+    stopped = cancel_a_waiting_segment(api, services, proof["id"])
     failed = wait_job(api, proof["id"])
-    assert failed["state"] == "failed" and "segment 11 cancelled" in failed["error"]
+    assert failed["state"] == "failed" and f"segment {stopped['index']} cancelled" in failed["error"]
 
     assert api.post(f"/api/v1/jobs/{proof['id']}/retry", headers=auth()).status_code == 200
     assert wait_job(api, proof["id"], timeout=90)["state"] == "succeeded"
@@ -159,7 +169,7 @@ def test_a_stopped_segment_fails_the_proof_and_a_retry_redoes_only_that_segment(
     assert all(r["state"] == "succeeded" and r["attempt"] == 1 for r in rows)  # none proven twice
     with services.engine.connect() as conn:
         history = conn.execute(text("SELECT to_state FROM job_events WHERE job_id = :id ORDER BY id"),
-                               {"id": rows[-1]["id"]}).scalars().all()
+                               {"id": stopped["id"]}).scalars().all()
     assert history == ["queued", "cancelled", "retrying", "running", "succeeded"]
     assert verify_receipt(api.get(f"/api/v1/proofs/{proof['id']}", headers=auth()).json["receipt"]).accepted
 
