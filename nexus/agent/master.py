@@ -8,7 +8,7 @@ own); the HTTP calls are the thin edge around it.
         201 -> {node_id, node_token, name, state, tier, gpu_tiers}
     POST {api}/api/v1/nodes/<id>/heartbeat    Authorization: Bearer <node token>
         {state, resources, running_jobs, loaded_models, agent_version, workers, sent_at}
-        200 -> {state, drain_requested, max_concurrent, labels}
+        200 -> {state, drain_requested, max_concurrent, labels, instances}
 """
 
 from __future__ import annotations
@@ -46,6 +46,9 @@ class HeartbeatReply:
     state: str  # the node's state on the master: ready, draining, quarantined …
     drain_requested: bool = False
     max_concurrent: int | None = None  # set by an admin (PATCH /nodes/<id>); None: the agent's default
+    # The model instances this node should run ({id, model, plan, gpus} each); None: the master
+    # did not say (an older master), so the agent leaves its instance workers as they are.
+    instances: tuple[dict, ...] | None = None
 
     @property
     def should_work(self) -> bool:
@@ -83,7 +86,16 @@ def heartbeat_reply(body: dict) -> HeartbeatReply:
         raise BadRequest("heartbeat: the answer lacks 'state'")
     limit = body.get("max_concurrent")
     return HeartbeatReply(state=str(body["state"]), drain_requested=bool(body.get("drain_requested", False)),
-                          max_concurrent=None if limit is None else int(limit))
+                          max_concurrent=None if limit is None else int(limit),
+                          instances=_instance_orders(body.get("instances")))
+
+
+def _instance_orders(orders: Any) -> tuple[dict, ...] | None:
+    if orders is None:
+        return None
+    if not isinstance(orders, list) or not all(isinstance(o, dict) and {"id", "model"} <= o.keys() for o in orders):
+        raise BadRequest("heartbeat: 'instances' must be a list of objects with an id and a model")
+    return tuple(orders)
 
 
 class MasterClient:

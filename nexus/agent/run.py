@@ -4,6 +4,8 @@
     -> start one Celery worker per usable GPU (or one CPU worker)
     -> heartbeat every few seconds on a thread; the main loop supervises the workers
        and follows the master's answer: ready runs them, draining/quarantined stops them
+    -> one serving worker per model instance the master's answer places on this node
+       (nexus.agent.instance_runner), started and stopped as instances come and go
     SIGTERM/SIGINT: tell the master "draining", stop the workers within the grace period
     (Celery's warm shutdown finishes running jobs), then "stopped": the master re-queues
     whatever was still held. A revoked node token stops the agent with exit status 3.
@@ -23,6 +25,7 @@ from nexus.agent.activity import ActivityBoard
 from nexus.agent.detect import Detector, make_detector
 from nexus.agent.heartbeat import HeartbeatLoop, heartbeat_body, registration_body
 from nexus.agent.identity import NodeIdentity, load_identity, save_identity
+from nexus.agent.instance_runner import InstanceRunner
 from nexus.agent.master import (BadRequest, HeartbeatReply, MasterClient, MasterUnavailable, NodeRevoked,
                                 RegistrationRefused)
 from nexus.agent.supervisor import RestartPolicy, Supervisor, worker_specs
@@ -152,6 +155,9 @@ class Agent:
     def _supervise(self, identity: NodeIdentity, plans: list[WorkerPlan]) -> None:
         concurrency = self.settings.worker_concurrency
         supervisor = self._supervisor(identity, plans, concurrency)
+        instances = InstanceRunner(identity.node_id, identity.node_name, self.settings, os.environ,
+                                   RestartPolicy.from_settings(self.settings),
+                                   unhealthy=StuckWorkers.for_settings(self.settings))
         try:
             while not self.stop_requested.wait(POLL_SECONDS):
                 reply = self._reply
@@ -161,13 +167,24 @@ class Agent:
                     supervisor.stop(self.settings.agent_drain_grace_seconds)
                     concurrency, supervisor = wanted, self._supervisor(identity, plans, wanted)
                 self._follow(reply, supervisor)
+                instances.follow(reply, self._inference_concurrency(reply))
                 supervisor.poll()
-                self._worker_status = supervisor.status()
+                instances.poll()
+                self._worker_status = supervisor.status() + instances.status()
         finally:
             self._draining = True
             if supervisor.running:
                 log.info("draining: workers finish their jobs (up to %.0fs)", self.settings.agent_drain_grace_seconds)
-            supervisor.stop(self.settings.agent_drain_grace_seconds)
+            # Both sets drain at once: the grace period is the node's, not each set's.
+            grace = self.settings.agent_drain_grace_seconds
+            instances_stopping = threading.Thread(target=instances.stop, args=(grace,), name="instances-stop")
+            instances_stopping.start()
+            supervisor.stop(grace)
+            instances_stopping.join()
+
+    def _inference_concurrency(self, reply: HeartbeatReply | None) -> int:
+        """Requests in flight per serving worker: the admin's max_concurrent, else the configured default."""
+        return (reply.max_concurrent if reply is not None else None) or self.settings.inference_concurrency
 
     def _wanted_concurrency(self, reply: HeartbeatReply | None, plans: list[WorkerPlan], current: int) -> int:
         """The admin's max_concurrent (else the configured default) for the CPU worker; GPU workers

@@ -184,14 +184,39 @@ class Supervisor:
     def stop(self, grace_seconds: float) -> None:
         """Drain: SIGTERM every child (Celery's warm shutdown), wait up to the grace period, SIGKILL the rest."""
         self._paused = True
-        live = [child for child in self._children if child.process is not None]
+        self._drain(self._children, grace_seconds)
+        for child in self._children:
+            child.restart_at = None
+
+    # --- a changing set of children (the model instances placed on the node) -------------
+
+    @property
+    def children(self) -> dict[str, ChildSpec]:
+        """The specs supervised now, by name."""
+        return {child.spec.name: child.spec for child in self._children}
+
+    def add(self, spec: ChildSpec) -> None:
+        """Supervise one more child; it starts at once unless the supervisor is stopped."""
+        if spec.name in self.children:
+            raise ValueError(f"a child named {spec.name!r} is supervised already")
+        child = _Child(spec)
+        self._children.append(child)
+        if not self._paused:
+            self._start(child)
+
+    def remove(self, names: Sequence[str], grace_seconds: float) -> None:
+        """Stop these children as `stop` does (all signalled first, one grace period) and forget them."""
+        leaving = [child for child in self._children if child.spec.name in set(names)]
+        self._children = [child for child in self._children if child not in leaving]
+        self._drain(leaving, grace_seconds)
+
+    def _drain(self, children: Sequence[_Child], grace_seconds: float) -> None:
+        live = [child for child in children if child.process is not None]
         for child in live:
             _signal(child.process, signal.SIGTERM)
         deadline = self.clock() + grace_seconds
         for child in live:
             self._wait_or_kill(child, deadline)
-        for child in self._children:
-            child.restart_at = None
 
     def status(self) -> list[dict]:
         return [

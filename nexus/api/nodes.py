@@ -21,6 +21,7 @@ from nexus.api.errors import ApiError
 from nexus.api.security import bearer_token, public, require, services
 from nexus.api.views import row_view
 from nexus.auth import Role
+from nexus.inference.instances import instance_orders
 
 bp = APIBlueprint("nodes", __name__, url_prefix="/api/v1/nodes", tag="Nodes")
 
@@ -91,15 +92,19 @@ def _hardware(description: dict) -> NodeHardware:
 @bp.post("/<uuid:node_id>/heartbeat")
 @public  # the node token is checked by the heartbeat's own UPDATE, in one round trip
 @bp.input(HeartbeatRequest, arg_name="beat")
-@bp.doc(security="bearer", description="Authorization: Bearer <node token>. Answers the node's state on the master.")
+@bp.doc(security="bearer", description="Authorization: Bearer <node token>. Answers the node's state on the master "
+                                       "and the model instances it should run.")
 def heartbeat(node_id: uuid.UUID, beat: HeartbeatRequest):
     token = _required_token("node token")
     with services().engine.begin() as conn:
         answer = store.heartbeat(conn, node_id, token, beat)
+        # The agent reconciles its instance workers against this list at every beat (issue 4):
+        # no route of its own to poll, and no database connection on the agent.
+        orders = instance_orders(conn, str(node_id)) if answer is not None and beat.state != "stopped" else []
     if answer is None:  # one answer for a wrong token, another node's token and a removed node: nothing leaks
         raise ApiError(401, "invalid node token, or the node was removed",
                        headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
-    return answer.to_dict()
+    return {**answer.to_dict(), "instances": orders}
 
 
 @bp.get("")

@@ -12,6 +12,11 @@ Lifecycle of an instance, as this worker drives it:
                                       └──────────── error ◄──────┘
     running ──DELETE──► stopped: stop consuming the model queue, free the backend,
                         then wait in standby for the next pending instance of the model
+    running ──worker shuts down (agent drain, SIGTERM)──► pending: the next worker
+                        for this node (the agent's, after a restart) takes it again
+
+A model the worker serves is marked on the node's activity board, which the
+agent lists as `loaded_models` in its heartbeats.
 """
 
 from __future__ import annotations
@@ -24,9 +29,11 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
+from celery.signals import worker_shutdown
 from redis import Redis
 from sqlalchemy import Engine
 
+from nexus.agent.activity import ActivityBoard
 from nexus.config import Settings
 from nexus.inference import catalog, liveness
 from nexus.inference.backends import BackendRequest, make_backend
@@ -36,6 +43,7 @@ from nexus.inference.placement import ParallelismPlan
 from nexus.inference.weights import local_model_path
 from nexus.localservers import free_port
 from nexus.queueing.routing import model_queue
+from nexus.replicas import make_read_store
 from nexus.storage import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -83,6 +91,7 @@ class ModelServing:
     store: ObjectStore
     worker: str
     control: QueueControl = field(default_factory=QueueControl)
+    board: ActivityBoard | None = None  # the node's activity board: which models are loaded here
     models: dict[str, ServedModel] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -128,10 +137,14 @@ class ModelServing:
         return catalog.adopt_instance(conn, name, self.node_id, self.worker) or \
             catalog.start_unplanned_instance(conn, name, self.node_id, self.worker)
 
-    def close(self) -> None:
+    def close(self, state: InstanceState = InstanceState.PENDING) -> None:
+        """The worker is going away: free every backend and leave its instance `state`.
+
+        Pending by default: the instance is still wanted (a stopped one stays stopped), and the
+        next worker for it, such as the agent's after a restart, takes it again."""
         self._stop.set()
         for served in self.models.values():
-            self._take_down(served, InstanceState.STOPPED)
+            self._take_down(served, state)
 
     def backend_for(self, name: str) -> InferenceBackend:
         served = self.models.get(name)
@@ -161,6 +174,8 @@ class ModelServing:
             self._take_down(served, None)
             return False
         liveness.announce(self.redis, spec.name, str(served.instance_id), self._ttl)
+        if self.board is not None:
+            self.board.model_loaded(spec.name)
         log.info("model %s serving (instance %s)", spec.name, served.instance_id)
         return True
 
@@ -174,6 +189,8 @@ class ModelServing:
                 log.warning("could not record that %s stopped: %s", served.name, exc)
         if served.backend is not None:
             served.backend.close()
+            if self.board is not None:
+                self.board.model_unloaded(served.name)
         served.backend, served.instance_id = None, None
 
     def _set_state(self, served: ServedModel, state: InstanceState, error: str | None = None) -> dict | None:
@@ -233,14 +250,19 @@ def start_serving(settings: Settings, celery_app, hostname: str, names: list[str
     from nexus.services import Services
 
     services = Services(settings)
+    # Weights read through the node's local S3 mirror when NEXUS_REPLICA_S3_* names one (DESIGN decision 6).
+    store = make_read_store(settings, services.store)
     # The engine thread computes with the GIL held most of the time; request threads (claims, Redis,
     # PostgreSQL) wait for it after every I/O, up to one switch interval each. Python's default of
     # 5 ms makes that tens of milliseconds per request and empties batch slots meanwhile.
     sys.setswitchinterval(settings.inference_switch_interval_ms / 1000)
-    serving = ModelServing(settings, services.engine, services.redis, services.store, hostname,
-                           QueueControl.for_celery(celery_app, hostname))
+    serving = ModelServing(settings, services.engine, services.redis, store, hostname,
+                           QueueControl.for_celery(celery_app, hostname), ActivityBoard.for_settings(settings))
     serving.start(names)
     set_current(serving)
+    # Warm shutdown (the agent stopping it, Ctrl-C): free the backends (a vLLM server is a process of
+    # its own) and withdraw the instances now, so the API answers 503 at once rather than queueing.
+    worker_shutdown.connect(lambda **_: serving.close(), weak=False)
     return serving
 
 

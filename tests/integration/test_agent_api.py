@@ -89,7 +89,8 @@ def test_heartbeat_makes_the_node_ready_and_stores_its_resources(api, services):
     node = registered(api, "beater", "mixed_4090_3060")
     response = beat(api, node, "mixed_4090_3060", running_jobs=["j1"], loaded_models=["tiny"])
     assert response.status_code == 200
-    assert response.json == {"state": "ready", "drain_requested": False, "max_concurrent": None, "labels": {}}
+    assert response.json == {"state": "ready", "drain_requested": False, "max_concurrent": None, "labels": {},
+                             "instances": []}
     row = node_row(services, node["node_id"])
     assert row["state"] == "ready" and row["running_jobs"] == ["j1"] and row["loaded_models"] == ["tiny"]
     assert [g["utilization_percent"] for g in row["resources"]["gpus"]] == [47, 0]
@@ -151,7 +152,8 @@ def test_drain_and_resume(api, services):
     assert beat(api, node).json["state"] == "draining"  # the agent learns it from its next beat
     resumed = api.post(f"/api/v1/nodes/{node['node_id']}/resume", headers=auth()).json
     assert resumed["state"] == "ready" and resumed["drain_requested"] is False
-    assert beat(api, node).json == {"state": "ready", "drain_requested": False, "max_concurrent": None, "labels": {}}
+    assert beat(api, node).json == {"state": "ready", "drain_requested": False, "max_concurrent": None,
+                                    "labels": {}, "instances": []}
 
 
 def test_agent_shutdown_drains_then_stops_and_forfeits_its_leases(api, services):

@@ -20,13 +20,17 @@ def test_reconcile_starts_the_new_and_stops_the_gone():
 
 
 def test_an_instance_worker_serves_only_its_model_on_its_gpus():
-    child = instance_child(instance("i-1"), "node-a", "box-1", Settings(), {"PATH": "/bin"})
+    child = instance_child(instance("i-1"), "node-a", "box-1", Settings(), {"PATH": "/bin"}, concurrency=6)
     assert child.name == "model-i-1"
     argv = list(child.argv)
-    assert argv[1:4] == ["-m", "nexus", "worker"]
+    assert argv[1:3] == ["-m", "nexus.agent.orphan_guard"]  # stops with the agent, even a killed one
+    assert argv[4:7] == ["-m", "nexus", "worker"]
     assert argv[argv.index("-Q") + 1] == "model.llama" and argv[argv.index("--model") + 1] == "llama"
     assert child.env["CUDA_VISIBLE_DEVICES"] == "2,3" and child.env["NEXUS_WORKER_INSTANCE_ID"] == "i-1"
     assert child.env["NEXUS_NODE_ID"] == "node-a" and child.env["PATH"] == "/bin"
+    # The node's max_concurrent: requests in flight, and as many threads to carry them.
+    assert child.env["NEXUS_INFERENCE_CONCURRENCY"] == child.env["NEXUS_WORKER_CONCURRENCY"] == "6"
+    assert "NEXUS_INFERENCE_CONCURRENCY" not in instance_child(instance("i-1"), "node-a", "b", Settings(), {}).env
 
 
 def test_a_pipeline_stage_on_this_node_gets_this_nodes_gpus():
