@@ -41,9 +41,10 @@ def node_view(row) -> NodeView:
     return NodeView(str(row.id), NodeState(row.state), Tier(row.tier), tuple(gpus))
 
 
-def fleet(conn: Connection) -> list[NodeView]:
-    """Every node that has a GPU and is not removed (can-fit keeps only those that take work)."""
-    rows = conn.execute(text(f"SELECT {_FLEET_COLUMNS} FROM nodes WHERE state <> 'removed' AND gpu_count > 0"))
+def fleet(conn: Connection, gpu_only: bool = True) -> list[NodeView]:
+    """Every node that has a GPU (or any node) and is not removed (can-fit keeps only those that take work)."""
+    with_gpu = " AND gpu_count > 0" if gpu_only else ""
+    rows = conn.execute(text(f"SELECT {_FLEET_COLUMNS} FROM nodes WHERE state <> 'removed'{with_gpu}"))
     return [node_view(row) for row in rows]
 
 

@@ -124,7 +124,10 @@ def deploy(name: str, body: DeployRequest):
                                body.tensor_parallel_size, body.pipeline_parallel_size, frozenset(body.nodes))
     now = datetime.now(timezone.utc)
     with services().engine.begin() as conn:
-        nodes, reservations = _fleet(conn) if request.wants_gpu else ([], [])
+        # A CPU model goes to a node only when the deploy names nodes (their agents then run it);
+        # otherwise it stays unplaced, for any `nexus worker --model` to adopt.
+        nodes, reservations = _fleet(conn, gpu_only=True) if request.wants_gpu else \
+            _fleet(conn, gpu_only=False) if body.nodes else ([], [])
         reservations += pending_reservations(catalog.list_instances(conn, active_only=True), now + PENDING_RESERVATION)
         try:
             plan = place(request, nodes, reservations, now)
@@ -135,11 +138,11 @@ def deploy(name: str, body: DeployRequest):
     return catalog.instance_view(instance, False), 201
 
 
-def _fleet(conn):
-    """The GPU nodes and their live reservations, as the node agent records them (issue 3)."""
+def _fleet(conn, gpu_only: bool):
+    """The (GPU) nodes and their live reservations, as the node agent records them (issue 3)."""
     from nexus.agent.reservations import fleet, live_reservations
 
-    return fleet(conn), live_reservations(conn)
+    return fleet(conn, gpu_only), live_reservations(conn)
 
 
 @bp.get("/<path:name>/instances")

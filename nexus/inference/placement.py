@@ -125,7 +125,10 @@ def place(request: PlacementRequest, nodes: Sequence[NodeView], reservations: It
     """The plan for one instance, or PlacementError."""
     nodes = [n for n in nodes if not request.node_ids or n.node_id in request.node_ids]
     if not request.wants_gpu:
-        return _place_cpu(nodes)
+        plan = _place_cpu(nodes)
+        if request.node_ids and not plan.stages:  # named nodes, none of them ready: say so, not unplaced
+            raise PlacementError(_no_fit_message(request, nodes))
+        return plan
     reservations = list(reservations)
     gpu_tier = None if request.min_tier is Tier.CPU_ONLY else request.min_tier
     for tp, pp in candidate_sizes(request):

@@ -1,7 +1,10 @@
 """Model weights on the worker: a local path as it is, or a folder copied from the object store.
 
 A download lands in a temporary folder that is renamed into place only when
-complete, so a crash half-way never leaves a folder that looks usable.
+complete, so a crash half-way never leaves a folder that looks usable. Each
+file is read with the ETag the master listed for it, so a replica-aware store
+(nexus.replicas: the node's local S3 mirror) serves its copy only when it is
+the master's current one, and fills it otherwise.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ def download_prefix(store: ObjectStore, bucket: str, prefix: str, target: Path) 
             continue
         destination = partial / relative
         destination.parent.mkdir(parents=True, exist_ok=True)
-        store.client.fget_object(bucket_name=bucket, object_name=obj.object_name, file_path=str(destination))
+        store.get_file(bucket, obj.object_name, str(destination), etag=obj.etag)
         count += 1
     if count == 0:
         shutil.rmtree(partial, ignore_errors=True)

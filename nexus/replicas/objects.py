@@ -8,8 +8,10 @@ next read of a model file or input is local. Every write goes to the master.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
+import os
 
 import urllib3
 from minio import Minio
@@ -25,6 +27,7 @@ log = logging.getLogger(__name__)
 # uploads get a different ETag when re-uploaded in one piece).
 SOURCE_ETAG_META = "nexus-source-etag"
 _MISSING = ("NoSuchKey", "NoSuchBucket", "NoSuchObject")
+_CHUNK_BYTES = 1024 * 1024
 
 
 def normalise_etag(etag: str | None) -> str | None:
@@ -67,6 +70,65 @@ class ReplicatedObjectStore(ObjectStore):
             self._fill(bucket, key, data, master_etag)
         return data, "master"
 
+    def get_file(self, bucket: str, key: str, path: str, etag: str | None = None) -> str:
+        """Stream the object to `path` from the local copy when its ETag is `etag` (else one HEAD asks the
+        master), otherwise from the master, then fill the local copy: "local" | "master". For model weights,
+        which are too large to hold in memory."""
+        wanted = normalise_etag(etag) or normalise_etag(self.etag(bucket, key))
+        if wanted is None:
+            raise ObjectNotFound(f"{bucket}/{key}")
+        if self.cooldown.available() and self._download_local(bucket, key, wanted, path):
+            self.stats.count("objects", "local")
+            return "local"
+        try:
+            # fget_object writes a .part file and renames it: `path` is whole or absent.
+            master = self.client.fget_object(bucket_name=bucket, object_name=key, file_path=path)
+        except S3Error as exc:
+            if exc.code in _MISSING:
+                raise ObjectNotFound(f"{bucket}/{key}") from None
+            raise
+        self.stats.count("objects", "master")
+        if self.cooldown.available():
+            self._fill_file(bucket, key, path, normalise_etag(master.etag))
+        return "master"
+
+    def _download_local(self, bucket: str, key: str, wanted: str, path: str) -> bool:
+        partial = f"{path}.local-partial"
+        try:
+            response = self.local.get_object(bucket_name=bucket, object_name=key)
+            try:
+                copied_from = normalise_etag(response.headers.get(f"x-amz-meta-{SOURCE_ETAG_META}"))
+                if wanted not in (normalise_etag(response.headers.get("ETag")), copied_from):
+                    self.stats.count("objects", "stale")
+                    return False
+                with open(partial, "wb") as out:
+                    for chunk in response.stream(_CHUNK_BYTES):
+                        out.write(chunk)
+            finally:
+                response.close()
+                response.release_conn()
+            os.replace(partial, path)
+            return True
+        except S3Error as exc:
+            if exc.code in _MISSING:
+                self.stats.count("objects", "absent")
+            else:
+                self._local_failed(exc)
+        except Exception as exc:  # connection refused, reset mid-stream: the local store is down
+            self._local_failed(exc)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(partial)
+        return False
+
+    def _fill_file(self, bucket: str, key: str, path: str, master_etag: str | None) -> None:
+        try:
+            self._ensure_local_bucket(bucket)
+            metadata = {SOURCE_ETAG_META: master_etag} if master_etag else None
+            self.local.fput_object(bucket_name=bucket, object_name=key, file_path=path, metadata=metadata)
+            self.stats.count("objects", "filled")
+        except Exception as exc:  # a failed fill only means the next read goes to the master again
+            self._local_failed(exc)
+
     def _read_local(self, bucket: str, key: str, wanted: str) -> bytes | None:
         try:
             # One request: the headers arrive before the body, which is read only when the ETag matches.
@@ -106,16 +168,19 @@ class ReplicatedObjectStore(ObjectStore):
 
     def _fill(self, bucket: str, key: str, data: bytes, master_etag: str | None) -> None:
         try:
-            if bucket not in self._local_buckets:
-                if not self.local.bucket_exists(bucket_name=bucket):
-                    self.local.make_bucket(bucket_name=bucket)
-                self._local_buckets.add(bucket)
+            self._ensure_local_bucket(bucket)
             metadata = {SOURCE_ETAG_META: master_etag} if master_etag else None
             self.local.put_object(bucket_name=bucket, object_name=key, data=io.BytesIO(data), length=len(data),
                                   metadata=metadata)
             self.stats.count("objects", "filled")
         except Exception as exc:  # a failed fill only means the next read goes to the master again
             self._local_failed(exc)
+
+    def _ensure_local_bucket(self, bucket: str) -> None:
+        if bucket not in self._local_buckets:
+            if not self.local.bucket_exists(bucket_name=bucket):
+                self.local.make_bucket(bucket_name=bucket)
+            self._local_buckets.add(bucket)
 
     def _local_failed(self, exc: Exception) -> None:
         """Log, and skip the local store for the cooldown: reads go to the master meanwhile."""

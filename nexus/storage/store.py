@@ -59,6 +59,17 @@ class ObjectStore:
             response.close()
             response.release_conn()
 
+    def get_file(self, bucket: str, key: str, path: str, etag: str | None = None) -> str:
+        """Write the object to `path` (streamed, never whole in memory); returns where it came from.
+        `etag` is the version the caller expects; a replica-aware store uses it to trust a local copy."""
+        try:
+            self.client.fget_object(bucket_name=bucket, object_name=key, file_path=path)
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchBucket"):
+                raise ObjectNotFound(f"{bucket}/{key}") from None
+            raise
+        return "master"
+
     def put_json(self, bucket: str, key: str, obj: Any) -> str:
         data = json.dumps(obj, separators=(",", ":"), sort_keys=True).encode()
         return self.put_bytes(bucket, key, data, content_type="application/json")

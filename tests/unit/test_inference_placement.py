@@ -140,6 +140,14 @@ def test_cpu_models_go_to_the_least_capable_node_or_wait_unplaced():
     assert plan_for(0, []).stages == ()
 
 
+def test_a_cpu_model_deployed_to_named_nodes_goes_there_or_is_refused():
+    nodes = [node("h100x8"), node("cpu_only"), node("rtx3060", state=NodeState.DRAINING)]
+    plan = place(PlacementRequest(0, node_ids=frozenset({"h100x8"})), nodes, (), NOW)
+    assert plan.head.node_id == "h100x8"
+    with pytest.raises(PlacementError, match="no ready node"):  # never silently left unplaced
+        place(PlacementRequest(0, node_ids=frozenset({"rtx3060"})), nodes, (), NOW)
+
+
 def test_candidates_try_fewest_gpus_then_fewest_stages():
     sizes = candidate_sizes(PlacementRequest(1))
     assert sizes[:5] == [(1, 1), (2, 1), (1, 2), (1, 3), (4, 1)]
