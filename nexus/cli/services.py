@@ -71,7 +71,13 @@ def worker_cmd(tier: str | None, queues: str | None, concurrency: int | None, po
             "-n", hostname, "--without-gossip", "--without-mingle", "--loglevel=INFO"]
     if settings.worker_send_events:  # Flower's task view needs them
         argv.append("-E")
-    app.worker_main(argv)
+    try:
+        app.worker_main(argv)
+    finally:
+        if serving is not None:
+            # Free the backends (a vLLM server is a process of its own) and withdraw the instances
+            # now, so the API answers 503 at once instead of queueing for a worker that is gone.
+            serving.close()
 
 
 def _start_model_serving(settings, app, hostname: str, models: tuple[str, ...]):

@@ -22,6 +22,7 @@ agent lists as `loaded_models` in its heartbeats.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 import threading
 import traceback
@@ -29,7 +30,6 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
-from celery.signals import worker_shutdown
 from redis import Redis
 from sqlalchemy import Engine
 
@@ -111,19 +111,26 @@ class ModelServing:
         names = list(dict.fromkeys(names))
         if self.settings.worker_instance_id and len(names) != 1:
             raise ServingStartError("a worker started for one instance (NEXUS_WORKER_INSTANCE_ID) serves one model")
-        for name in names:
-            served = self.models[name] = ServedModel(name, free_port())
-            with self.engine.begin() as conn:
-                spec = catalog.get_model(conn, name)
-                if spec is None:
-                    raise ServingStartError(f"model {name!r} is not in the catalog: declare it first "
-                                            "(POST /api/v1/models or `nexus models add`)")
-                instance = self._first_instance(conn, name)
-            if not self._bring_up(served, spec, instance):
-                raise ServingStartError(f"model {name!r} failed to start; see the instance's error")
+        try:
+            for name in names:
+                self._start_one(name)
+        except BaseException:  # a model that failed, or SIGTERM half-way: free the ones already loaded
+            self.close()
+            raise
         self._thread = threading.Thread(target=self._heartbeat_loop, name="nexus-serving", daemon=True)
         self._thread.start()
         return self.queues
+
+    def _start_one(self, name: str) -> None:
+        served = self.models[name] = ServedModel(name, free_port())
+        with self.engine.begin() as conn:
+            spec = catalog.get_model(conn, name)
+            if spec is None:
+                raise ServingStartError(f"model {name!r} is not in the catalog: declare it first "
+                                        "(POST /api/v1/models or `nexus models add`)")
+            instance = self._first_instance(conn, name)
+        if not self._bring_up(served, spec, instance):
+            raise ServingStartError(f"model {name!r} failed to start; see the instance's error")
 
     def _first_instance(self, conn, name: str) -> dict:
         """The instance the agent named, else a pending one placed here, else a new one of our own."""
@@ -143,6 +150,8 @@ class ModelServing:
         Pending by default: the instance is still wanted (a stopped one stays stopped), and the
         next worker for it, such as the agent's after a restart, takes it again."""
         self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=10)  # a beat in progress must not re-announce what we withdraw
         for served in self.models.values():
             self._take_down(served, state)
 
@@ -258,12 +267,17 @@ def start_serving(settings: Settings, celery_app, hostname: str, names: list[str
     sys.setswitchinterval(settings.inference_switch_interval_ms / 1000)
     serving = ModelServing(settings, services.engine, services.redis, store, hostname,
                            QueueControl.for_celery(celery_app, hostname), ActivityBoard.for_settings(settings))
+    if threading.current_thread() is threading.main_thread():
+        # Until Celery installs its own handlers: a SIGTERM while the model loads (the agent stopping
+        # the instance, or draining) unwinds through `start`, which frees what was loaded.
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     serving.start(names)
     set_current(serving)
-    # Warm shutdown (the agent stopping it, Ctrl-C): free the backends (a vLLM server is a process of
-    # its own) and withdraw the instances now, so the API answers 503 at once rather than queueing.
-    worker_shutdown.connect(lambda **_: serving.close(), weak=False)
     return serving
+
+
+def _exit_on_sigterm(signum, _frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def model_names(settings: Settings, cli_names: tuple[str, ...] = ()) -> list[str]:
