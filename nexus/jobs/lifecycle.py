@@ -108,11 +108,13 @@ def delete_unstarted(conn: Connection, ids: list[uuid.UUID]) -> None:
     )
 
 
-def _transition_sql(to_state: str | None, where: str, sets: str) -> str:
+def _transition_sql(to_state: str | None, where: str, sets: str, returning: str = "j.*") -> str:
     """UPDATE one job under `where` and log the event, in one statement.
 
     `to_state` None keeps the state (the SET clause decides it). The row is
     locked first so concurrent claimers queue up and re-check the guard.
+    `returning` names the columns the caller reads (it must include id, state and attempt):
+    the worker's writes return only what it uses, the whole row costs ~0.1 ms to decode.
     """
     state_set = f"state = '{to_state}', " if to_state else ""
     return f"""
@@ -120,7 +122,7 @@ def _transition_sql(to_state: str | None, where: str, sets: str) -> str:
     upd AS (
         UPDATE jobs j SET {state_set}updated_at = now(), {sets}
         FROM old WHERE j.id = old.id AND {where}
-        RETURNING j.*, old.state AS from_state,
+        RETURNING {returning}, old.state AS from_state,
                   EXTRACT(EPOCH FROM (now() - j.started_at)) AS run_seconds
     ),
     ev AS (
@@ -142,6 +144,8 @@ def _one(conn: Connection, sql: str, params: dict) -> dict | None:
     return dict(row) if row else None
 
 
+_RUNNER_COLUMNS = "j.id, j.type, j.state, j.attempt, j.tenant, j.input_key, j.payload"  # what a runner reads
+
 # The claim commits asynchronously (no WAL flush wait, ~0.35 ms saved per job). Safe because of
 # fencing: if PostgreSQL crashed before flushing it, the row reverts to queued, the running attempt's
 # lease renewals and completion find no matching row and are discarded, and the reconciler
@@ -153,6 +157,7 @@ _CLAIM = "SET LOCAL synchronous_commit = off;" + _transition_sql(
               AND (j.not_before IS NULL OR j.not_before <= now())""",
     sets="""attempt = j.attempt + 1, node = :node, started_at = now(), heartbeat_at = now(),
             lease_expires_at = now() + make_interval(secs => :lease), error = NULL""",
+    returning=_RUNNER_COLUMNS,
 )
 
 
@@ -183,11 +188,13 @@ def renew_leases(conn: Connection, attempts: dict[uuid.UUID, int], lease_seconds
 
 
 _FENCED = "j.id = :id AND j.attempt = :attempt AND j.state = 'running'"
+_OUTCOME_COLUMNS = "j.id, j.type, j.state, j.attempt, j.node, j.error"  # what the runner and notices use
 
 _COMPLETE = _transition_sql(
     JobState.SUCCEEDED.value,
     where=_FENCED,
     sets="result = :result, output_key = :output_key, finished_at = now(), lease_expires_at = NULL",
+    returning=_OUTCOME_COLUMNS,
 )
 
 
@@ -210,6 +217,7 @@ _FAIL = _transition_sql(
             failed_nodes = array_append(j.failed_nodes, :node),
             finished_at = CASE WHEN :retry AND j.attempt < j.max_attempts AND NOT j.cancel_requested
                                THEN NULL ELSE now() END""",
+    returning=_OUTCOME_COLUMNS,
 )
 
 
@@ -224,7 +232,8 @@ def fail(conn: Connection, job_id, attempt: int, node: str, error: str, retry: b
 
 
 _CANCEL_RUNNING = _transition_sql(
-    JobState.CANCELLED.value, where=_FENCED, sets="finished_at = now(), lease_expires_at = NULL"
+    JobState.CANCELLED.value, where=_FENCED, sets="finished_at = now(), lease_expires_at = NULL",
+    returning=_OUTCOME_COLUMNS,
 )
 
 

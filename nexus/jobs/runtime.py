@@ -14,6 +14,7 @@ from sqlalchemy.exc import OperationalError
 
 from nexus.agent.placement import decline_retry
 from nexus.config import Settings
+from nexus.db.engine import autocommit
 from nexus.jobs import lifecycle
 from nexus.jobs.context import JobCancelled, JobContext, JobLost
 from nexus.jobs.notify import Notifier
@@ -33,7 +34,7 @@ class LeaseRenewer:
     """
 
     def __init__(self, engine: Engine, settings: Settings):
-        self.engine = engine
+        self.engine = autocommit(engine)  # one statement per renewal
         self.settings = settings
         self._active: dict[uuid.UUID, JobContext] = {}
         self._lock = threading.Lock()
@@ -82,6 +83,7 @@ class JobRunner:
         self.settings = settings
         self.reads = reads  # nexus.replicas.NodeReads: local replicas for reads that tolerate lag
         self.engine = engine
+        self.writes = autocommit(engine)  # claim and outcome: one statement, one round trip each
         self.storage = storage
         self.submitter = submitter
         self.notifier = notifier
@@ -92,7 +94,7 @@ class JobRunner:
         """Returns what happened, for logs and tests: dropped, declined, succeeded, retrying, failed, cancelled, lost."""
         if decline_retry(self.engine, self.submitter.celery, self.settings, job_id, attempt, self.node):
             return "declined"  # it failed here before and another node can take it (nexus.agent.placement)
-        with self.engine.begin() as conn:
+        with self.writes.connect() as conn:
             job = lifecycle.claim(conn, uuid.UUID(job_id), attempt, self.node, self.settings.job_lease_seconds)
         if job is None:
             return "dropped"
@@ -142,7 +144,7 @@ class JobRunner:
         deadline = time.monotonic() + self.settings.job_lease_seconds
         while True:
             try:
-                with self.engine.begin() as conn:
+                with self.writes.connect() as conn:
                     return write(conn, *args)
             except OperationalError:
                 if time.monotonic() > deadline:

@@ -22,7 +22,8 @@ from nexus.jobs.registry import UnknownJobType, get_job_type, job_type_names
 from nexus.jobs.schemas import JobRequest
 from nexus.queueing.celery_app import RUN_JOB_TASK, broker_priority
 from nexus.queueing.routing import Requirements, route_for
-from nexus.replicas.lsn import master_commit_lsn
+from nexus.db.engine import autocommit
+from nexus.replicas.lsn import commit_lsn
 
 class SubmissionError(ValueError):
     """A submission that cannot be accepted; `details` says where."""
@@ -87,6 +88,7 @@ class Submitter:
     def __init__(self, settings: Settings, engine: Engine, celery: Celery):
         self.settings = settings
         self.engine = engine
+        self.writes = autocommit(engine)  # the insert is one statement: its own transaction
         self.celery = celery
 
     def submit_many(
@@ -109,15 +111,16 @@ class Submitter:
 
     def submit_specs(self, specs: list[JobSpec]) -> list[tuple[dict, bool]]:
         _check_unique_keys(specs)
-        with self.engine.begin() as conn:
-            inserted = lifecycle.insert_jobs(conn, specs)
+        with self.writes.connect() as conn:
+            inserted = lifecycle.insert_jobs(conn, specs)  # all rows or none: one statement
             repeats = [s for s in specs if s.id not in inserted]
             existing = lifecycle.find_by_idempotency(conn, specs[0].tenant, [s.idempotency_key for s in repeats]) \
                 if repeats else {}
+            # Read after the commit: a worker's standby that replayed this far has the new rows.
+            lsn = commit_lsn(conn) if inserted else None
         new_specs = [s for s in specs if s.id in inserted]
         try:
-            # After the commit: a worker's standby that replayed this far has the new rows.
-            self.publish(new_specs, master_commit_lsn(self.engine) if new_specs else None)
+            self.publish(new_specs, lsn)
         except Exception as exc:
             with self.engine.begin() as conn:
                 lifecycle.delete_unstarted(conn, [s.id for s in new_specs])
@@ -133,9 +136,8 @@ class Submitter:
     def publish(self, specs: Iterable[JobSpec], read_after_lsn: str | None = None) -> None:
         """One message per job: its id, the attempt it is meant for (the first) and the commit LSN."""
         specs = list(specs)
-        if not specs:
-            return
-        publish_jobs(self.celery, [(str(s.id), 1, s.queue, s.priority) for s in specs], read_after_lsn)
+        if specs:
+            publish_jobs(self.celery, [(str(s.id), 1, s.queue, s.priority) for s in specs], read_after_lsn)
 
 
 def publish_jobs(celery: Celery, messages: list[tuple[str, int, str, int]],

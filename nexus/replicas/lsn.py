@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from sqlalchemy import Engine, text
+from sqlalchemy import Connection, Engine, text
 
 log = logging.getLogger(__name__)
 
@@ -29,16 +29,24 @@ def format_lsn(position: int) -> str:
 
 
 def master_commit_lsn(engine: Engine) -> str | None:
+    """The master's current WAL insert position, or None when it cannot be read."""
+    with engine.connect() as conn:
+        return commit_lsn(conn)
+
+
+def commit_lsn(conn: Connection) -> str | None:
     """The master's current WAL insert position, or None when it cannot be read.
 
-    Called after a commit: every commit made so far lies at or before it. The
-    insert position, not the write position: a transaction committed with
-    `synchronous_commit = off` may not be written yet, and a standby must still
-    wait for it. None makes workers read from the master: always correct, only slower.
+    Read after a commit (on the committing connection, to save a pool checkout): every commit
+    made so far lies at or before it. The insert position, not the write position: a
+    transaction committed with `synchronous_commit = off` may not be written yet, and a standby
+    must still wait for it. None makes workers read from the master: always correct, only slower.
     """
     try:
-        with engine.connect() as conn:
-            return conn.execute(text("SELECT pg_current_wal_insert_lsn()::text")).scalar()
+        return conn.execute(_INSERT_LSN).scalar()
     except Exception as exc:  # a read-your-writes hint, never a reason to fail a submission
         log.warning("could not read the master's WAL position: %s", exc)
         return None
+
+
+_INSERT_LSN = text("SELECT pg_current_wal_insert_lsn()::text")
