@@ -63,7 +63,7 @@ def _view(row: dict) -> dict:
 
 def load_job(job_id: uuid.UUID) -> dict:
     """The job, if the caller may see it; 404 otherwise (another tenant's job does not exist for you)."""
-    with services().engine.connect() as conn:
+    with services().statements.connect() as conn:
         row = conn.execute(text("SELECT * FROM jobs WHERE id = :id"), {"id": job_id}).mappings().first()
     if row is None or (not caller().is_admin and row["tenant"] != caller().tenant):
         raise ApiError(404, f"job {job_id} not found")

@@ -34,7 +34,7 @@ def authenticate_request() -> None:
     if token is None:
         raise ApiError(401, "missing bearer token: send 'Authorization: Bearer <token>'",
                        headers={"WWW-Authenticate": 'Bearer realm="nexus"'})
-    with services().engine.connect() as conn:
+    with services().statements.connect() as conn:
         principal = authenticate(conn, token)
     if principal is None:
         raise ApiError(401, "invalid or revoked token", headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})

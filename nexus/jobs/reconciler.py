@@ -24,13 +24,15 @@ from sqlalchemy import Engine, text
 from nexus.agent.liveness import reconcile_nodes
 from nexus.config import Settings
 from nexus.jobs.submit import publish_jobs
-from nexus.queueing.celery_app import PRIORITY_LEVELS
+from nexus.queueing.celery_app import PRIORITY_LEVELS, PUBLISH_GIVE_UP_SECONDS
 
 log = logging.getLogger(__name__)
 
 BATCH = 500
-# A queued job younger than this is never presumed lost: its message may be on its way.
+# A queued job younger than this is never presumed lost: its message may be on its way, or its
+# submitter may still be finding the broker down (and about to delete the row again).
 EMPTY_QUEUE_GRACE_SECONDS = 3.0
+assert EMPTY_QUEUE_GRACE_SECONDS > PUBLISH_GIVE_UP_SECONDS
 
 _EXPIRE_LEASES = text(
     """

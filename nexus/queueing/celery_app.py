@@ -21,6 +21,13 @@ def broker_priority(priority: int) -> int:
     return PRIORITY_LEVELS - 1 - priority
 
 
+# A publisher (the API submitting, the reconciler re-publishing) gives up on an unreachable broker
+# within about this long instead of kombu's default ~6 s of retries: the API answers 503 promptly,
+# and the reconciler's grace for a young queued job (nexus.jobs.reconciler) stays longer than any
+# publish still in flight, so it never re-publishes a job whose submission is about to be undone.
+PUBLISH_GIVE_UP_SECONDS = 2.0
+
+
 def transport_options(settings: Settings) -> dict:
     return {
         # Must outlast the longest job, or Redis hands an unacknowledged message to a second
@@ -30,7 +37,13 @@ def transport_options(settings: Settings) -> dict:
         "queue_order_strategy": "priority",
         "sep": ":",
         "socket_timeout": 10,
-        "socket_connect_timeout": 5,
+        "socket_connect_timeout": PUBLISH_GIVE_UP_SECONDS / 2,
+        # kombu's reconnect loop before a publish (Connection.default_channel); consumers keep their own
+        # unbounded retries (broker_connection_max_retries).
+        "connect_retries_timeout": PUBLISH_GIVE_UP_SECONDS / 2,
+        "interval_start": 0,
+        "interval_step": 0.2,
+        "interval_max": 0.5,
         "health_check_interval": 10,
     }
 
