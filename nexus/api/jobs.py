@@ -116,19 +116,17 @@ class JobGetQuery(BaseModel):
 @bp.input(JobGetQuery, location="query", arg_name="query")
 @bp.doc(security="bearer")
 def get_job(job_id: uuid.UUID, query: JobGetQuery):
-    job = load_job(job_id)
-    if query.wait and job["state"] not in FINAL_VALUES:
-        job = _wait_until_final(job_id, query.wait) or job
-    return _view(job)
+    return _view(_wait_until_final(job_id, query.wait) if query.wait else load_job(job_id))
 
 
-def _wait_until_final(job_id: uuid.UUID, seconds: float) -> dict | None:
+def _wait_until_final(job_id: uuid.UUID, seconds: float) -> dict:
     """Long-poll: workers announce each outcome on the job's Redis channel; the row stays the truth."""
-    pubsub = services().redis.pubsub(ignore_subscribe_messages=True)
+    pubsub = services().redis.pubsub()
     try:
         pubsub.subscribe(job_channel(job_id))
         deadline = time.monotonic() + seconds
-        job = load_job(job_id)  # re-read after subscribing: an outcome in between is not missed
+        pubsub.get_message(timeout=min(seconds, 1.0))  # the confirmation: from now on no notice is missed
+        job = load_job(job_id)  # so an outcome before this read shows in the row, any later one is announced
         while job["state"] not in FINAL_VALUES and (remaining := deadline - time.monotonic()) > 0:
             pubsub.get_message(timeout=min(remaining, 1.0))  # a notice, or a second passed
             job = load_job(job_id)
