@@ -8,6 +8,7 @@ lease cannot overwrite a newer attempt.
 
 from __future__ import annotations
 
+import json
 import random
 import uuid
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from sqlalchemy import Connection, Engine, bindparam, text
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.types import Uuid
 
+from nexus.db.prepared import Prepared
 from nexus.jobs.states import JobState, sources_of
 
 
@@ -43,16 +45,12 @@ def backoff_seconds(attempt: int, base: float, cap: float, rng: random.Random | 
     return ceiling / 2 + (rng or random).random() * ceiling / 2
 
 
-_INSERT_JOBS = text(
-    """
+_INSERT_JOBS = Prepared("nexus_insert_jobs", """
     WITH ins AS (
     INSERT INTO jobs (id, type, payload, input_key, requirements, queue, priority, max_attempts, tenant,
                       idempotency_key, parent_id, published_at)
-    SELECT t.*, now() FROM unnest(
-        CAST(:ids AS uuid[]), CAST(:types AS text[]), CAST(:payloads AS jsonb[]), CAST(:input_keys AS text[]),
-        CAST(:requirements AS jsonb[]), CAST(:queues AS text[]), CAST(:priorities AS smallint[]),
-        CAST(:max_attempts AS int[]), CAST(:tenants AS text[]), CAST(:idem_keys AS text[]),
-        CAST(:parent_ids AS uuid[])) AS t
+    SELECT t.*, now() FROM unnest(:ids, :types, :payloads, :input_keys, :requirements, :queues, :priorities,
+                                  :max_attempts, :tenants, :idem_keys, :parent_ids) AS t
     ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING id, created_at
     ),
@@ -61,13 +59,10 @@ _INSERT_JOBS = text(
         SELECT id, NULL, 'queued', 0, 'submitted' FROM ins
     )
     SELECT id, created_at FROM ins
-    """
-).bindparams(
-    bindparam("ids", type_=ARRAY(Uuid)),
-    bindparam("payloads", type_=ARRAY(JSONB)),
-    bindparam("requirements", type_=ARRAY(JSONB)),
-    bindparam("parent_ids", type_=ARRAY(Uuid)),
-)
+    """, {"ids": "uuid[]", "types": "text[]", "payloads": "jsonb[]", "input_keys": "text[]",
+          "requirements": "jsonb[]", "queues": "text[]", "priorities": "smallint[]", "max_attempts": "int[]",
+          "tenants": "text[]", "idem_keys": "text[]", "parent_ids": "uuid[]"})
+
 
 def insert_jobs(conn: Connection, specs: list[JobSpec]) -> dict[uuid.UUID, Any]:
     """Insert rows and their `submitted` events in one statement; returns {id: created_at} of the rows
@@ -77,9 +72,9 @@ def insert_jobs(conn: Connection, specs: list[JobSpec]) -> dict[uuid.UUID, Any]:
     params = {
         "ids": [s.id for s in specs],
         "types": [s.type for s in specs],
-        "payloads": [s.payload for s in specs],
+        "payloads": [json.dumps(s.payload) for s in specs],
         "input_keys": [s.input_key for s in specs],
-        "requirements": [s.requirements for s in specs],
+        "requirements": [json.dumps(s.requirements) for s in specs],
         "queues": [s.queue for s in specs],
         "priorities": [s.priority for s in specs],
         "max_attempts": [s.max_attempts for s in specs],
@@ -87,7 +82,7 @@ def insert_jobs(conn: Connection, specs: list[JobSpec]) -> dict[uuid.UUID, Any]:
         "idem_keys": [s.idempotency_key for s in specs],
         "parent_ids": [s.parent_id for s in specs],
     }
-    return {row[0]: row[1] for row in conn.execute(_INSERT_JOBS, params)}
+    return {row["id"]: row["created_at"] for row in _INSERT_JOBS.execute(conn, params)}
 
 
 def find_by_idempotency(conn: Connection, tenant: str, keys: Iterable[str]) -> dict[str, dict]:
@@ -137,11 +132,17 @@ def _sql_list(values: Iterable[str]) -> str:
     return ", ".join(f"'{v}'" for v in values)
 
 
-def _one(conn: Connection, sql: str, params: dict) -> dict | None:
+def _one(conn: Connection, statement: str | Prepared, params: dict) -> dict | None:
     params.setdefault("event_node", None)
     params.setdefault("event_message", None)
-    row = conn.execute(text(sql), params).mappings().first()
+    if isinstance(statement, Prepared):
+        rows = statement.execute(conn, params)
+        return dict(rows[0]) if rows else None
+    row = conn.execute(text(statement), params).mappings().first()
     return dict(row) if row else None
+
+
+_EVENT_PARAMS = {"event_node": "text", "event_message": "text"}
 
 
 _RUNNER_COLUMNS = "j.id, j.type, j.state, j.attempt, j.tenant, j.input_key, j.payload"  # what a runner reads
@@ -150,7 +151,7 @@ _RUNNER_COLUMNS = "j.id, j.type, j.state, j.attempt, j.tenant, j.input_key, j.pa
 # fencing: if PostgreSQL crashed before flushing it, the row reverts to queued, the running attempt's
 # lease renewals and completion find no matching row and are discarded, and the reconciler
 # re-publishes the job. Submission and completion stay synchronous: clients are told about those.
-_CLAIM = "SET LOCAL synchronous_commit = off;" + _transition_sql(
+_CLAIM = Prepared("nexus_claim", _transition_sql(
     JobState.RUNNING.value,
     where=f"""j.state IN ({_sql_list(sources_of(JobState.RUNNING))}) AND j.attempt = :attempt - 1
               AND j.attempt < j.max_attempts AND NOT j.cancel_requested
@@ -158,7 +159,8 @@ _CLAIM = "SET LOCAL synchronous_commit = off;" + _transition_sql(
     sets="""attempt = j.attempt + 1, node = :node, started_at = now(), heartbeat_at = now(),
             lease_expires_at = now() + make_interval(secs => :lease), error = NULL""",
     returning=_RUNNER_COLUMNS,
-)
+), {"id": "uuid", "attempt": "int", "node": "text", "lease": "float8", **_EVENT_PARAMS},
+    prefix="SET LOCAL synchronous_commit = off; ")
 
 
 def claim(conn: Connection, job_id: uuid.UUID | str, attempt: int, node: str, lease_seconds: float) -> dict | None:
@@ -190,12 +192,12 @@ def renew_leases(conn: Connection, attempts: dict[uuid.UUID, int], lease_seconds
 _FENCED = "j.id = :id AND j.attempt = :attempt AND j.state = 'running'"
 _OUTCOME_COLUMNS = "j.id, j.type, j.state, j.attempt, j.node, j.error"  # what the runner and notices use
 
-_COMPLETE = _transition_sql(
+_COMPLETE = Prepared("nexus_complete", _transition_sql(
     JobState.SUCCEEDED.value,
     where=_FENCED,
     sets="result = :result, output_key = :output_key, finished_at = now(), lease_expires_at = NULL",
     returning=_OUTCOME_COLUMNS,
-)
+), {"id": "uuid", "attempt": "int", "result": "jsonb", "output_key": "text", **_EVENT_PARAMS})
 
 
 def complete(conn: Connection, job_id, attempt: int, node: str, result: Any, output_key: str | None) -> dict | None:
@@ -207,7 +209,7 @@ def complete(conn: Connection, job_id, attempt: int, node: str, result: Any, out
     )
 
 
-_FAIL = _transition_sql(
+_FAIL = Prepared("nexus_fail", _transition_sql(
     None,
     where=_FENCED,
     sets="""state = CASE WHEN :retry AND j.attempt < j.max_attempts AND NOT j.cancel_requested
@@ -218,7 +220,8 @@ _FAIL = _transition_sql(
             finished_at = CASE WHEN :retry AND j.attempt < j.max_attempts AND NOT j.cancel_requested
                                THEN NULL ELSE now() END""",
     returning=_OUTCOME_COLUMNS,
-)
+), {"id": "uuid", "attempt": "int", "node": "text", "error": "text", "retry": "boolean", "backoff": "float8",
+    **_EVENT_PARAMS})
 
 
 def fail(conn: Connection, job_id, attempt: int, node: str, error: str, retry: bool, backoff: float) -> dict | None:
@@ -231,10 +234,10 @@ def fail(conn: Connection, job_id, attempt: int, node: str, error: str, retry: b
     )
 
 
-_CANCEL_RUNNING = _transition_sql(
+_CANCEL_RUNNING = Prepared("nexus_cancel_running", _transition_sql(
     JobState.CANCELLED.value, where=_FENCED, sets="finished_at = now(), lease_expires_at = NULL",
     returning=_OUTCOME_COLUMNS,
-)
+), {"id": "uuid", "attempt": "int", **_EVENT_PARAMS})
 
 
 def mark_cancelled(conn: Connection, job_id, attempt: int, node: str) -> dict | None:
@@ -288,8 +291,6 @@ def set_progress(conn: Connection, job_id, attempt: int, progress: dict) -> None
 
 def _json(value: Any):
     """Bind a Python value to a JSONB parameter (None stays SQL NULL)."""
-    import json
-
     return None if value is None else json.dumps(value)
 
 
