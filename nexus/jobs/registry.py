@@ -29,6 +29,10 @@ class JobType:
     default_requirements: dict = field(default_factory=dict)
     # Whether the job reads an uploaded input object (`input_key`).
     accepts_input: bool = True
+    # Whether the handler reads rows through the node's standby (ctx.reads.rows with ctx.read_after_lsn):
+    # its messages then carry the master's WAL position after the submission, which costs the submitter
+    # one more round trip. Handlers that only read their own job get it from the claim, on the master.
+    reads_standby: bool = False
 
 
 class UnknownJobType(KeyError):

@@ -117,7 +117,8 @@ class Submitter:
             existing = lifecycle.find_by_idempotency(conn, specs[0].tenant, [s.idempotency_key for s in repeats]) \
                 if repeats else {}
             # Read after the commit: a worker's standby that replayed this far has the new rows.
-            lsn = commit_lsn(conn) if inserted else None
+            lsn = commit_lsn(conn) if any(get_job_type(s.type).reads_standby for s in specs if s.id in inserted) \
+                else None
         new_specs = [s for s in specs if s.id in inserted]
         try:
             self.publish(new_specs, lsn)

@@ -53,4 +53,4 @@ def run_digest(ctx: JobContext, payload: dict) -> dict:
             "spec_source": spec_source, "object_source": object_source}
 
 
-digest = JobType(name="digest", run=run_digest, validate=validate_digest)
+digest = JobType(name="digest", run=run_digest, validate=validate_digest, reads_standby=True)
