@@ -6,7 +6,8 @@ Measures, in one run:
   latency     sequential round trips: bare `delay().get()` vs Nexus submit -> completion notice
               (in-process Submitter) and through the HTTP API (POST, then GET ?wait=)
   throughput  N jobs sent one by one, time until the last one finished, for each
-  bulk        submit_many of 10,000 jobs in one transaction (library and HTTP)
+  bulk        submit_many of 10,000 jobs in one transaction (library and HTTP), against
+              bare send_task of as many messages on one producer
 and prints each Nexus figure as a ratio against the bare baseline.
 """
 
@@ -122,6 +123,18 @@ def nexus_throughput(services: Services, watcher: CompletionWatcher, n: int) -> 
     return n / (time.perf_counter() - started)
 
 
+def bare_bulk_rate(services: Services, n: int) -> float:
+    """Celery's quickest way to send many tasks: send_task in a loop on one producer (no database).
+    Sent to a queue no worker reads, then dropped, as the Nexus bulk jobs are."""
+    started = time.perf_counter()
+    with services.celery.producer_or_acquire() as producer:
+        for i in range(n):
+            services.celery.send_task("bench.bare_noop", args=[i], queue="bare_bulk", producer=producer)
+    rate = n / (time.perf_counter() - started)
+    services.redis.delete(*services.redis.keys("bare_bulk*"))
+    return rate
+
+
 def bulk_rate(services: Services, n: int) -> float:
     jobs = [{"type": "noop", "payload": {"echo": i}, "requirements": {"tier": "gpu_peer"}} for i in range(n)]
     started = time.perf_counter()
@@ -164,6 +177,7 @@ def main() -> None:
             lat_http = http_latency(url, settings.admin_token, args.latency)
             tput_bare = bare_throughput(bare, args.jobs)
             tput_nexus = nexus_throughput(services, watcher, args.jobs)
+            bulk_bare = bare_bulk_rate(services, args.bulk)
             bulk = bulk_rate(services, args.bulk)
             bulk_http = http_bulk_rate(url, settings.admin_token, args.bulk)
         finally:
@@ -180,7 +194,8 @@ def main() -> None:
           f"(ratio {p50(lat_http) / p50(lat_bare):.2f}x)")
     print(f"  throughput bare {tput_bare:8.0f} jobs/s   Nexus {tput_nexus:8.0f} jobs/s   "
           f"ratio {tput_nexus / tput_bare:.2f}x")
-    print(f"  bulk submit  library {bulk:8.0f} jobs/s   HTTP {bulk_http:8.0f} jobs/s   ({args.bulk} jobs)")
+    print(f"  bulk submit  bare send_task {bulk_bare:8.0f} jobs/s   Nexus library {bulk:8.0f} jobs/s "
+          f"(ratio {bulk / bulk_bare:.2f}x)   HTTP {bulk_http:8.0f} jobs/s   ({args.bulk} jobs)")
 
 
 if __name__ == "__main__":
