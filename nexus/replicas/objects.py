@@ -97,9 +97,7 @@ class ReplicatedObjectStore(ObjectStore):
         try:
             response = self.local.get_object(bucket_name=bucket, object_name=key)
             try:
-                copied_from = normalise_etag(response.headers.get(f"x-amz-meta-{SOURCE_ETAG_META}"))
-                if wanted not in (normalise_etag(response.headers.get("ETag")), copied_from):
-                    self.stats.count("objects", "stale")
+                if not self._is_current(response, wanted):
                     return False
                 with open(partial, "wb") as out:
                     for chunk in response.stream(_CHUNK_BYTES):
@@ -120,6 +118,14 @@ class ReplicatedObjectStore(ObjectStore):
             os.unlink(partial)
         return False
 
+    def _is_current(self, response, wanted: str) -> bool:
+        """Whether the local copy is the master's current object: its own ETag, or the one it was copied from."""
+        copied_from = normalise_etag(response.headers.get(f"x-amz-meta-{SOURCE_ETAG_META}"))
+        if wanted in (normalise_etag(response.headers.get("ETag")), copied_from):
+            return True
+        self.stats.count("objects", "stale")
+        return False
+
     def _fill_file(self, bucket: str, key: str, path: str, master_etag: str | None) -> None:
         try:
             self._ensure_local_bucket(bucket)
@@ -134,11 +140,7 @@ class ReplicatedObjectStore(ObjectStore):
             # One request: the headers arrive before the body, which is read only when the ETag matches.
             response = self.local.get_object(bucket_name=bucket, object_name=key)
             try:
-                copied_from = normalise_etag(response.headers.get(f"x-amz-meta-{SOURCE_ETAG_META}"))
-                if wanted not in (normalise_etag(response.headers.get("ETag")), copied_from):
-                    self.stats.count("objects", "stale")
-                    return None
-                return response.read()
+                return response.read() if self._is_current(response, wanted) else None
             finally:
                 response.close()
                 response.release_conn()
