@@ -4,7 +4,8 @@
 
 Measures, in one run:
   latency     sequential round trips: bare `delay().get()` vs Nexus submit -> completion notice
-              (in-process Submitter) and through the HTTP API (POST, then GET ?wait=)
+              (in-process Submitter) and through the HTTP API (POST, then GET ?wait=; and one
+              POST ?wait= that answers with the finished job)
   throughput  N jobs sent one by one, time until the last one finished, for each
   bulk        submit_many of 10,000 jobs in one transaction (library and HTTP), against
               bare send_task of as many messages on one producer
@@ -105,6 +106,20 @@ def http_latency(url: str, token: str, n: int) -> list[float]:
     return times
 
 
+def http_run_latency(url: str, token: str, n: int) -> list[float]:
+    """One request a job: POST /api/v1/jobs?wait= answers with the finished job."""
+    session = requests.Session()
+    session.headers["Authorization"] = f"Bearer {token}"
+    times = []
+    for i in range(n):
+        started = time.perf_counter()
+        done = session.post(f"{url}/api/v1/jobs", params={"wait": 30}, json={"type": "noop", "payload": {"echo": i}},
+                            timeout=40).json()
+        assert done["state"] == "succeeded", done
+        times.append(time.perf_counter() - started)
+    return times
+
+
 def bare_throughput(bare, n: int) -> float:
     started = time.perf_counter()
     results = [bare.apply_async(args=[i], queue="bare") for i in range(n)]
@@ -175,6 +190,7 @@ def main() -> None:
             lat_bare = bare_latency(bare, args.latency)
             lat_nexus = nexus_latency(services, watcher, args.latency)
             lat_http = http_latency(url, settings.admin_token, args.latency)
+            lat_run = http_run_latency(url, settings.admin_token, args.latency)
             tput_bare = bare_throughput(bare, args.jobs)
             tput_nexus = nexus_throughput(services, watcher, args.jobs)
             bulk_bare = bare_bulk_rate(services, args.bulk)
@@ -189,9 +205,11 @@ def main() -> None:
     print(f"  latency  bare Celery delay().get()   {describe_ms(lat_bare)}")
     print(f"  latency  Nexus noop (library)        {describe_ms(lat_nexus)}")
     print(f"  latency  Nexus noop (HTTP API)       {describe_ms(lat_http)}")
+    print(f"  latency  Nexus noop (HTTP, one POST) {describe_ms(lat_run)}")
     print(f"  overhead p50 library {1000 * (p50(lat_nexus) - p50(lat_bare)):+.2f} ms "
           f"(ratio {p50(lat_nexus) / p50(lat_bare):.2f}x), HTTP {1000 * (p50(lat_http) - p50(lat_bare)):+.2f} ms "
-          f"(ratio {p50(lat_http) / p50(lat_bare):.2f}x)")
+          f"(ratio {p50(lat_http) / p50(lat_bare):.2f}x), HTTP one POST {1000 * (p50(lat_run) - p50(lat_bare)):+.2f} ms "
+          f"(ratio {p50(lat_run) / p50(lat_bare):.2f}x)")
     print(f"  throughput bare {tput_bare:8.0f} jobs/s   Nexus {tput_nexus:8.0f} jobs/s   "
           f"ratio {tput_nexus / tput_bare:.2f}x")
     print(f"  bulk submit  bare send_task {bulk_bare:8.0f} jobs/s   Nexus library {bulk:8.0f} jobs/s "

@@ -62,6 +62,12 @@ class NexusClient:
         """Submit one job; fields: requirements, priority, max_attempts, idempotency_key, input_key, tenant."""
         return self.request("POST", "/api/v1/jobs", json={"type": type, "payload": payload, **fields})
 
+    def run(self, type: str, payload: Any = None, wait: float = 30.0, **fields) -> dict:
+        """Submit one job and get it back final in the same request when it finishes within `wait`
+        seconds (at most 30); otherwise as it stands then: follow it with `wait()`."""
+        return self.request("POST", "/api/v1/jobs", params={"wait": wait},
+                            json={"type": type, "payload": payload, **fields}, timeout=self.timeout + wait)
+
     def submit_many(self, jobs: list[dict]) -> list[dict]:
         """Submit up to 10,000 jobs in one transaction; returns [{id, state, created}] in order."""
         return self.request("POST", "/api/v1/jobs/bulk", json={"jobs": jobs})["jobs"]

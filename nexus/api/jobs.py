@@ -70,11 +70,19 @@ def load_job(job_id: uuid.UUID) -> dict:
     return dict(row)
 
 
+class WaitQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    wait: float = Field(0, ge=0, le=30, description="hold the request up to this many seconds until the job is final")
+
+
 @bp.post("")
+@bp.input(WaitQuery, location="query", arg_name="query")
 @bp.input(JobRequest, arg_name="job")
-@bp.doc(security="bearer", responses={201: "created", 200: "an idempotent repeat: the existing job"})
+@bp.doc(security="bearer", responses={201: "created (with ?wait=, as it stands when final or when the wait ends)",
+                                      200: "an idempotent repeat: the existing job"})
 @require(Role.SUBMITTER)
-def submit(job: JobRequest):
+def submit(query: WaitQuery, job: JobRequest):
     header_key = request.headers.get("Idempotency-Key")
     if header_key is not None:
         if not 0 < len(header_key) <= 256:
@@ -85,6 +93,8 @@ def submit(job: JobRequest):
     tenant = _tenant_for(job.tenant)
     _check_inputs([job], tenant)
     [(row, created)] = services().submitter.submit_many([job], tenant=tenant)
+    if query.wait and row["state"] not in FINAL_VALUES:
+        row = _wait_until_final(row["id"], query.wait)  # a synchronous run: one request instead of two
     return _view(row), 201 if created else 200
 
 
@@ -106,16 +116,10 @@ def submit_bulk(bulk: BulkJobRequest):
     return {"jobs": jobs, "created": sum(1 for j in jobs if j["created"])}, 201
 
 
-class JobGetQuery(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    wait: float = Field(0, ge=0, le=30, description="hold the request up to this many seconds until the job is final")
-
-
 @bp.get("/<uuid:job_id>")
-@bp.input(JobGetQuery, location="query", arg_name="query")
+@bp.input(WaitQuery, location="query", arg_name="query")
 @bp.doc(security="bearer")
-def get_job(job_id: uuid.UUID, query: JobGetQuery):
+def get_job(job_id: uuid.UUID, query: WaitQuery):
     return _view(_wait_until_final(job_id, query.wait) if query.wait else load_job(job_id))
 
 

@@ -27,6 +27,8 @@ def test_submit_wait_list_and_events(client, worker):
     created = client.submit_many([{"type": "noop", "payload": {"echo": i}} for i in range(30)])
     assert len(created) == 30 and all(c["created"] for c in created)
     assert len(list(client.list(type="noop"))) == 31
+    ran = client.run("noop", {"echo": "in one request"}, wait=30)
+    assert (ran["state"], ran["result"]) == ("succeeded", {"echo": "in one request"})
 
 
 def test_errors_come_back_as_nexus_errors(client):

@@ -40,6 +40,19 @@ def test_noop_job_runs_on_a_real_worker(api, worker):
                                                                   ("running", "succeeded")]
 
 
+def test_a_synchronous_submit_returns_the_finished_job(api, worker):
+    response = api.post("/api/v1/jobs?wait=30", json={"type": "noop", "payload": {"echo": "now"}}, headers=auth())
+    assert response.status_code == 201
+    assert (response.json["state"], response.json["result"]) == ("succeeded", {"echo": "now"})
+    # A job that outlasts the wait comes back as it stands, to be followed with GET ?wait=.
+    slow = api.post("/api/v1/jobs?wait=0.2", json={"type": "sleep", "payload": {"seconds": 3}}, headers=auth())
+    assert slow.status_code == 201 and slow.json["state"] in ("queued", "running")
+    assert wait_final(api, slow.json["id"])["state"] == "succeeded"
+    for bad in ("31", "-1", "soon"):
+        response = api.post(f"/api/v1/jobs?wait={bad}", json={"type": "noop"}, headers=auth())
+        assert response.status_code == 400 and "wait" in str(response.json["error"]), response.json
+
+
 def test_failing_job_retries_then_succeeds(api, worker, reconciler):
     job = submit(api, {"type": "noop", "payload": {"fail_attempts": 2}, "max_attempts": 3}).json
     done = wait_final(api, job["id"])
