@@ -25,8 +25,9 @@ class Services:
 
     @cached_property
     def statements(self) -> Engine:
-        """For single statements on hot paths: each commits on its own, one round trip instead of
-        three (BEGIN, the statement, COMMIT or ROLLBACK). Never for work that must be atomic."""
+        """For reads and single-statement writes: each statement commits on its own, one round trip
+        instead of three (BEGIN, the statement, COMMIT or ROLLBACK). Reads lose nothing: under READ
+        COMMITTED every statement takes its own snapshot anyway. Never for work that must be atomic."""
         return autocommit(self.engine)
 
     @cached_property

@@ -25,7 +25,7 @@ bp = APIBlueprint("gpu", __name__, url_prefix="/api/v1/gpu", tag="GPU placement"
                                        "`required_mb` available after reservations; least capable tier first.")
 @require(Role.SUBMITTER)
 def can_fit(body: CanFitRequest):
-    with services().engine.connect() as conn:
+    with services().statements.connect() as conn:
         fleet = reservations.fleet(conn)
         held = reservations.live_reservations(conn)
     fits = fit_nodes(fleet, body.required_mb, body.gpu_count, Tier(body.tier) if body.tier else None, held,
@@ -50,7 +50,7 @@ def reserve(body: ReservationRequest):
 @bp.doc(security="bearer")
 @require()
 def list_reservations():
-    with services().engine.connect() as conn:
+    with services().statements.connect() as conn:
         return {"reservations": [row_view(row) for row in reservations.list_reservations(conn)]}
 
 

@@ -162,7 +162,7 @@ def list_jobs(query: JobListQuery):
         params["c_at"], params["c_id"] = _decode_cursor(query.cursor)
         where.append("(created_at, id) < (:c_at, :c_id)")
     sql = f"SELECT * FROM jobs WHERE {' AND '.join(where)} ORDER BY created_at DESC, id DESC LIMIT :limit"
-    with services().engine.connect() as conn:
+    with services().statements.connect() as conn:
         rows = [dict(r) for r in conn.execute(text(sql), params).mappings()]
     page, more = rows[:query.limit], len(rows) > query.limit
     return {"jobs": [_view(r) for r in page],
@@ -173,7 +173,7 @@ def list_jobs(query: JobListQuery):
 @bp.doc(security="bearer")
 def job_events(job_id: uuid.UUID):
     load_job(job_id)
-    with services().engine.connect() as conn:
+    with services().statements.connect() as conn:
         rows = conn.execute(
             text("SELECT at, from_state, to_state, attempt, node, message FROM job_events "
                  "WHERE job_id = :id ORDER BY id"), {"id": job_id}).mappings()

@@ -54,7 +54,7 @@ class StateReport(BaseModel):
 
 
 def _spec(name: str) -> ModelSpec:
-    with services().engine.connect() as conn:
+    with services().statements.connect() as conn:
         spec = catalog.get_model(conn, name)
     if spec is None:
         raise ApiError(404, f"model {name!r} not found")
@@ -86,7 +86,7 @@ def create_model(body: ModelRequest):
 @bp.get("")
 @bp.doc(security="bearer")
 def list_models():
-    with services().engine.connect() as conn:
+    with services().statements.connect() as conn:
         specs = catalog.list_models(conn)
         instances = catalog.list_instances(conn)
     return {"models": [_model_view(s, [i for i in instances if i["model"] == s.name]) for s in specs]}
@@ -96,7 +96,7 @@ def list_models():
 @bp.doc(security="bearer")
 def get_model(name: str):
     spec = _spec(name)
-    with services().engine.connect() as conn:
+    with services().statements.connect() as conn:
         return _model_view(spec, catalog.list_instances(conn, name))
 
 
@@ -150,13 +150,13 @@ def _fleet(conn, gpu_only: bool):
 def list_instances(name: str):
     _spec(name)
     live = set(liveness.live_instances(services().redis, name))
-    with services().engine.connect() as conn:
+    with services().statements.connect() as conn:
         return {"instances": [catalog.instance_view(i, str(i["id"]) in live)
                               for i in catalog.list_instances(conn, name)]}
 
 
 def _instance(name: str, instance_id: uuid.UUID) -> dict:
-    with services().engine.connect() as conn:
+    with services().statements.connect() as conn:
         row = catalog.get_instance(conn, instance_id)
     if row is None or row["model"] != name:
         raise ApiError(404, f"instance {instance_id} of model {name!r} not found")

@@ -49,7 +49,7 @@ def _join_token_valid(token: str) -> bool:
     """The cluster's join token, or a worker-role API token (which an admin can revoke)."""
     if hmac.compare_digest(token.encode(), services().settings.join_token.encode()):
         return True
-    with services().engine.connect() as conn:
+    with services().statements.connect() as conn:
         principal = auth.authenticate(conn, token)
     return principal is not None and principal.role is Role.WORKER
 
@@ -112,7 +112,7 @@ def heartbeat(node_id: uuid.UUID, beat: HeartbeatRequest):
 @bp.doc(security="bearer")
 @require()
 def list_nodes(query: NodeListQuery):
-    with services().engine.connect() as conn:
+    with services().statements.connect() as conn:
         rows = store.list_nodes(conn, tier=query.tier, state=query.state.value if query.state else None,
                                 has_gpu=query.has_gpu, model=query.model)
     return {"nodes": [node_view(row) for row in rows]}
@@ -122,7 +122,7 @@ def list_nodes(query: NodeListQuery):
 @bp.doc(security="bearer")
 @require()
 def get_node(node_id: uuid.UUID):
-    with services().engine.connect() as conn:
+    with services().statements.connect() as conn:
         return node_view(_found(store.get_node(conn, node_id), node_id))
 
 

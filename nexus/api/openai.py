@@ -65,7 +65,7 @@ def _require_submitter() -> None:
 @bp.get("/models")
 @bp.doc(security="bearer")
 def list_models():
-    with services().engine.connect() as conn:
+    with services().statements.connect() as conn:
         models = catalog.list_models(conn)
     return build_models_list([m.name for m in models])
 
@@ -73,7 +73,7 @@ def list_models():
 @bp.get("/models/<path:name>")
 @bp.doc(security="bearer")
 def get_model(name: str):
-    with services().engine.connect() as conn:
+    with services().statements.connect() as conn:
         if catalog.get_model(conn, name) is None:
             raise ModelNotFoundError(f"The model '{name}' does not exist", param="model")
     return build_models_list([name])["data"][0]
@@ -111,7 +111,7 @@ def _serve(endpoint: Endpoint):
 
 
 def _check_servable(call: ApiCall) -> None:
-    with services().engine.connect() as conn:
+    with services().statements.connect() as conn:
         spec = catalog.get_model(conn, call.model)
     if spec is None:
         raise ModelNotFoundError(f"The model '{call.model}' does not exist; GET /v1/models lists the models",
@@ -149,7 +149,7 @@ def _idle_check(job_id: str, started: float):
         if now - last_check[0] < JOB_CHECK_EVERY_SECONDS:
             return
         last_check[0] = now
-        with services().engine.connect() as conn:
+        with services().statements.connect() as conn:
             row = conn.execute(text("SELECT state, error FROM jobs WHERE id = :id"), {"id": job_id}).first()
         if row is not None and row.state in ("failed", "cancelled"):
             raise ModelUnavailableError(f"the request could not be served: {row.error or row.state}")

@@ -100,7 +100,7 @@ def verify(proof_id: uuid.UUID, body: VerifyRequest):
 def weights():
     """Proven weight per node: valid nonces of proofs whose latest verification accepted them."""
     tenant = None if caller().is_admin else caller().tenant
-    with services().engine.connect() as conn:
+    with services().statements.connect() as conn:
         return {"weights": records.proven_weights(conn, tenant)}
 
 
@@ -112,7 +112,7 @@ def _load_proof(proof_id: uuid.UUID) -> dict:
 
 
 def _proof_view(row: dict) -> dict:
-    with services().engine.connect() as conn:
+    with services().statements.connect() as conn:
         segments = records.segment_states(conn, row["id"])
         verdict_rows = records.verdicts(conn, row["id"])
     view = row_view(row, ("id", "state", "tenant", "attempt", "progress", "error", "node", "created_at",

@@ -30,7 +30,7 @@ def create(body: TokenRequest):
 @bp.doc(security="bearer")
 @require()
 def list_tokens():
-    with services().engine.connect() as conn:
+    with services().statements.connect() as conn:
         return {"tokens": [row_view(r) for r in auth.list_tokens(conn)]}
 
 
