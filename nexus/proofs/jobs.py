@@ -132,7 +132,10 @@ def run_proof(ctx: JobContext, payload: dict) -> dict:
     segments = kind.split(request)
     own = _own_row(ctx)
     _submit_segments(ctx, request, segments, own["priority"])
-    _retry_stopped_segments(ctx)
+    if ctx.attempt > 1:
+        # Only a retried proof revives stopped segments: on a first attempt a segment stopped
+        # already was cancelled by someone just now, and that cancel must stand.
+        _retry_stopped_segments(ctx)
     rows = _wait_for_segments(ctx, segments, own["queue"])
     results = [_load_result(ctx, row) for row in rows]
     receipt = kind.join(request, results)
