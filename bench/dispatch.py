@@ -93,28 +93,19 @@ def nexus_latency(services: Services, watcher: CompletionWatcher, n: int) -> lis
     return times
 
 
-def http_latency(url: str, token: str, n: int) -> list[float]:
+def http_latency(url: str, token: str, n: int, one_request: bool = False) -> list[float]:
+    """POST, then GET ?wait= until final; or, with `one_request`, one POST ?wait= answering with the finished job."""
     session = requests.Session()
     session.headers["Authorization"] = f"Bearer {token}"
     times = []
     for i in range(n):
+        body = {"type": "noop", "payload": {"echo": i}}
         started = time.perf_counter()
-        job = session.post(f"{url}/api/v1/jobs", json={"type": "noop", "payload": {"echo": i}}, timeout=30).json()
-        done = session.get(f"{url}/api/v1/jobs/{job['id']}", params={"wait": 30}, timeout=40).json()
-        assert done["state"] == "succeeded", done
-        times.append(time.perf_counter() - started)
-    return times
-
-
-def http_run_latency(url: str, token: str, n: int) -> list[float]:
-    """One request a job: POST /api/v1/jobs?wait= answers with the finished job."""
-    session = requests.Session()
-    session.headers["Authorization"] = f"Bearer {token}"
-    times = []
-    for i in range(n):
-        started = time.perf_counter()
-        done = session.post(f"{url}/api/v1/jobs", params={"wait": 30}, json={"type": "noop", "payload": {"echo": i}},
-                            timeout=40).json()
+        if one_request:
+            done = session.post(f"{url}/api/v1/jobs", params={"wait": 30}, json=body, timeout=40).json()
+        else:
+            job = session.post(f"{url}/api/v1/jobs", json=body, timeout=30).json()
+            done = session.get(f"{url}/api/v1/jobs/{job['id']}", params={"wait": 30}, timeout=40).json()
         assert done["state"] == "succeeded", done
         times.append(time.perf_counter() - started)
     return times
@@ -190,7 +181,7 @@ def main() -> None:
             lat_bare = bare_latency(bare, args.latency)
             lat_nexus = nexus_latency(services, watcher, args.latency)
             lat_http = http_latency(url, settings.admin_token, args.latency)
-            lat_run = http_run_latency(url, settings.admin_token, args.latency)
+            lat_run = http_latency(url, settings.admin_token, args.latency, one_request=True)
             tput_bare = bare_throughput(bare, args.jobs)
             tput_nexus = nexus_throughput(services, watcher, args.jobs)
             bulk_bare = bare_bulk_rate(services, args.bulk)

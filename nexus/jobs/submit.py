@@ -16,13 +16,13 @@ from pydantic import ValidationError
 from sqlalchemy import Engine, text
 
 from nexus.config import Settings
+from nexus.db.engine import autocommit
 from nexus.jobs import lifecycle
 from nexus.jobs.lifecycle import JobSpec
 from nexus.jobs.registry import UnknownJobType, get_job_type, job_type_names
 from nexus.jobs.schemas import JobRequest
 from nexus.queueing.celery_app import RUN_JOB_TASK, broker_priority
 from nexus.queueing.routing import Requirements, route_for
-from nexus.db.engine import autocommit
 from nexus.replicas.lsn import commit_lsn
 
 class SubmissionError(ValueError):
@@ -113,13 +113,12 @@ class Submitter:
         _check_unique_keys(specs)
         with self.writes.connect() as conn:
             inserted = lifecycle.insert_jobs(conn, specs)  # all rows or none: one statement
+            new_specs = [s for s in specs if s.id in inserted]
             repeats = [s for s in specs if s.id not in inserted]
             existing = lifecycle.find_by_idempotency(conn, specs[0].tenant, [s.idempotency_key for s in repeats]) \
                 if repeats else {}
             # Read after the commit: a worker's standby that replayed this far has the new rows.
-            lsn = commit_lsn(conn) if any(get_job_type(s.type).reads_standby for s in specs if s.id in inserted) \
-                else None
-        new_specs = [s for s in specs if s.id in inserted]
+            lsn = commit_lsn(conn) if any(get_job_type(s.type).reads_standby for s in new_specs) else None
         try:
             self.publish(new_specs, lsn)
         except Exception as exc:
