@@ -126,8 +126,8 @@ def deploy(name: str, body: DeployRequest):
     with services().engine.begin() as conn:
         # A CPU model goes to a node only when the deploy names nodes (their agents then run it);
         # otherwise it stays unplaced, for any `nexus worker --model` to adopt.
-        nodes, reservations = _fleet(conn, gpu_only=True) if request.wants_gpu else \
-            _fleet(conn, gpu_only=False) if body.nodes else ([], [])
+        placeable = request.wants_gpu or body.nodes
+        nodes, reservations = _fleet(conn, gpu_only=request.wants_gpu) if placeable else ([], [])
         reservations += pending_reservations(catalog.list_instances(conn, active_only=True), now + PENDING_RESERVATION)
         try:
             plan = place(request, nodes, reservations, now)
