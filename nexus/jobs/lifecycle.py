@@ -110,13 +110,15 @@ def _transition_sql(to_state: str | None, where: str, sets: str, returning: str 
     locked first so concurrent claimers queue up and re-check the guard.
     `returning` names the columns the caller reads (it must include id, state and attempt):
     the worker's writes return only what it uses, the whole row costs ~0.1 ms to decode.
+    The UPDATE names `j.id = :id` itself, not only through `old`: otherwise, with stale statistics,
+    PostgreSQL found the row by scanning every job in the guarded states (a claim cost O(backlog)).
     """
     state_set = f"state = '{to_state}', " if to_state else ""
     return f"""
     WITH old AS (SELECT id, state FROM jobs WHERE id = :id FOR UPDATE),
     upd AS (
         UPDATE jobs j SET {state_set}updated_at = now(), {sets}
-        FROM old WHERE j.id = old.id AND {where}
+        FROM old WHERE j.id = :id AND j.id = old.id AND {where}
         RETURNING {returning}, old.state AS from_state,
                   EXTRACT(EPOCH FROM (now() - j.started_at)) AS run_seconds
     ),

@@ -85,6 +85,27 @@ def test_claims_respect_max_attempts(services):
         assert lifecycle.claim(conn, job_id, 2, "a", 30) is None
 
 
+def test_a_claim_reads_one_row_however_long_the_backlog(services):
+    """With stale statistics the planner once scanned every queued job by state for each claim:
+    O(backlog) per claim, exactly when the queue is long. Each plan node must see at most one row."""
+    services.submitter.submit_many([{"type": "noop", "requirements": {"tier": "gpu_peer"}}] * 500, tenant="default")
+    job_id = submit(services, {"type": "noop", "requirements": {"tier": "gpu_peer"}})
+    claim_sql = lifecycle._CLAIM._execute.split("; ", 1)[1]  # without the SET LOCAL prefix
+    with services.engine.begin() as conn:
+        lifecycle.claim(conn, uuid.uuid4(), 1, "warm", 30)  # prepares the statement on this connection
+        [plan] = conn.exec_driver_sql(f"EXPLAIN (ANALYZE, FORMAT JSON) {claim_sql}", {
+            "id": job_id, "attempt": 1, "node": "a", "lease": 30.0, "event_node": "a", "event_message": None,
+        }).scalar_one()
+
+    def rows_seen(node: dict):
+        yield node["Actual Rows"] * node["Actual Loops"]
+        for child in node.get("Plans", []):
+            yield from rows_seen(child)
+
+    assert max(rows_seen(plan["Plan"])) <= 1, plan
+    assert job_row(services, job_id)["state"] == "running"
+
+
 def test_reconciler_republishes_jobs_whose_messages_were_lost(services):
     job_id = submit(services, {"type": "noop", "requirements": {"tier": "gpu_infra"}})
     assert queue_depth(services.redis, "gpu_infra") == 1
