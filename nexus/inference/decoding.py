@@ -2,16 +2,47 @@
 
 `next_tokens` samples a whole batch at once with per-row temperature, top-p
 and seeded generators (so a seeded request gives the same answer whatever it
-is batched with). `StopTracker` turns the growing decoded text of one choice
-into deltas, holding back text that may still become a stop string or an
-unfinished UTF-8 character.
+is batched with). `IncrementalDecoder` keeps the text of one choice's tokens
+without decoding them all again at each step, and `StopTracker` turns that
+growing text into deltas, holding back text that may still become a stop
+string or an unfinished UTF-8 character.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 REPLACEMENT_CHAR = "\ufffd"  # what a byte-level tokenizer decodes half a character to
+
+
+class IncrementalDecoder:
+    """The decoded text of one choice's growing token list, at the cost of its newest tokens.
+
+    Decoding the whole list at every step is O(n) per token, O(n^2) per answer: about 9%
+    of the CPU engine's time at 256 tokens. This decodes a window that starts a few tokens
+    back (the last step's new tokens), so text that depends on the token before it (a
+    leading space, a character split over byte tokens) comes out as a full decode gives it;
+    while the window ends in half a character it waits for the next token (the scheme of
+    vLLM's incremental detokenizer).
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str]) -> None:
+        self._decode = decode
+        self._text = ""
+        self._prefix = 0  # where the decoded window starts
+        self._read = 0  # tokens whose text is in self._text
+
+    def text(self, ids: list[int], final: bool = False) -> str:
+        """The text of `ids` (the same list, grown since the last call); `final` lets half a character out."""
+        prefix_text = self._decode(ids[self._prefix:self._read])
+        window_text = self._decode(ids[self._prefix:])
+        new = window_text[len(prefix_text):]
+        if final:
+            return self._text + new
+        if new and not new.endswith(REPLACEMENT_CHAR):
+            self._text += new
+            self._prefix, self._read = self._read, len(ids)
+        return self._text
 
 
 class StopTracker:

@@ -128,3 +128,30 @@ def test_closing_fails_what_waits_and_refuses_more(tiny_dir):
         list(waiting)
     with pytest.raises(RuntimeError, match="closed"):
         backend.generate(greedy("Hello"))
+
+
+def test_incremental_decoding_gives_the_full_decode_at_every_step(tiny_dir):
+    """Random token streams and real multi-byte text (characters split over byte tokens): the
+    text after each token is the full decode, less only a trailing half character."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from nexus.inference.decoding import REPLACEMENT_CHAR, IncrementalDecoder
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+
+    def decode(ids):
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
+    rng = random.Random(7)
+    streams = [[rng.randrange(len(tokenizer)) for _ in range(120)] for _ in range(20)]
+    streams.append(tokenizer("Grüße, 日本語 and émoji 🚀🎉 — ok", add_special_tokens=False).input_ids)
+    for ids in streams:
+        decoder = IncrementalDecoder(decode)
+        for end in range(1, len(ids) + 1):
+            text, full = decoder.text(ids[:end]), decode(ids[:end])
+            assert full.startswith(text), (ids[:end], text, full)
+            if not full.endswith(REPLACEMENT_CHAR):  # nothing half-decoded to wait for
+                assert text == full, (ids[:end], text, full)
+        assert decoder.text(ids, final=True) == decode(ids)

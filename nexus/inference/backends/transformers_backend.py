@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nexus.inference.backends.base import InferenceBackend, collect_stream
-from nexus.inference.decoding import StopTracker, next_tokens
+from nexus.inference.decoding import IncrementalDecoder, StopTracker, next_tokens
 from nexus.inference.kv_batch import RunningBatch, mergeable
 from nexus.inference.openai_shapes import ContextLengthExceededError
 from nexus.inference.types import FinishReason, GenerationRequest, GenerationResult, StreamDelta, Usage
@@ -41,6 +41,7 @@ class _Row:
     generator: object  # torch.Generator or None
     events: queue.Queue
     cancelled: threading.Event
+    decoder: IncrementalDecoder
     generated: list[int] = field(default_factory=list)
     tracker: StopTracker = field(init=False)
     finished: bool = False
@@ -136,7 +137,7 @@ class TransformersBackend(InferenceBackend):
             if params.seed is not None:
                 generator = torch.Generator().manual_seed(params.seed + index)
             rows.append(_Row(index, prompt_ids, max_new, params.temperature, params.top_p, params.stop,
-                             generator, events, cancelled, streaming=streaming))
+                             generator, events, cancelled, IncrementalDecoder(self._decode), streaming=streaming))
         return rows
 
     def _max_new_tokens(self, prompt_len: int, max_tokens: int | None) -> int:
@@ -282,13 +283,15 @@ class TransformersBackend(InferenceBackend):
 
     def _advance_row(self, row: _Row, token: int) -> None:
         if token in self._eos_ids:
-            row.finish(row.tracker.advance(self._decode(row.generated[:-1]), final=True)[0], FinishReason.STOP)
+            text = row.decoder.text(row.generated[:-1], final=True)
+            row.finish(row.tracker.advance(text, final=True)[0], FinishReason.STOP)
             return
-        piece, hit_stop = row.tracker.advance(self._decode(row.generated))
+        piece, hit_stop = row.tracker.advance(row.decoder.text(row.generated))
         if hit_stop:
             row.finish(piece, FinishReason.STOP)
         elif len(row.generated) >= row.max_new_tokens:
-            row.finish(piece + row.tracker.advance(self._decode(row.generated), final=True)[0], FinishReason.LENGTH)
+            text = row.decoder.text(row.generated, final=True)
+            row.finish(piece + row.tracker.advance(text, final=True)[0], FinishReason.LENGTH)
         elif piece:
             row.emit(piece)
 
