@@ -286,12 +286,12 @@ class TransformersBackend(InferenceBackend):
             text = row.decoder.text(row.generated[:-1], final=True)
             row.finish(row.tracker.advance(text, final=True)[0], FinishReason.STOP)
             return
-        piece, hit_stop = row.tracker.advance(row.decoder.text(row.generated))
+        last = len(row.generated) >= row.max_new_tokens  # the final text lets a trailing half character out
+        piece, hit_stop = row.tracker.advance(row.decoder.text(row.generated, final=last), final=last)
         if hit_stop:
             row.finish(piece, FinishReason.STOP)
-        elif len(row.generated) >= row.max_new_tokens:
-            text = row.decoder.text(row.generated, final=True)
-            row.finish(piece + row.tracker.advance(text, final=True)[0], FinishReason.LENGTH)
+        elif last:
+            row.finish(piece, FinishReason.LENGTH)
         elif piece:
             row.emit(piece)
 
