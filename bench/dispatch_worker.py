@@ -5,7 +5,7 @@ Same process, same pool, same Redis: the only difference measured is Nexus's own
 
 from nexus.config import load_settings
 from nexus.queueing.celery_app import make_celery
-from nexus.queueing.tasks import register_tasks
+from nexus.worker.task import register_tasks
 
 settings = load_settings()
 app = make_celery(settings)

@@ -31,7 +31,7 @@ import psutil  # noqa: E402
 
 from bench.common import bench_cluster, describe_ms, percentile  # noqa: E402
 from nexus.agent.heartbeat import heartbeat_body, registration_body  # noqa: E402
-from nexus.agent.liveness import reconcile_nodes  # noqa: E402
+from nexus.nodes.liveness import reconcile_nodes  # noqa: E402
 from nexus.services import Services  # noqa: E402
 from tests.agent_support import FIXTURE_NAMES, hardware  # noqa: E402
 from tests.support import NexusProcess  # noqa: E402

@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import requests  # noqa: E402
 
 from bench.common import bench_cluster  # noqa: E402
-from nexus.inference import catalog, liveness  # noqa: E402
-from nexus.inference.catalog import ModelSpec  # noqa: E402
+from nexus.models import catalog, liveness  # noqa: E402
+from nexus.models.catalog import ModelSpec  # noqa: E402
 from nexus.inference.types import GenerationRequest, SamplingParams  # noqa: E402
 from nexus.services import Services  # noqa: E402
 from tests.support import start_api, start_worker, wait_for  # noqa: E402
@@ -147,8 +147,8 @@ def main() -> None:
     args = parser.parse_args()
     items = prompts(args.prompts)
     with bench_cluster() as (settings, folder):
-        from nexus.inference.backends.transformers_backend import TransformersBackend
-        from nexus.inference.tiny import make_tiny_model
+        from nexus.serving.backends.transformers_backend import TransformersBackend
+        from nexus.serving.tiny import make_tiny_model
 
         model_dir = make_tiny_model(folder / "tiny")
         services = Services(settings)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import requests
 
-from nexus.agent.supervisor import ChildSpec, RestartPolicy, Supervisor
+from nexus.supervisor import ChildSpec, RestartPolicy, Supervisor
 from nexus.config import Settings
 from nexus.queueing.health import StuckWorkers
 from nexus.localservers import LocalServer, PostgresServer, RedisServer, S3Server, free_port

@@ -6,9 +6,9 @@ import json
 import time
 from pathlib import Path
 
-from nexus.agent.hardware import NodeHardware
+from nexus.nodes.hardware import NodeHardware
 from nexus.agent.heartbeat import heartbeat_body, registration_body
-from nexus.agent.tiers import TierThresholds, plan_workers
+from nexus.nodes.tiers import TierThresholds, plan_workers
 from nexus.config import Settings
 from tests.conftest import auth
 from tests.support import JOIN_TOKEN

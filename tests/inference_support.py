@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import pytest
 
-from nexus.inference import catalog, liveness
-from nexus.inference.catalog import ModelSpec
-from nexus.inference.placement import ParallelismPlan, Strategy
+from nexus.models import catalog, liveness
+from nexus.models.catalog import ModelSpec
+from nexus.models.placement import ParallelismPlan, Strategy
 from tests.support import start_worker, wait_for
 
 TINY = "tiny"
@@ -25,7 +25,7 @@ MODEL_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "NEXUS_INFERENC
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    from nexus.inference.tiny import make_tiny_model
+    from nexus.serving.tiny import make_tiny_model
 
     if "model_dir" not in _SHARED:
         _SHARED["model_dir"] = make_tiny_model(tmp_path_factory.mktemp("models") / "tiny")

@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import psutil
 
-from nexus.agent.hardware import CpuInfo, GpuInfo, NodeHardware
+from nexus.nodes.hardware import CpuInfo, GpuInfo, NodeHardware
 from nexus.config import Settings
 
 log = logging.getLogger(__name__)

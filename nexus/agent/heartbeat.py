@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
 from nexus import __version__
-from nexus.agent.hardware import NodeHardware
+from nexus.nodes.hardware import NodeHardware
 from nexus.agent.master import BadRequest, HeartbeatReply, MasterUnavailable, NodeRevoked
 
 log = logging.getLogger(__name__)

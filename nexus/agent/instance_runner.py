@@ -10,7 +10,7 @@ into starts and stops:
     runner.stop(grace)                   # draining / SIGTERM: every instance worker stops
 
 A worker's instance states (downloading, starting, running, error) are written
-by the worker itself (nexus.inference.serving); a deleted instance is already
+by the worker itself (nexus.serving.host); a deleted instance is already
 `stopped` on the master, so the agent only has to stop its process. The
 concurrency (the node's max_concurrent) is part of a worker's environment: when
 an admin changes it, the workers restart with the new one.
@@ -22,9 +22,10 @@ import logging
 from typing import Callable, Mapping
 
 from nexus.agent.master import HeartbeatReply
-from nexus.agent.supervisor import ChildSpec, RestartPolicy, Supervisor
+from nexus.supervisor import ChildSpec, RestartPolicy, Supervisor
 from nexus.config import Settings
-from nexus.inference.instances import instance_child, reconcile
+from nexus.models.instances import reconcile
+from nexus.worker.processes import instance_child
 
 log = logging.getLogger(__name__)
 

@@ -21,15 +21,16 @@ from dataclasses import dataclass
 
 import psutil
 
-from nexus.agent.activity import ActivityBoard
+from nexus.activity import ActivityBoard
 from nexus.agent.detect import Detector, make_detector
 from nexus.agent.heartbeat import HeartbeatLoop, heartbeat_body, registration_body
 from nexus.agent.identity import NodeIdentity, load_identity, save_identity
 from nexus.agent.instance_runner import InstanceRunner
 from nexus.agent.master import (BadRequest, HeartbeatReply, MasterClient, MasterUnavailable, NodeRevoked,
                                 RegistrationRefused)
-from nexus.agent.supervisor import RestartPolicy, Supervisor, worker_specs
-from nexus.agent.tiers import TierThresholds, WorkerPlan, plan_workers
+from nexus.supervisor import RestartPolicy, Supervisor
+from nexus.worker.processes import worker_specs
+from nexus.nodes.tiers import TierThresholds, WorkerPlan, plan_workers
 from nexus.config import Settings
 from nexus.queueing.health import StuckWorkers
 

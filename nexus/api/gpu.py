@@ -7,9 +7,9 @@ from datetime import datetime, timezone
 
 from apiflask import APIBlueprint
 
-from nexus.agent import reservations
-from nexus.agent.fit import can_fit as fit_nodes
-from nexus.agent.schemas import CanFitRequest, ReservationRequest
+from nexus.nodes import reservations
+from nexus.nodes.fit import can_fit as fit_nodes
+from nexus.nodes.schemas import CanFitRequest, ReservationRequest
 from nexus.api.errors import ApiError
 from nexus.api.security import caller, require, services
 from nexus.api.views import row_view

@@ -12,9 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from nexus.api.errors import ApiError
 from nexus.api.security import require, services
 from nexus.auth import Role
-from nexus.inference import catalog, liveness
-from nexus.inference.catalog import BackendKind, InstanceState, ModelSpec
-from nexus.inference.placement import (MAX_PIPELINE_STAGES, PlacementError, PlacementRequest, pending_reservations,
+from nexus.models import catalog, liveness
+from nexus.models.catalog import BackendKind, InstanceState, ModelSpec
+from nexus.models.placement import (MAX_PIPELINE_STAGES, PlacementError, PlacementRequest, pending_reservations,
                                        place)
 from nexus.queueing.tiers import Tier
 
@@ -140,7 +140,7 @@ def deploy(name: str, body: DeployRequest):
 
 def _fleet(conn, gpu_only: bool):
     """The (GPU) nodes and their live reservations, as the node agent records them (issue 3)."""
-    from nexus.agent.reservations import fleet, live_reservations
+    from nexus.nodes.reservations import fleet, live_reservations
 
     return fleet(conn, gpu_only), live_reservations(conn)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy import text
 
-from nexus.agent.states import NodeState
+from nexus.nodes.states import NodeState
 from nexus.queueing.tiers import TIER_ORDER
 
 _GPUS = text(

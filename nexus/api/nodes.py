@@ -12,16 +12,16 @@ from apiflask import APIBlueprint
 from pydantic import BaseModel, ConfigDict, Field
 
 from nexus import auth
-from nexus.agent import store
-from nexus.agent.hardware import NodeHardware
-from nexus.agent.schemas import HeartbeatRequest, NodePatch, RegisterRequest
-from nexus.agent.states import NodeState
-from nexus.agent.tiers import TierThresholds
+from nexus.nodes import store
+from nexus.nodes.hardware import NodeHardware
+from nexus.nodes.schemas import HeartbeatRequest, NodePatch, RegisterRequest
+from nexus.nodes.states import NodeState
+from nexus.nodes.tiers import TierThresholds
 from nexus.api.errors import ApiError
 from nexus.api.security import bearer_token, public, require, services
 from nexus.api.views import row_view
 from nexus.auth import Role
-from nexus.inference.instances import instance_orders
+from nexus.models.instances import instance_orders
 
 bp = APIBlueprint("nodes", __name__, url_prefix="/api/v1/nodes", tag="Nodes")
 

@@ -20,7 +20,7 @@ from sqlalchemy import text
 
 from nexus.api.security import caller, services
 from nexus.auth import Role
-from nexus.inference import catalog, liveness
+from nexus.models import catalog, liveness
 from nexus.inference.openai_shapes import (ApiCall, AuthenticationError, ContextLengthExceededError, Endpoint,
                                            ModelNotFoundError, ModelUnavailableError, OpenAIError, SSE_DONE,
                                            build_chunk, build_models_list, build_response, build_usage_chunk,

@@ -26,7 +26,7 @@ def models_cmd() -> None:
 @click.option("--seed", default=0, show_default=True, help="Seed of the random weights.")
 def make_tiny_cmd(directory: Path, seed: int) -> None:
     """Write a tiny Llama model (random weights, locally trained tokenizer) in the Hugging Face layout."""
-    from nexus.inference.tiny import TinyModelSpec, make_tiny_model
+    from nexus.serving.tiny import TinyModelSpec, make_tiny_model
 
     path = make_tiny_model(directory, TinyModelSpec(seed=seed))
     console.print(f"tiny model written to [bold]{path}[/bold]: {', '.join(sorted(p.name for p in path.iterdir()))}")

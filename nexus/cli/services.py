@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import sys
 import threading
 from pathlib import Path
@@ -50,48 +49,13 @@ def master_cmd(workers: int, threads: int) -> None:
 def worker_cmd(tier: str | None, queues: str | None, concurrency: int | None, pool: str | None,
                name: str | None, models: tuple[str, ...]) -> None:
     """Run a Celery worker for this node's tier queues."""
-    from nexus.queueing.celery_app import make_celery
-    from nexus.queueing.tasks import node_name, register_tasks
-    from nexus.queueing.tiers import Tier, queues_for_worker
+    from nexus.worker.main import WorkerConfigError, run_worker
 
     overrides = {k: v for k, v in {"worker_tier": tier, "worker_concurrency": concurrency,
                                     "worker_pool": pool}.items() if v is not None}
-    settings = load_settings(**overrides)
-    queue_list = queues.split(",") if queues else queues_for_worker(Tier.parse(settings.worker_tier),
-                                                                    settings.worker_take_lower_tiers)
-    app = make_celery(settings)
-    register_tasks(app, settings)
-    hostname = name or f"{node_name(settings)}-{os.getpid()}@{socket.gethostname()}"
-    worker_concurrency = settings.worker_concurrency
-    serving = _start_model_serving(settings, app, hostname, models)  # inference (issue 4)
-    if serving is not None:
-        queue_list = list(dict.fromkeys([*queue_list, *serving.queues]))
-        worker_concurrency = max(worker_concurrency, settings.inference_concurrency)
-    argv = ["worker", "-Q", ",".join(queue_list), "-P", settings.worker_pool, "-c", str(worker_concurrency),
-            "-n", hostname, "--without-gossip", "--without-mingle", "--loglevel=INFO"]
-    if settings.worker_send_events:  # Flower's task view needs them
-        argv.append("-E")
     try:
-        app.worker_main(argv)
-    finally:
-        if serving is not None:
-            # Free the backends (a vLLM server is a process of its own) and withdraw the instances
-            # now, so the API answers 503 at once instead of queueing for a worker that is gone.
-            serving.close()
-
-
-def _start_model_serving(settings, app, hostname: str, models: tuple[str, ...]):
-    """Load the models this worker serves before the pool starts (in the process that uses them)."""
-    from nexus.inference.serving import ServingStartError, model_names, start_serving
-
-    names = model_names(settings, models)
-    if not names:
-        return None
-    if settings.worker_pool == "prefork":
-        raise click.UsageError("a worker serving models runs the threads (or solo) pool: the model lives in-process")
-    try:
-        return start_serving(settings, app, hostname, names)
-    except ServingStartError as exc:
+        run_worker(load_settings(**overrides), queues.split(",") if queues else None, name, models)
+    except WorkerConfigError as exc:
         raise click.ClickException(str(exc)) from None
 
 

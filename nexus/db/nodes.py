@@ -23,7 +23,7 @@ from sqlalchemy import Boolean, CheckConstraint, DateTime, ForeignKey, Index, In
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
-from nexus.agent.states import NodeState
+from nexus.nodes.states import NodeState
 from nexus.db.models import Base
 
 NODE_STATES_SQL = ", ".join(f"'{state.value}'" for state in NodeState)

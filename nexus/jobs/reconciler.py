@@ -21,9 +21,9 @@ import redis
 from celery import Celery
 from sqlalchemy import Engine, text
 
-from nexus.agent.liveness import reconcile_nodes
+from nexus.nodes.liveness import reconcile_nodes
 from nexus.config import Settings
-from nexus.jobs.submit import publish_jobs
+from nexus.queueing.message import JobMessage, publish_all
 from nexus.queueing.celery_app import PRIORITY_LEVELS, PUBLISH_GIVE_UP_SECONDS
 
 log = logging.getLogger(__name__)
@@ -141,7 +141,7 @@ class Reconciler:
         with self.engine.begin() as conn:
             rows = conn.execute(statement, {"batch": BATCH, **params}).all()
             if rows:
-                publish_jobs(self.celery, [(str(r.id), r.attempt + 1, r.queue, r.priority) for r in rows])
+                publish_all(self.celery, [JobMessage(str(r.id), r.attempt + 1, r.queue, r.priority) for r in rows])
         return len(rows)
 
     def _empty_queues_with_waiting_jobs(self) -> list[str]:

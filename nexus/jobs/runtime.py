@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 
-from nexus.agent.placement import decline_retry
+from nexus.jobs.placement import decline_retry
 from nexus.config import Settings
 from nexus.db.engine import autocommit
 from nexus.jobs import lifecycle
@@ -93,7 +93,7 @@ class JobRunner:
     def execute(self, job_id: str, attempt: int, read_after_lsn: str | None = None) -> str:
         """Returns what happened, for logs and tests: dropped, declined, succeeded, retrying, failed, cancelled, lost."""
         if decline_retry(self.engine, self.submitter.celery, self.settings, job_id, attempt, self.node):
-            return "declined"  # it failed here before and another node can take it (nexus.agent.placement)
+            return "declined"  # it failed here before and another node can take it (nexus.jobs.placement)
         with self.writes.connect() as conn:
             job = lifecycle.claim(conn, uuid.UUID(job_id), attempt, self.node, self.settings.job_lease_seconds)
         if job is None:

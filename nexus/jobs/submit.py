@@ -21,7 +21,7 @@ from nexus.jobs import lifecycle
 from nexus.jobs.lifecycle import JobSpec
 from nexus.jobs.registry import UnknownJobType, get_job_type, job_type_names
 from nexus.jobs.schemas import JobRequest
-from nexus.queueing.celery_app import RUN_JOB_TASK, broker_priority
+from nexus.queueing.message import JobMessage, publish_all
 from nexus.queueing.routing import Requirements, route_for
 from nexus.replicas.lsn import commit_lsn
 
@@ -137,32 +137,7 @@ class Submitter:
         """One message per job: its id, the attempt it is meant for (the first) and the commit LSN."""
         specs = list(specs)
         if specs:
-            publish_jobs(self.celery, [(str(s.id), 1, s.queue, s.priority) for s in specs], read_after_lsn)
-
-
-def publish_jobs(celery: Celery, messages: list[tuple[str, int, str, int]],
-                 read_after_lsn: str | None = None) -> None:
-    """Publish (job_id, attempt, queue, priority) messages, pipelined: kombu's publish batch
-    turns thousands of LPUSHes into a few round trips on Redis (and is a no-op elsewhere)."""
-    with celery.producer_or_acquire() as producer, producer.batch():
-        for job_id, attempt, queue, priority in messages:
-            publish_job(celery, job_id, attempt, queue, priority, producer=producer, read_after_lsn=read_after_lsn)
-
-
-def publish_job(celery: Celery, job_id: str, attempt: int, queue: str, priority: int, producer=None,
-                read_after_lsn: str | None = None, countdown: float | None = None) -> None:
-    """`read_after_lsn` lets the worker read the job's rows from its local standby once replayed that far;
-    without it (re-publications, older masters) the worker reads from the master. `countdown` delays
-    the message (a worker holds it until then)."""
-    args = [job_id, attempt] + ([read_after_lsn] if read_after_lsn else [])
-    # Celery's own message builder (protocol 2), published with kombu directly: send_task adds
-    # ~0.2 ms of signals and repr work per message, which made bulk submits publish-bound.
-    message = celery.amqp.as_task_v2(uuid.uuid4().hex, RUN_JOB_TASK, args=args, ignore_result=True,
-                                     countdown=countdown, argsrepr=repr(tuple(args)), kwargsrepr="{}")
-    with celery.producer_or_acquire(producer) as publisher:
-        publisher.publish(message.body, exchange="", routing_key=queue, headers=message.headers,
-                          priority=broker_priority(priority), serializer="json", delivery_mode=2,
-                          retry=False, **message.properties)
+            publish_all(self.celery, [JobMessage(str(s.id), 1, s.queue, s.priority, read_after_lsn) for s in specs])
 
 
 def _check_unique_keys(specs: list[JobSpec]) -> None:

@@ -18,7 +18,7 @@ import psutil
 import pytest
 import requests
 
-from nexus.inference.weights import upload_folder
+from nexus.serving.weights import upload_folder
 from nexus.queueing.health import worker_records
 from nexus.storage import make_object_store
 from tests.agent_support import FIXTURES

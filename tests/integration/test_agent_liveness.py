@@ -8,8 +8,8 @@ import time
 import pytest
 from sqlalchemy import text
 
-from nexus.agent.placement import decline_retry
-from nexus.agent.states import NodeState, liveness_state, state_on_heartbeat
+from nexus.jobs.placement import decline_retry
+from nexus.nodes.states import NodeState, liveness_state, state_on_heartbeat
 from nexus.jobs import lifecycle
 from nexus.jobs.reconciler import Reconciler, queue_depth
 from tests.agent_support import beat, registered

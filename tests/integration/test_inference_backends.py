@@ -7,8 +7,8 @@ import pytest
 from click.testing import CliRunner
 
 from nexus.cli import main
-from nexus.inference.catalog import BackendKind, ModelSpec
-from nexus.inference.weights import COMPLETE_MARKER, upload_folder
+from nexus.models.catalog import BackendKind, ModelSpec
+from nexus.serving.weights import COMPLETE_MARKER, upload_folder
 from tests.inference_support import (MODEL_ENV, TINY, declare, model_worker, tiny_model_dir,  # noqa: F401
                                      tiny_served, tiny_spec)
 from tests.support import NexusProcess, start_worker, wait_for

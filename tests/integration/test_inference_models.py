@@ -150,13 +150,14 @@ def test_an_agent_runs_a_worker_per_instance(api, services, settings, session_di
     import os
     import subprocess
 
-    from nexus.inference.instances import child_name, instance_child, reconcile
+    from nexus.models.instances import child_name, reconcile
+    from nexus.worker.processes import instance_child
     from tests.support import settings_env
 
     assert declare(api, name="tiny-agent", source=str(tiny_model_dir), max_model_len=512).status_code == 201
     deployed = api.post("/api/v1/models/tiny-agent/instances", json={}, headers=auth()).json
     with services.engine.connect() as conn:
-        from nexus.inference.catalog import get_instance
+        from nexus.models.catalog import get_instance
 
         instance = get_instance(conn, deployed["id"])
     [to_start], stop = reconcile([instance], running=[])
@@ -174,7 +175,7 @@ def test_an_agent_runs_a_worker_per_instance(api, services, settings, session_di
         assert running["worker"] == f"{child_name(instance)}@box-x"
         chat = api.post("/v1/chat/completions", json={**CHAT, "model": "tiny-agent"}, headers=auth())
         assert chat.status_code == 200, chat.json
-        from nexus.inference.instances import desired_instances
+        from nexus.models.instances import desired_instances
 
         with services.engine.connect() as conn:
             desired = desired_instances(conn, "node-x")

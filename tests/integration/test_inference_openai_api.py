@@ -36,7 +36,7 @@ def test_completion(sdk):
 
 
 def test_greedy_answers_match_the_bare_backend(sdk, tiny_model_dir):
-    from nexus.inference.backends.transformers_backend import TransformersBackend
+    from nexus.serving.backends.transformers_backend import TransformersBackend
 
     bare = TransformersBackend(tiny_model_dir)
     try:

@@ -11,8 +11,8 @@ import uuid
 
 import pytest
 
-from nexus.inference.catalog import ModelSpec
-from nexus.inference.weights import local_model_path, upload_folder
+from nexus.models.catalog import ModelSpec
+from nexus.serving.weights import local_model_path, upload_folder
 from nexus.localservers import S3Server, free_port
 from nexus.replicas import ReplicatedObjectStore, make_read_store
 from nexus.storage import make_object_store

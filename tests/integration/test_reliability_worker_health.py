@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from nexus.agent.supervisor import ChildSpec, RestartPolicy, Supervisor
+from nexus.supervisor import ChildSpec, RestartPolicy, Supervisor
 from nexus.queueing.health import CONSUMING, NOT_CONSUMING, StuckWorkers, probe_queue, worker_records
 from tests.support import settings_env, wait_for
 

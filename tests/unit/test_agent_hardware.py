@@ -8,8 +8,8 @@ import pynvml
 import pytest
 
 from nexus.agent.detect import MIB, FixtureDetector, NvmlDetector, format_cuda_version, load_hardware
-from nexus.agent.hardware import NodeHardware
-from nexus.agent.tiers import TierThresholds, classify_gpu, classify_node, gpu_class_tokens, gpu_tiers, plan_workers
+from nexus.nodes.hardware import NodeHardware
+from nexus.nodes.tiers import TierThresholds, classify_gpu, classify_node, gpu_class_tokens, gpu_tiers, plan_workers
 from nexus.config import Settings
 from nexus.queueing.tiers import Tier
 from tests.agent_support import FIXTURE_NAMES, FIXTURES, hardware

@@ -12,7 +12,7 @@ import pytest
 
 from nexus.agent.instance_runner import InstanceRunner
 from nexus.agent.master import BadRequest, HeartbeatReply, heartbeat_reply
-from nexus.agent.supervisor import ChildSpec, RestartPolicy, Supervisor
+from nexus.supervisor import ChildSpec, RestartPolicy, Supervisor
 from nexus.config import Settings
 
 pytestmark = pytest.mark.timeout(60)

@@ -7,14 +7,14 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from nexus.agent import failures
-from nexus.agent.activity import ActivityBoard
-from nexus.agent.fit import GpuView, NodeView, Reservation, can_fit
+from nexus.jobs import failures
+from nexus.activity import ActivityBoard
+from nexus.nodes.fit import GpuView, NodeView, Reservation, can_fit
 from nexus.agent.heartbeat import HeartbeatLoop, heartbeat_body
 from nexus.agent.identity import NodeIdentity, identity_path, load_identity, save_identity
 from nexus.agent.master import (BadRequest, HeartbeatReply, MasterUnavailable, NodeRevoked, RegistrationRefused,
                                 heartbeat_reply, interpret)
-from nexus.agent.states import (ALLOWED_TRANSITIONS, InvalidNodeTransition, NodeState, liveness_state,
+from nexus.nodes.states import (ALLOWED_TRANSITIONS, InvalidNodeTransition, NodeState, liveness_state,
                                 state_on_heartbeat, transition)
 from nexus.queueing.tiers import Tier
 from tests.agent_support import hardware

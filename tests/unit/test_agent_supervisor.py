@@ -7,8 +7,9 @@ import time
 
 import pytest
 
-from nexus.agent.supervisor import ChildSpec, RestartPolicy, Supervisor, worker_command, worker_env, worker_specs
-from nexus.agent.tiers import TierThresholds, plan_workers
+from nexus.supervisor import ChildSpec, RestartPolicy, Supervisor
+from nexus.worker.processes import worker_command, worker_env, worker_specs
+from nexus.nodes.tiers import TierThresholds, plan_workers
 from nexus.config import Settings
 from tests.agent_support import hardware
 

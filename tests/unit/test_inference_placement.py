@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from nexus.agent.fit import GpuView, NodeView, Reservation
-from nexus.agent.hardware import NodeHardware
-from nexus.agent.states import NodeState
-from nexus.agent.tiers import TierThresholds, classify_node, gpu_tiers
+from nexus.nodes.fit import GpuView, NodeView, Reservation
+from nexus.nodes.hardware import NodeHardware
+from nexus.nodes.states import NodeState
+from nexus.nodes.tiers import TierThresholds, classify_node, gpu_tiers
 from nexus.config import Settings
-from nexus.inference.placement import (ParallelismPlan, PlacementError, PlacementRequest, Stage, Strategy,
+from nexus.models.placement import (ParallelismPlan, PlacementError, PlacementRequest, Stage, Strategy,
                                        candidate_sizes, pending_reservations, place)
 from nexus.queueing.tiers import Tier
 

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from nexus.inference.backends.openai_backend import finish_reason, request_body
-from nexus.inference.batch import chunk_ranges, error_line, failed_chunk_lines, parse_line, split_lines, to_jsonl
-from nexus.inference.catalog import BackendKind, ModelSpec, check_spec
+from nexus.serving.backends.openai_backend import finish_reason, request_body
+from nexus.serving.batch import chunk_ranges, error_line, failed_chunk_lines, parse_line, split_lines, to_jsonl
+from nexus.models.catalog import BackendKind, ModelSpec, check_spec
 from nexus.inference.openai_shapes import (ContextLengthExceededError, Endpoint, InvalidRequestError, OpenAIError,
                                            parse_body)
 from nexus.inference.streams import EventWriter, decode_event

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from nexus.inference.backends.base import collect_stream
+from nexus.serving.backends.base import collect_stream
 from nexus.inference.openai_shapes import ContextLengthExceededError
 from nexus.inference.types import ChatMessage, FinishReason, GenerationRequest, SamplingParams, StreamDelta, Usage
 
@@ -23,14 +23,14 @@ PROMPTS = ["Hello", "The cluster", "A job is a row", "Numbers: 1 2 3", "def add(
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    from nexus.inference.tiny import make_tiny_model
+    from nexus.serving.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")
 def backend(tiny_dir):
-    from nexus.inference.backends.transformers_backend import TransformersBackend
+    from nexus.serving.backends.transformers_backend import TransformersBackend
 
     backend = TransformersBackend(tiny_dir, max_batch_size=8, batch_window_ms=20)
     yield backend
@@ -116,7 +116,7 @@ def test_requests_join_a_running_batch_and_still_answer_as_if_alone(backend):
 
 
 def test_closing_fails_what_waits_and_refuses_more(tiny_dir):
-    from nexus.inference.backends.transformers_backend import TransformersBackend
+    from nexus.serving.backends.transformers_backend import TransformersBackend
 
     backend = TransformersBackend(tiny_dir, max_batch_size=1)
     running = backend.stream(greedy("Hello", 64))
@@ -137,7 +137,7 @@ def test_incremental_decoding_gives_the_full_decode_at_every_step(tiny_dir):
 
     from transformers import AutoTokenizer
 
-    from nexus.inference.decoding import REPLACEMENT_CHAR, IncrementalDecoder
+    from nexus.serving.decoding import REPLACEMENT_CHAR, IncrementalDecoder
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from nexus.inference.backends.vllm_backend import Backoff, VllmLaunch, vllm_command, vllm_env
-from nexus.inference.placement import ParallelismPlan, Stage, Strategy
+from nexus.serving.backends.vllm_backend import Backoff, VllmLaunch, vllm_command, vllm_env
+from nexus.models.placement import ParallelismPlan, Stage, Strategy
 
 
 def flags(argv: list[str]) -> dict[str, str]:
@@ -83,7 +83,7 @@ def test_restart_backoff_doubles_and_caps():
 
 
 def test_nothing_imports_vllm():
-    import nexus.inference.backends  # noqa: F401
-    import nexus.inference.backends.vllm_backend  # noqa: F401
+    import nexus.serving.backends  # noqa: F401
+    import nexus.serving.backends.vllm_backend  # noqa: F401
 
     assert "vllm" not in sys.modules

@@ -27,7 +27,7 @@ def test_the_supervisor_restarts_a_child_its_hook_calls_stuck():
     import sys
     import time
 
-    from nexus.agent.supervisor import ChildSpec, RestartPolicy, Supervisor
+    from nexus.supervisor import ChildSpec, RestartPolicy, Supervisor
 
     stuck: set[int] = set()
     spec = ChildSpec("sleeper", (sys.executable, "-c", "import time; time.sleep(60)"))

@@ -5,7 +5,7 @@ backend before its pool starts) and driven by one engine thread that batches
 continuously: the choices of concurrent requests are decoded together, one
 forward pass per step with a KV cache, each row with its own sampling
 parameters, stop strings and seeded generator; new rows join between steps
-and finished ones leave at once (nexus.inference.kv_batch). Callers only
+and finished ones leave at once (nexus.serving.kv_batch). Callers only
 tokenize and wait on a queue of deltas.
 """
 
@@ -18,9 +18,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nexus.inference.backends.base import InferenceBackend, collect_stream
-from nexus.inference.decoding import IncrementalDecoder, StopTracker, next_tokens
-from nexus.inference.kv_batch import RunningBatch, mergeable
+from nexus.serving.backends.base import InferenceBackend, collect_stream
+from nexus.serving.decoding import IncrementalDecoder, StopTracker, next_tokens
+from nexus.serving.kv_batch import RunningBatch, mergeable
 from nexus.inference.openai_shapes import ContextLengthExceededError
 from nexus.inference.types import FinishReason, GenerationRequest, GenerationResult, StreamDelta, Usage
 

@@ -33,14 +33,14 @@ from typing import Callable
 from redis import Redis
 from sqlalchemy import Engine
 
-from nexus.agent.activity import ActivityBoard
+from nexus.activity import ActivityBoard
 from nexus.config import Settings
-from nexus.inference import catalog, liveness
-from nexus.inference.backends import BackendRequest, make_backend
-from nexus.inference.backends.base import InferenceBackend
-from nexus.inference.catalog import InstanceState, ModelSpec
-from nexus.inference.placement import ParallelismPlan
-from nexus.inference.weights import local_model_path
+from nexus.models import catalog, liveness
+from nexus.serving.backends import BackendRequest, make_backend
+from nexus.serving.backends.base import InferenceBackend
+from nexus.models.catalog import InstanceState, ModelSpec
+from nexus.models.placement import ParallelismPlan
+from nexus.serving.weights import local_model_path
 from nexus.localservers import free_port
 from nexus.queueing.routing import model_queue
 from nexus.replicas import make_read_store

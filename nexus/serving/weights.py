@@ -13,7 +13,7 @@ import hashlib
 import shutil
 from pathlib import Path
 
-from nexus.inference.catalog import ModelSpec
+from nexus.models.catalog import ModelSpec
 from nexus.storage import ObjectStore
 
 COMPLETE_MARKER = ".nexus-complete"

@@ -21,10 +21,10 @@ from typing import Any
 
 from sqlalchemy import text
 
-from nexus.inference import serving
-from nexus.inference.batch import (BatchLine, chunk_ranges, error_line, failed_chunk_lines, parse_line, split_lines,
+from nexus.serving import host as serving
+from nexus.serving.batch import (BatchLine, chunk_ranges, error_line, failed_chunk_lines, parse_line, split_lines,
                                    success_line, to_jsonl)
-from nexus.inference.catalog import MODEL_NAME_PATTERN
+from nexus.models.catalog import MODEL_NAME_PATTERN
 from nexus.inference.openai_shapes import OpenAIError, build_response
 from nexus.jobs.context import JobContext
 from nexus.jobs.registry import JobType

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Callable
 
 from nexus.config import Settings
-from nexus.inference.backends.base import InferenceBackend
-from nexus.inference.catalog import BackendKind, ModelSpec
-from nexus.inference.placement import ParallelismPlan
+from nexus.serving.backends.base import InferenceBackend
+from nexus.models.catalog import BackendKind, ModelSpec
+from nexus.models.placement import ParallelismPlan
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class BackendRequest:
 
 
 def _transformers(request: BackendRequest) -> InferenceBackend:
-    from nexus.inference.backends.transformers_backend import TransformersBackend
+    from nexus.serving.backends.transformers_backend import TransformersBackend
 
     args, settings = request.spec.args, request.settings
     return TransformersBackend(
@@ -40,7 +40,7 @@ def _transformers(request: BackendRequest) -> InferenceBackend:
 
 
 def _vllm(request: BackendRequest) -> InferenceBackend:
-    from nexus.inference.backends.vllm_backend import VllmBackend, VllmLaunch
+    from nexus.serving.backends.vllm_backend import VllmBackend, VllmLaunch
 
     spec, settings = request.spec, request.settings
     launch = VllmLaunch.from_plan(request.plan or ParallelismPlan.from_dict({"strategy": "single_gpu"}),
@@ -53,7 +53,7 @@ def _vllm(request: BackendRequest) -> InferenceBackend:
 
 
 def _openai(request: BackendRequest) -> InferenceBackend:
-    from nexus.inference.backends.openai_backend import OpenAIBackend
+    from nexus.serving.backends.openai_backend import OpenAIBackend
 
     spec = request.spec
     return OpenAIBackend(spec.args["url"], spec.served_model_name, api_key=spec.args.get("api_key"),

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-from nexus.agent.hardware import GpuInfo, NodeHardware, parse_compute_capability
+from nexus.nodes.hardware import GpuInfo, NodeHardware, parse_compute_capability
 from nexus.config import Settings
 from nexus.queueing.tiers import Tier, queues_for_worker
 

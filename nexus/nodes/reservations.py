@@ -1,4 +1,4 @@
-"""VRAM reservations and the fleet as can-fit sees it: rows in, `nexus.agent.fit` values out.
+"""VRAM reservations and the fleet as can-fit sees it: rows in, `nexus.nodes.fit` values out.
 
 A GPU's free VRAM is the one its node's last heartbeat reported (the
 registration's when no beat has reported GPUs yet); reservations that have not
@@ -13,9 +13,9 @@ from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import Connection, text
 
-from nexus.agent.fit import GpuView, NodeView, Reservation, reserved_mb
-from nexus.agent.schemas import ReservationRequest
-from nexus.agent.states import NodeState
+from nexus.nodes.fit import GpuView, NodeView, Reservation, reserved_mb
+from nexus.nodes.schemas import ReservationRequest
+from nexus.nodes.states import NodeState
 from nexus.queueing.tiers import Tier
 
 

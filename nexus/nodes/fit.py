@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Iterable
 
-from nexus.agent.states import NodeState
+from nexus.nodes.states import NodeState
 from nexus.queueing.tiers import Tier
 
 

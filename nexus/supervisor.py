@@ -1,10 +1,7 @@
-"""Supervision of the node's Celery worker processes.
+"""Supervision of child processes: the agent's workers, and the local cluster's servers.
 
-One worker process per usable GPU, with CUDA_VISIBLE_DEVICES set in its
-environment before it starts (DESIGN decision 4: GPU work never forks CUDA,
-so the GPU worker uses the solo pool), or one CPU worker on a CPU-only node.
-
-A child that exits while we did not ask it to is restarted after an
+What a node runs is decided elsewhere (nexus.worker.processes builds the worker
+children); this module only keeps them running. A child that exits while we did not ask it to is restarted after an
 exponential backoff; a child that ran for `reset_after` seconds was healthy,
 so its next crash starts the backoff over. Draining sends SIGTERM, which is
 Celery's warm shutdown (stop consuming, finish the running task), waits for
@@ -17,60 +14,15 @@ from __future__ import annotations
 import logging
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
-from nexus.agent.tiers import WorkerPlan
 from nexus.config import Settings
 
 log = logging.getLogger(__name__)
 
-WORKER_APP = "nexus.agent.worker_app"  # the platform's worker app plus the activity board
 STUCK_KILL_AFTER_SECONDS = 30.0  # a worker stopped for not consuming that ignores SIGTERM this long is killed
-
-
-# --- what to run: pure ----------------------------------------------------------
-
-
-def worker_command(node_id: str, gpu_index: int | None, queues: Sequence[str], settings: Settings) -> list[str]:
-    """The command line of one Celery worker of this node."""
-    if not queues:
-        raise ValueError("a worker must consume at least one queue")
-    role = "cpu" if gpu_index is None else f"gpu{gpu_index}"
-    # GPU workers: solo pool, one task at a time in the process that owns the CUDA context.
-    pool, concurrency = ("solo", 1) if gpu_index is not None else (settings.worker_pool, settings.worker_concurrency)
-    return [
-        # The guard stops the worker when the agent dies, even by SIGKILL (no unsupervised orphans).
-        sys.executable, "-m", "nexus.agent.orphan_guard",
-        sys.executable, "-m", "celery", "-A", WORKER_APP, "worker",
-        "--hostname", f"{role}.{node_id}@%h",  # unique per worker; Celery expands %h to the host name
-        "--queues", ",".join(queues),
-        "--pool", pool,
-        "--concurrency", str(concurrency),
-        "--prefetch-multiplier", "1",
-        "--loglevel", "INFO",
-        # Gossip and mingle chat with every other worker at start and on every event: with
-        # hundreds of nodes on one Redis that is pure load, and Nexus needs neither.
-        "--without-gossip", "--without-mingle",
-    ]
-
-
-def worker_env(base_env: Mapping[str, str], gpu_index: int | None, node_id: str, node_name: str,
-               tier: str) -> dict[str, str]:
-    """The child's environment: the agent's own plus which GPU, node and tier it serves."""
-    env = dict(base_env)
-    env.update(
-        # NVML numbers GPUs in PCI bus order; CUDA's default is "fastest first". Same order, same GPU.
-        CUDA_DEVICE_ORDER="PCI_BUS_ID",
-        # Empty hides every GPU from a CPU worker (a node whose GPUs are too old or too small).
-        CUDA_VISIBLE_DEVICES="" if gpu_index is None else str(gpu_index),
-        NEXUS_NODE_ID=node_id,
-        NEXUS_NODE_NAME=node_name,
-        NEXUS_WORKER_TIER=tier,
-    )
-    return env
 
 
 @dataclass(frozen=True)
@@ -78,18 +30,6 @@ class ChildSpec:
     name: str
     argv: tuple[str, ...]
     env: Mapping[str, str] | None = None  # None: inherit the agent's environment
-
-
-def worker_specs(plans: Sequence[WorkerPlan], node_id: str, node_name: str, settings: Settings,
-                 base_env: Mapping[str, str]) -> list[ChildSpec]:
-    return [
-        ChildSpec(
-            name=plan.name,
-            argv=tuple(worker_command(node_id, plan.gpu_index, plan.queues, settings)),
-            env=worker_env(base_env, plan.gpu_index, node_id, node_name, plan.tier.value),
-        )
-        for plan in plans
-    ]
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Placement: which node(s) and GPUs serve a model instance, and with which parallelism plan.
 
-A pure function over node descriptions (`nexus.agent.fit.NodeView`, what the
+A pure function over node descriptions (`nexus.nodes.fit.NodeView`, what the
 master knows from heartbeats) and live reservations. The strategies are those
 of vLLM's distributed serving guide (and seed 002):
 
@@ -24,7 +24,7 @@ from datetime import datetime
 from enum import Enum
 from typing import Iterable, Sequence
 
-from nexus.agent.fit import NodeView, Reservation, can_fit
+from nexus.nodes.fit import NodeView, Reservation, can_fit
 from nexus.queueing.tiers import Tier
 
 TENSOR_PARALLEL_SIZES = (1, 2, 4, 8)  # attention heads divide by these in practice; vLLM requires it

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import socket
+from contextlib import nullcontext
 
 import redis
 from celery import Celery
 from sqlalchemy.exc import OperationalError
 
+from nexus.activity import ActivityBoard
 from nexus.config import Settings
 from nexus.db.engine import get_engine
 from nexus.jobs.notify import Notifier
@@ -16,6 +18,7 @@ from nexus.jobs.runtime import JobRunner
 from nexus.jobs.submit import Submitter
 from nexus.queueing.celery_app import RUN_JOB_TASK
 from nexus.queueing.health import install_consumption_probe
+from nexus.queueing.message import JobMessage
 from nexus.replicas import make_node_reads
 
 log = logging.getLogger(__name__)
@@ -27,6 +30,8 @@ def node_name(settings: Settings) -> str:
 
 def register_tasks(app: Celery, settings: Settings) -> None:
     install_consumption_probe(app, settings)  # a worker proves it consumes (nexus.queueing.health)
+    # An agent's workers (it sets NEXUS_NODE_ID) mark their jobs for its heartbeat; nobody reads a lone worker's.
+    board = ActivityBoard.for_settings(settings) if settings.node_id else None
     runner: list[JobRunner] = []  # built lazily in the worker process (after any fork)
 
     def get_runner() -> JobRunner:
@@ -42,9 +47,11 @@ def register_tasks(app: Celery, settings: Settings) -> None:
 
     @app.task(name=RUN_JOB_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
     def run_job(self, job_id: str, attempt: int, read_after_lsn: str | None = None) -> str:
-        # read_after_lsn: the master's WAL position after the job was committed (older messages lack it).
+        # The arguments are JobMessage.task_args(); older messages lack read_after_lsn.
+        message = JobMessage(str(job_id), int(attempt), queue="", read_after_lsn=read_after_lsn)
         try:
-            outcome = get_runner().execute(job_id, int(attempt), read_after_lsn)
+            with board.running_job(message.job_id) if board else nullcontext():
+                outcome = get_runner().execute(message.job_id, message.attempt, message.read_after_lsn)
         except OperationalError as exc:
             # The database is down before the claim: try again later rather than drop the message.
             delay = min(2 ** self.request.retries, 15)

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import requests
 from requests.adapters import HTTPAdapter
 
-from nexus.inference.backends.base import InferenceBackend
+from nexus.serving.backends.base import InferenceBackend
 from nexus.inference.openai_shapes import BackendError, error_from_body
 from nexus.inference.types import Choice, FinishReason, GenerationRequest, GenerationResult, StreamDelta, Usage
 

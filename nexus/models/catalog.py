@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import Connection, bindparam, text
 from sqlalchemy.dialects.postgresql import JSONB
 
-from nexus.inference.placement import ParallelismPlan
+from nexus.models.placement import ParallelismPlan
 from nexus.queueing.tiers import Tier
 
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"  # what routing.Requirements accepts

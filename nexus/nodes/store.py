@@ -1,6 +1,6 @@
 """The master's registry of nodes: registration, heartbeats and the admin's actions, one SQL statement each.
 
-The state rules are the pure functions of `nexus.agent.states`; the CASE
+The state rules are the pure functions of `nexus.nodes.states`; the CASE
 expressions here apply the same rules inside the UPDATE so that a heartbeat
 costs one round trip (a test checks SQL and Python agree for every state).
 """
@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from sqlalchemy import Connection, bindparam, text
 from sqlalchemy.dialects.postgresql import JSONB
 
-from nexus.agent.hardware import NodeHardware
-from nexus.agent.schemas import HeartbeatRequest, NodePatch, RegisterRequest
-from nexus.agent.tiers import TierThresholds, classify_node, gpu_tiers
+from nexus.nodes.hardware import NodeHardware
+from nexus.nodes.schemas import HeartbeatRequest, NodePatch, RegisterRequest
+from nexus.nodes.tiers import TierThresholds, classify_node, gpu_tiers
 from nexus.auth import hash_token
 
 # Every column but the token hash: what the admin API shows.

@@ -23,8 +23,8 @@ from typing import Mapping, Sequence
 
 import requests
 
-from nexus.inference.backends.openai_backend import OpenAIBackend
-from nexus.inference.placement import ParallelismPlan
+from nexus.serving.backends.openai_backend import OpenAIBackend
+from nexus.models.placement import ParallelismPlan
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ import logging
 from celery import Celery
 from sqlalchemy import Engine, text
 
-from nexus.agent.failures import may_claim
+from nexus.jobs.failures import may_claim
 from nexus.config import Settings
-from nexus.jobs.submit import publish_job
+from nexus.queueing.message import JobMessage
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,6 @@ def decline_retry(engine: Engine, celery: Celery, settings: Settings, job_id: st
                                             "window": settings.node_avoid_failed_seconds}).first()
     if row is None or not row.within_window or may_claim(node, row.failed_nodes, row.eligible):
         return False
-    publish_job(celery, job_id, attempt, row.queue, row.priority, countdown=settings.declined_job_delay_seconds)
+    JobMessage(job_id, attempt, row.queue, row.priority).publish(celery, countdown=settings.declined_job_delay_seconds)
     log.info("job %s attempt %s already failed on %s; left for another node", job_id, attempt, node)
     return True

@@ -14,7 +14,7 @@ import logging
 
 from sqlalchemy import Engine, text
 
-from nexus.agent.store import forfeit_leases
+from nexus.nodes.store import forfeit_leases
 from nexus.config import Settings
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from nexus.inference import serving
+from nexus.serving import host as serving
 from nexus.inference.openai_shapes import ApiCall, Endpoint, OpenAIError, parse_body
 from nexus.inference.streams import EventWriter
 from nexus.inference.types import StreamDelta, Usage
