@@ -86,7 +86,7 @@ class Settings(BaseSettings):
     worker_send_events: bool = True  # task events for Flower; off halves broker traffic
     data_dir: Path = Path.home() / ".nexus"
 
-    # --- agent: detection, tiers, heartbeats, supervision (issue 3) -----------
+    # --- agent: detection, tiers, heartbeats, supervision -------------
     agent_detector: str = "nvml"  # nvml | fixture
     agent_hardware_fixture: str = ""  # NodeHardware JSON read by the fixture detector
     node_id: str = ""  # the agent sets it in its workers' environment after registering
@@ -106,7 +106,7 @@ class Settings(BaseSettings):
     agent_restart_reset_after_seconds: float = Field(60.0, gt=0)  # a child up this long was healthy
     agent_request_timeout_seconds: float = Field(10.0, gt=0)
 
-    # --- proof jobs (issue 5) --------------------------------------------------
+    # --- proof jobs ---------------------------------------------------
     proof_torch_threads: int = Field(0, ge=0, le=1024)  # torch intra-op threads in a worker; 0 keeps torch's default
     proof_poll_seconds: float = Field(0.5, gt=0)  # how often a waiting proof job looks at its segments
     proof_parent_helps: bool = True  # a waiting proof job proves its own queued segments (see nexus/proofs/jobs.py)
@@ -114,7 +114,7 @@ class Settings(BaseSettings):
     node_avoid_failed_seconds: float = Field(120.0, ge=0)
     declined_job_delay_seconds: float = Field(1.0, ge=0)  # a declined message comes back after this
 
-    # --- local read replicas on a worker node (issue 6, DESIGN decision 6) ---------
+    # --- local read replicas on a worker node (docs/ARCHITECTURE.md, "Replicas for lag-tolerant reads") ---------
     # Empty: no replica, every read goes to the master. Writes always go to the master.
     replica_database_url: str = ""  # hot standby of the master's PostgreSQL (pg_basebackup -R)
     replica_redis_url: str = ""  # read-only Redis replica (replicaof the master)
@@ -158,7 +158,7 @@ class Settings(BaseSettings):
                     out[name] = None
         return out
 
-    # --- inference: model serving, the /v1 API, batch jobs (issue 4) ---------------
+    # --- inference: model serving, the /v1 API, batch jobs ----------------
     worker_models: str = ""  # comma-separated catalog names this worker serves (`nexus worker --model`)
     worker_instance_id: str = ""  # the agent names the instance a worker runs (one model); else it adopts one
     inference_concurrency: int = Field(16, ge=1, le=1024)  # requests in flight per serving worker
@@ -173,7 +173,7 @@ class Settings(BaseSettings):
     vllm_executable: str = "vllm"
     vllm_startup_timeout_seconds: float = Field(900.0, gt=0)
 
-    # --- worker consumption health (issue 7): each worker probes itself through the broker -------
+    # --- worker consumption health: each worker probes itself through the broker -------
     worker_probe_interval_seconds: float = Field(10.0, gt=0)  # a probe message to its own queue this often
     # A probe waiting in the queue this long while the worker has free slots: alive but not consuming.
     worker_probe_timeout_seconds: float = Field(30.0, gt=0)

@@ -168,6 +168,7 @@ class LocalCluster:
         path = self.data_dir / "cluster.json"
         path.write_text(json.dumps(cluster, indent=2))
         path.chmod(0o600)
+        token_command = f"$(python -c \"import json;print(json.load(open('{path}'))['admin_token'])\")"
         print(f"""
 Nexus local cluster is up ({self.workers} workers). Ctrl-C stops it.
   API          {cluster['api_url']}   (docs: {cluster['api_url']}/docs)
@@ -176,7 +177,7 @@ Nexus local cluster is up ({self.workers} workers). Ctrl-C stops it.
   logs         {self.data_dir}/logs/
   cluster.json {path}
 
-Try:  curl -s -X POST {cluster['api_url']}/api/v1/jobs -H "Authorization: Bearer $(python -c "import json;print(json.load(open('{path}'))['admin_token'])")" \\
+Try:  curl -s -X POST {cluster['api_url']}/api/v1/jobs -H "Authorization: Bearer {token_command}" \\
            -H 'Content-Type: application/json' -d '{{"type": "noop", "payload": {{"echo": "hello"}}}}'
 """, flush=True)
 

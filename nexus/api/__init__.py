@@ -36,9 +36,9 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
 
 def _blueprints():
     from nexus.api import health, inputs, jobs, tokens
-    from nexus.api import cluster, gpu, nodes  # the node agent's routes (issue 3)
-    from nexus.api import proofs  # proof jobs: receipts, verification, proven weight (issue 5)
-    from nexus.api import models, openai  # model catalog and instances, the OpenAI-compatible /v1 (issue 4)
+    from nexus.api import cluster, gpu, nodes  # the node agent's routes
+    from nexus.api import proofs  # proof jobs: receipts, verification, proven weight
+    from nexus.api import models, openai  # model catalog and instances, the OpenAI-compatible /v1
 
     return [health.bp, jobs.bp, inputs.bp, tokens.bp, nodes.bp, gpu.bp, cluster.bp, proofs.bp,
             models.bp, openai.bp]

@@ -139,7 +139,7 @@ def deploy(name: str, body: DeployRequest):
 
 
 def _fleet(conn, gpu_only: bool):
-    """The (GPU) nodes and their live reservations, as the node agent records them (issue 3)."""
+    """The (GPU) nodes and their live reservations, as the node agent records them ."""
     from nexus.nodes.reservations import fleet, live_reservations
 
     return fleet(conn, gpu_only), live_reservations(conn)

@@ -101,7 +101,7 @@ def heartbeat(node_id: uuid.UUID, beat: HeartbeatRequest):
     stopping = beat.state == "stopped"
     with (services().engine.begin() if stopping else services().statements.connect()) as conn:
         answer = store.heartbeat(conn, node_id, token, beat)
-        # The agent reconciles its instance workers against this list at every beat (issue 4):
+        # The agent reconciles its instance workers against this list at every beat :
         # no route of its own to poll, and no database connection on the agent.
         orders = instance_orders(conn, str(node_id)) if answer is not None and not stopping else []
     if answer is None:  # one answer for a wrong token, another node's token and a removed node: nothing leaks

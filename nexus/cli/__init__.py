@@ -16,7 +16,7 @@ from nexus.cli.services import dev_cmd, flower_cmd, master_cmd, reconciler_cmd, 
 
 class _NexusGroup(click.Group):
     """Settings that are refused (production with default secrets, a bad value) end the command with the
-    reason on one line and exit status 1, not a traceback (issue 7)."""
+    reason on one line and exit status 1, not a traceback."""
 
     def invoke(self, ctx):
         try:
@@ -48,13 +48,13 @@ for command in (dev_cmd, master_cmd, worker_cmd, reconciler_cmd, flower_cmd, sub
 
 main.add_command(config_cmd)  # `just config`: writes bento.env / worker.env
 
-for command in (prove_cmd, verify_cmd):  # proofs (issue 5): `nexus verify` needs no cluster
+for command in (prove_cmd, verify_cmd):  # proofs: `nexus verify` needs no cluster
     main.add_command(command)
 
-for command in (models_cmd, chat_cmd):  # inference (issue 4): the model catalog and an interactive chat
+for command in (models_cmd, chat_cmd):  # inference: the model catalog and an interactive chat
     main.add_command(command)
 
-from nexus.cli.nodes import agent_cmd, node_cmd, nodes_cmd, status_cmd  # noqa: E402  (node agent, issue 3)
+from nexus.cli.nodes import agent_cmd, node_cmd, nodes_cmd, status_cmd  # noqa: E402  (the node agent)
 
 for command in (agent_cmd, status_cmd, nodes_cmd, node_cmd):
     main.add_command(command)

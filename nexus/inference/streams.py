@@ -85,7 +85,8 @@ def read_events(client: redis.Redis, job_id, idle_check, block_ms: int = 1000
             idle_check(time.monotonic() - idle_since)
             continue
         idle_since = time.monotonic()
-        for last_id, fields in reply[0][1]:
+        for entry_id, fields in reply[0][1]:
+            last_id = entry_id  # the next read starts after this entry
             event = decode_event(json.loads(fields[b"e"] if b"e" in fields else fields["e"]))
             yield event
             if not isinstance(event, StreamDelta):

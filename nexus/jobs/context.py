@@ -38,7 +38,8 @@ class JobContext:
     engine: Engine
     storage: "ObjectStore"
     submitter: "Submitter"
-    # Replica-aware reads (DESIGN decision 6): the master WAL position the message carried, and the
+    # Replica-aware reads (docs/ARCHITECTURE.md, "Replicas for lag-tolerant reads"): the master WAL position
+    # the message carried, and the
     # node's read paths. None: read everything from the master.
     read_after_lsn: str | None = None
     reads: "NodeReads | None" = None

@@ -1,4 +1,4 @@
-"""Every write of a job's state, each one conditional SQL statement (DESIGN decision 1).
+"""Every write of a job's state, each one conditional SQL statement (docs/ARCHITECTURE.md, "Jobs are rows first").
 
 A transition and its event row are written by the same statement, so the event
 log can never disagree with the job. Claims, completions and failures are

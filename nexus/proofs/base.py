@@ -1,6 +1,6 @@
 """The shapes every proof kind shares: request, segment, segment result, verdict.
 
-A proof kind is four steps (DESIGN.md decision 5):
+A proof kind is four steps (docs/ARCHITECTURE.md, "Proofs are a task graph"):
 
     split(request)   -> segments          pure: nonce range into pieces
     prove(segment)   -> segment result    the compute, on any eligible worker

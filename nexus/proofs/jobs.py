@@ -1,4 +1,4 @@
-"""Proof jobs on the ordinary job machinery (DESIGN decision 5):
+"""Proof jobs on the ordinary job machinery (docs/ARCHITECTURE.md, "Proofs are a task graph"):
 
     proof ── split ──> proof_segment x N   children, one per segment, idempotent per index,
       │                                    routed by nexus.proofs.placement, retried alone

@@ -1,7 +1,7 @@
 """Where proof bytes live in the object store (bucket `NEXUS_BUCKET_RECEIPTS`).
 
-Job rows hold only these keys and the digests of what is behind them (DESIGN
-decision 2). Segment results are keyed by job id *and* attempt, so a fenced-off
+Job rows hold only these keys and the digests of what is behind them (docs/ARCHITECTURE.md,
+"Queues carry routing"). Segment results are keyed by job id *and* attempt, so a fenced-off
 attempt that still writes can never overwrite the result the row points at.
 """
 

@@ -1,4 +1,4 @@
-"""Where a proof's segments run: a pure function of the request (DESIGN decision 2).
+"""Where a proof's segments run: a pure function of the request (docs/ARCHITECTURE.md, "Queues carry routing").
 
 GPU tiers are preferred: by default a segment asks for a GPU, so it goes to the
 least capable GPU tier's queue, which every GPU worker that takes lower tiers

@@ -82,7 +82,8 @@ def reseal(receipt: dict[str, Any]) -> dict[str, Any]:
     segments = []
     for seg in sealed["segments"]:
         valid = [ValidNonce(e["nonce"], e["distance"]) for e in entries_by_segment.get(seg["index"], [])]
-        segment = Segment(sealed["kind"], sealed["seed"], sealed["parameters"], seg["index"], seg["nonce_start"], seg["nonce_end"])
+        segment = Segment(sealed["kind"], sealed["seed"], sealed["parameters"], seg["index"],
+                          seg["nonce_start"], seg["nonce_end"])
         segments.append({**seg, "valid_count": len(valid), "digest": segment_digest(segment, seg["node"], valid)})
     sealed["segments"] = segments
     sealed["valid_count"] = len(sealed["valid"])
@@ -171,7 +172,8 @@ def _check_digests(receipt: dict[str, Any]) -> list[str]:
     entries_by_segment = _entries_by_segment(receipt)
     for seg in receipt["segments"]:
         valid = [ValidNonce(e["nonce"], e["distance"]) for e in entries_by_segment.get(seg["index"], [])]
-        segment = Segment(receipt["kind"], receipt["seed"], receipt["parameters"], seg["index"], seg["nonce_start"], seg["nonce_end"])
+        segment = Segment(receipt["kind"], receipt["seed"], receipt["parameters"], seg["index"],
+                          seg["nonce_start"], seg["nonce_end"])
         if segment_digest(segment, seg["node"], valid) != seg["digest"]:
             reasons.append(f"segment {seg['index']}: digest does not match the receipt's nonces, seed or parameters")
         if seg.get("valid_count") != len(valid):

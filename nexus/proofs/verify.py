@@ -55,7 +55,8 @@ def check_verification_parameters(verification: dict[str, Any], policy: Verifica
         return [f"verification parameters lack {missing.args[0]!r}"]
     if not isinstance(sample_size, int) or isinstance(sample_size, bool):
         return ["verification sample_size must be an integer"]
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (rate, significance, tolerance)):
+    numbers = (rate, significance, tolerance)
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in numbers):
         return ["verification rates and tolerance must be finite numbers"]
     reasons = []
     if not policy.min_sample_size <= sample_size <= policy.max_sample_size:

@@ -1,6 +1,6 @@
 """The Celery app factory: JSON only, late acks, one visibility timeout everywhere.
 
-Celery is transport here, not the source of truth (DESIGN decision 1): a
+Celery is transport here, not the source of truth (docs/ARCHITECTURE.md, "Jobs are rows first"): a
 message carries a job id and the attempt it is meant for, nothing else.
 """
 

@@ -1,4 +1,4 @@
-"""Replica-aware reads on a worker node (DESIGN decision 6).
+"""Replica-aware reads on a worker node (docs/ARCHITECTURE.md, "Replicas for lag-tolerant reads").
 
 Reads that tolerate lag go to the node's local copies when those are provably
 fresh enough; every write, claim, lease and completion goes to the master.

@@ -1,7 +1,7 @@
 """Rows from the local hot standby once it has replayed past an LSN; otherwise from the master.
 
 Only for reads that tolerate lag (job specs, catalog rows): a standby is
-asynchronous, so claims and locks never come here (DESIGN, known traps).
+asynchronous, so claims and locks never come here (docs/ARCHITECTURE.md, "Known traps").
 """
 
 from __future__ import annotations

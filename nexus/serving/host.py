@@ -259,7 +259,8 @@ def start_serving(settings: Settings, celery_app, hostname: str, names: list[str
     from nexus.services import Services
 
     services = Services(settings)
-    # Weights read through the node's local S3 mirror when NEXUS_REPLICA_S3_* names one (DESIGN decision 6).
+    # Weights read through the node's local S3 mirror when NEXUS_REPLICA_S3_* names one
+    # (docs/ARCHITECTURE.md, "Replicas for lag-tolerant reads").
     store = make_read_store(settings, services.store)
     # The engine thread computes with the GIL held most of the time; request threads (claims, Redis,
     # PostgreSQL) wait for it after every I/O, up to one switch interval each. Python's default of

@@ -1,6 +1,6 @@
 """A small object-store interface over the minio SDK.
 
-Messages and rows carry keys and checksums; bytes live here (DESIGN decision 2).
+Messages and rows carry keys and checksums; bytes live here (docs/ARCHITECTURE.md, "Queues carry routing").
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The compose files, the env files and Settings agree (DESIGN decision 3), checked without Docker."""
+"""The compose files, the env files and Settings agree (docs/ARCHITECTURE.md, "One settings object"), checked without Docker."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""vLLM as a supervised `vllm serve` subprocess per model instance (DESIGN decision 4).
+"""vLLM as a supervised `vllm serve` subprocess per model instance (docs/ARCHITECTURE.md, "No CUDA fork").
 
 The server has its own CUDA context and continuous batching; Nexus never
 imports vllm (it is the optional `gpu` extra), it runs the command and talks
