@@ -6,8 +6,10 @@ message carries a job id and the attempt it is meant for, nothing else.
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import Celery
-from kombu import Queue
+from kombu.entity import Queue
 
 from nexus.config import Settings
 from nexus.queueing.tiers import TIER_ORDER
@@ -28,7 +30,7 @@ def broker_priority(priority: int) -> int:
 PUBLISH_GIVE_UP_SECONDS = 2.0
 
 
-def transport_options(settings: Settings) -> dict:
+def transport_options(settings: Settings) -> dict[str, Any]:
     return {
         # Must outlast the longest job, or Redis hands an unacknowledged message to a second
         # worker (celery#7918). Set for the broker and result backend alike.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from nexus.queueing.tiers import Tier
 
@@ -29,7 +30,7 @@ class Requirements:
     labels: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def parse(cls, raw: dict | None) -> "Requirements":
+    def parse(cls, raw: dict[str, Any] | None) -> "Requirements":
         """Validate a requirements object from a request; ValueError says what is wrong."""
         raw = raw or {}
         if not isinstance(raw, dict):
@@ -54,8 +55,8 @@ class Requirements:
             raise ValueError("requirements ask for a GPU but tier cpu_only has none")
         return cls(tier=tier, gpu=gpu, min_vram_mb=vram, model=model, labels=labels)
 
-    def to_dict(self) -> dict:
-        out: dict = {}
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
         if self.tier is not None:
             out["tier"] = self.tier.value
         if self.gpu:
