@@ -175,7 +175,7 @@ def job_events(job_id: uuid.UUID):
     load_job(job_id)
     with services().statements.connect() as conn:
         rows = conn.execute(
-            text("SELECT at, from_state, to_state, attempt, node, message FROM job_events "
+            text("SELECT at, from_state, to_state, attempt, node, message, failure_kind FROM job_events "
                  "WHERE job_id = :id ORDER BY id"), {"id": job_id}).mappings()
         return {"events": [row_view(dict(r)) for r in rows]}
 

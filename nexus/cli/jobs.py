@@ -104,10 +104,10 @@ def job_cmd(job_id, events):
         nexus = client()
         console.print_json(data=nexus.get(job_id))
         if events:
-            table = Table("at", "from", "to", "attempt", "node", "message")
+            table = Table("at", "from", "to", "attempt", "node", "cause", "message")
             for e in nexus.events(job_id):
                 table.add_row(e["at"][:23], e["from_state"] or "", e["to_state"], str(e["attempt"]), e["node"] or "",
-                              e["message"] or "")
+                              e.get("failure_kind") or "", e["message"] or "")
             console.print(table)
     except NexusError as exc:
         _fail(exc)

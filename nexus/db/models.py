@@ -97,6 +97,14 @@ class JobEvent(Base):
     attempt: Mapped[int] = mapped_column(Integer)
     node: Mapped[str | None] = mapped_column(String(200))
     message: Mapped[str | None] = mapped_column(Text)
+    # Why a running attempt failed (nexus.jobs.failures.FailureKind); only 'infrastructure' counts
+    # toward the node's failure streak (migration 0005).
+    failure_kind: Mapped[str | None] = mapped_column(String(16))
+
+    __table_args__ = (
+        CheckConstraint("failure_kind IS NULL OR failure_kind IN ('infrastructure', 'job')",
+                        name="ck_job_events_failure_kind"),
+    )
 
 
 class ApiToken(Base):

@@ -9,8 +9,10 @@ removing the node (state `removed`) stops the token at once.
 `consecutive_failures` is counted by a trigger on job_events (migration 0002):
 every attempt a node finishes writes one event row, whichever code path wrote
 it (the worker's fail/complete or the reconciler's lease expiry), so counting
-there misses none. The reconciler quarantines a node whose streak reaches
-`node_quarantine_after_failures`.
+there misses none. Since migration 0005 only events whose `failure_kind` is
+'infrastructure' add to the streak (a job's own failure is not the node's,
+nexus.jobs.failures); a success ends it. The reconciler quarantines a node
+whose streak reaches `node_quarantine_after_failures`.
 """
 
 from __future__ import annotations

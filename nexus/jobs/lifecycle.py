@@ -19,6 +19,7 @@ from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.types import Uuid
 
 from nexus.db.prepared import Prepared
+from nexus.jobs.failures import FailureKind
 from nexus.jobs.states import JobState, sources_of
 
 
@@ -123,8 +124,8 @@ def _transition_sql(to_state: str | None, where: str, sets: str, returning: str 
                   EXTRACT(EPOCH FROM (now() - j.started_at)) AS run_seconds
     ),
     ev AS (
-        INSERT INTO job_events (job_id, from_state, to_state, attempt, node, message)
-        SELECT id, from_state, state, attempt, :event_node, :event_message FROM upd
+        INSERT INTO job_events (job_id, from_state, to_state, attempt, node, message, failure_kind)
+        SELECT id, from_state, state, attempt, :event_node, :event_message, :event_failure_kind FROM upd
     )
     SELECT * FROM upd
     """
@@ -137,6 +138,7 @@ def _sql_list(values: Iterable[str]) -> str:
 def _one(conn: Connection, statement: str | Prepared, params: dict) -> dict | None:
     params.setdefault("event_node", None)
     params.setdefault("event_message", None)
+    params.setdefault("event_failure_kind", None)
     if isinstance(statement, Prepared):
         rows = statement.execute(conn, params)
         return dict(rows[0]) if rows else None
@@ -144,7 +146,7 @@ def _one(conn: Connection, statement: str | Prepared, params: dict) -> dict | No
     return dict(row) if row else None
 
 
-_EVENT_PARAMS = {"event_node": "text", "event_message": "text"}
+_EVENT_PARAMS = {"event_node": "text", "event_message": "text", "event_failure_kind": "text"}
 
 
 _RUNNER_COLUMNS = "j.id, j.type, j.state, j.attempt, j.tenant, j.input_key, j.payload"  # what a runner reads
@@ -226,13 +228,18 @@ _FAIL = Prepared("nexus_fail", _transition_sql(
     **_EVENT_PARAMS})
 
 
-def fail(conn: Connection, job_id, attempt: int, node: str, error: str, retry: bool, backoff: float) -> dict | None:
-    """Record a failed attempt: `retrying` after `backoff` while attempts remain, else `failed`."""
+def fail(conn: Connection, job_id, attempt: int, node: str, error: str, retry: bool, backoff: float,
+         kind: FailureKind = FailureKind.JOB) -> dict | None:
+    """Record a failed attempt: `retrying` after `backoff` while attempts remain, else `failed`.
+
+    `kind` goes on the event: only an infrastructure failure counts against `node` (nexus.jobs.failures).
+    """
     return _one(
         conn,
         _FAIL,
         {"id": job_id, "attempt": attempt, "node": node, "error": error[:8000], "retry": retry,
-         "backoff": backoff, "event_node": node, "event_message": error[:500]},
+         "backoff": backoff, "event_node": node, "event_message": error[:500],
+         "event_failure_kind": FailureKind(kind).value},
     )
 
 

@@ -3,7 +3,9 @@
 Each pass:
 1. expires leases of running jobs whose worker stopped renewing them (dead,
    frozen, partitioned): the attempt counts as failed; `retrying` if attempts
-   remain, else `failed` (or `cancelled` if cancellation was requested);
+   remain, else `failed` (or `cancelled` if cancellation was requested). An
+   unrenewed lease is the node failing, never the job: the event says
+   'infrastructure' and counts toward the node's quarantine (nexus.jobs.failures);
 2. publishes retrying jobs whose backoff has passed;
 3. re-publishes queued jobs whose message is presumed lost: older than
    `requeue_after_seconds`, or sooner when their queue is empty in the broker
@@ -52,8 +54,8 @@ _EXPIRE_LEASES = text(
         RETURNING j.id, j.state, j.attempt, j.node, j.type
     ),
     ev AS (
-        INSERT INTO job_events (job_id, from_state, to_state, attempt, node, message)
-        SELECT id, 'running', state, attempt, node, 'lease expired' FROM upd
+        INSERT INTO job_events (job_id, from_state, to_state, attempt, node, message, failure_kind)
+        SELECT id, 'running', state, attempt, node, 'lease expired', 'infrastructure' FROM upd
     )
     SELECT * FROM upd
     """

@@ -17,6 +17,7 @@ from nexus.config import Settings
 from nexus.db.engine import autocommit
 from nexus.jobs import lifecycle
 from nexus.jobs.context import JobCancelled, JobContext, JobLost
+from nexus.jobs.failures import failure_kind
 from nexus.jobs.notify import Notifier
 from nexus.jobs.registry import UnknownJobType, get_job_type
 from nexus.jobs.submit import Submitter
@@ -120,7 +121,7 @@ class JobRunner:
             return "cancelled", self._record(lifecycle.mark_cancelled, ctx.job_id, ctx.attempt, self.node)
         except JobLost:
             return "lost", None
-        except Exception as exc:  # the handler's failure is the job's failure, never the worker's
+        except Exception as exc:  # the handler's failure: the job's own unless failure_kind says the node's
             return self._failed(ctx, exc)
         output_key = None
         if isinstance(result, dict) and "_output_key" in result:
@@ -130,12 +131,14 @@ class JobRunner:
 
     def _failed(self, ctx: JobContext, exc: Exception) -> tuple[str, dict | None]:
         retryable = not isinstance(exc, (UnknownJobType, ValueError, TypeError)) or getattr(exc, "retryable", False)
+        kind = failure_kind(exc)  # the job's own unless it is the node failing (nexus.jobs.failures)
         error = f"{type(exc).__name__}: {exc}"
-        log.info("job %s attempt %s failed: %s\n%s", ctx.job_id, ctx.attempt, error, traceback.format_exc())
+        log.info("job %s attempt %s failed (%s): %s\n%s", ctx.job_id, ctx.attempt, kind.value, error,
+                 traceback.format_exc())
         backoff = lifecycle.backoff_seconds(
             ctx.attempt, self.settings.retry_backoff_base_seconds, self.settings.retry_backoff_max_seconds
         )
-        row = self._record(lifecycle.fail, ctx.job_id, ctx.attempt, self.node, error, retryable, backoff)
+        row = self._record(lifecycle.fail, ctx.job_id, ctx.attempt, self.node, error, retryable, backoff, kind)
         return (row["state"] if row else "lost"), row
 
     def _record(self, write, *args) -> dict | None:

@@ -4,6 +4,9 @@
     silent past node_offline_after_seconds  -> offline, and the jobs it leased are re-queued now
     failure streak >= node_quarantine_after_failures -> quarantined (until an admin resumes it)
 
+The streak counts infrastructure failures only (lease expiries, the engine or backend failing):
+a job's own failure is not the node's (nexus.jobs.failures, migration 0005).
+
 The same rules as `states.liveness_state`, applied to all nodes in one
 statement each (a test checks SQL and Python agree).
 """

@@ -11,6 +11,7 @@ from sqlalchemy import text
 from nexus.jobs.placement import decline_retry
 from nexus.nodes.states import NodeState, liveness_state, state_on_heartbeat
 from nexus.jobs import lifecycle
+from nexus.jobs.failures import FailureKind
 from nexus.jobs.reconciler import Reconciler, queue_depth
 from tests.agent_support import beat, registered
 from tests.conftest import auth
@@ -85,7 +86,8 @@ def test_a_node_failing_k_jobs_in_a_row_is_quarantined_until_resumed(api, servic
             if succeed:
                 lifecycle.complete(conn, job_id, 1, "flaky", {"ok": True}, None)
             else:
-                lifecycle.fail(conn, job_id, 1, "flaky", "boom", retry=False, backoff=0)
+                lifecycle.fail(conn, job_id, 1, "flaky", "CUDA error: boom", retry=False, backoff=0,
+                               kind=FailureKind.INFRASTRUCTURE)
 
     for _ in range(threshold - 1):
         fail_one()
@@ -101,6 +103,67 @@ def test_a_node_failing_k_jobs_in_a_row_is_quarantined_until_resumed(api, servic
     assert [n["consecutive_failures"] for n in listed] == [threshold]
     resumed = api.post(f"/api/v1/nodes/{node['node_id']}/resume", headers=auth()).json
     assert resumed["state"] == "ready" and resumed["consecutive_failures"] == 0
+
+
+def runner_on(services, node: str):
+    from nexus.jobs.notify import Notifier
+    from nexus.jobs.runtime import JobRunner
+
+    return JobRunner(services.settings, services.engine, services.store, services.submitter,
+                     Notifier(services.redis), node)
+
+
+def node_row(services, node_id: str) -> dict:
+    with services.engine.connect() as conn:
+        return dict(conn.execute(text("SELECT state, consecutive_failures FROM nodes WHERE id = :id"),
+                                 {"id": node_id}).mappings().one())
+
+
+def failure_kinds(services, job_ids: list[str]) -> list[str]:
+    with services.engine.connect() as conn:
+        return [r[0] for r in conn.execute(text(
+            "SELECT failure_kind FROM job_events WHERE job_id = ANY(CAST(:ids AS uuid[])) "
+            "AND from_state = 'running' AND to_state IN ('retrying', 'failed') ORDER BY id"), {"ids": job_ids})]
+
+
+def test_a_flood_of_one_tenants_failing_jobs_does_not_quarantine_the_node(api, services):
+    """30 `noop` jobs with `fail_attempts` through the real JobRunner: their handlers raise, the jobs fail,
+    the node that ran them is not at fault (this quarantined a node within 20 s)."""
+    node = registered(api, "shared", "rtx4090")
+    beat(api, node, "rtx4090")
+    runner = runner_on(services, "shared")
+    job_ids = [submit(services, payload={"fail_attempts": 100}, max_attempts=1) for _ in range(30)]
+    assert [runner.execute(job_id, 1) for job_id in job_ids] == ["failed"] * 30
+    assert reconciler_for(services).run_once()["nodes_quarantined"] == 0
+    assert node_row(services, node["node_id"]) == {"state": "ready", "consecutive_failures": 0}
+    assert failure_kinds(services, job_ids) == ["job"] * 30
+
+
+def test_a_node_whose_workers_keep_dying_is_still_quarantined(api, services):
+    """Leases nobody renews (the worker was killed or lost mid-job) are the node failing; jobs failing
+    on their own in between neither count nor end that streak."""
+    threshold = services.settings.node_quarantine_after_failures
+    node = registered(api, "dying", "rtx4090")
+    beat(api, node, "rtx4090")
+    reconciler = reconciler_for(services)
+
+    def lose(count: int) -> list[str]:
+        job_ids = [submit(services, max_attempts=1) for _ in range(count)]
+        for job_id in job_ids:
+            with services.engine.begin() as conn:
+                assert lifecycle.claim(conn, job_id, 1, "dying", 0.01) is not None  # then nobody renews it
+        time.sleep(0.05)
+        assert reconciler.run_once()["leases_expired"] == count
+        return job_ids
+
+    lost = lose(threshold - 1)
+    own = [submit(services, payload={"fail_attempts": 100}, max_attempts=1) for _ in range(3)]
+    assert [runner_on(services, "dying").execute(job_id, 1) for job_id in own] == ["failed"] * 3
+    assert node_row(services, node["node_id"]) == {"state": "ready", "consecutive_failures": threshold - 1}
+    lost += lose(1)
+    assert failure_kinds(services, lost) == ["infrastructure"] * threshold
+    assert reconciler.run_once()["nodes_quarantined"] == 1
+    assert node_row(services, node["node_id"]) == {"state": "quarantined", "consecutive_failures": threshold}
 
 
 def test_a_retry_declines_the_node_where_it_failed_while_another_can_take_it(api, services):

@@ -95,6 +95,7 @@ def test_a_claim_reads_one_row_however_long_the_backlog(services):
         lifecycle.claim(conn, uuid.uuid4(), 1, "warm", 30)  # prepares the statement on this connection
         [plan] = conn.exec_driver_sql(f"EXPLAIN (ANALYZE, FORMAT JSON) {claim_sql}", {
             "id": job_id, "attempt": 1, "node": "a", "lease": 30.0, "event_node": "a", "event_message": None,
+            "event_failure_kind": None,
         }).scalar_one()
 
     def rows_seen(node: dict):

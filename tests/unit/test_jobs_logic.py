@@ -93,3 +93,42 @@ def test_production_mode_refuses_default_secrets():
     with pytest.raises(ValueError, match="NEXUS_S3_SECRET_KEY"):
         Settings(mode="production", **{**strong, "s3_secret_key": "minioadmin"})
     assert Settings(mode="production", **strong).mode.value == "production"
+
+
+def test_a_jobs_own_errors_are_its_failures_and_the_nodes_are_infrastructure():
+    """Only what says the node broke counts toward its quarantine (nexus.jobs.failures)."""
+    from sqlalchemy.exc import OperationalError
+
+    from nexus.inference.openai_shapes import BackendError, ContextLengthExceededError, ModelUnavailableError
+    from nexus.jobs.builtin import InjectedFailure
+    from nexus.jobs.failures import FailureKind, failure_kind
+    from nexus.serving.backends.base import EngineFailed
+    from nexus.serving.host import ModelNotServedHere
+    from nexus.serving.jobs import RequestRejected
+
+    job, infra = FailureKind.JOB, FailureKind.INFRASTRUCTURE
+    assert failure_kind(InjectedFailure("injected failure on attempt 1")) is job  # `fail_attempts`
+    assert failure_kind(ValueError("payload must be a JSON object")) is job
+    assert failure_kind(KeyError("x")) is job and failure_kind(FileNotFoundError("x")) is job
+    assert failure_kind(RequestRejected(ContextLengthExceededError("prompt too long"))) is job  # /v1, too long
+    assert failure_kind(RequestRejected(BackendError("the model server is unreachable"))) is infra
+    assert failure_kind(RequestRejected(ModelUnavailableError("no instance"))) is infra
+    assert failure_kind(EngineFailed("the engine failed a step")) is infra
+    assert failure_kind(ModelNotServedHere("not here")) is infra
+    assert failure_kind(TimeoutError()) is infra and failure_kind(ConnectionRefusedError()) is infra
+    assert failure_kind(OperationalError("SELECT 1", {}, Exception("server closed the connection"))) is infra
+    assert failure_kind(RuntimeError("CUDA error: an illegal memory access was encountered")) is infra
+    try:
+        try:
+            raise TimeoutError("object store read timed out")
+        except TimeoutError as exc:
+            raise RuntimeError("could not read the input") from exc
+    except RuntimeError as wrapped:
+        assert failure_kind(wrapped) is infra  # an explicit cause is followed
+    try:
+        try:
+            raise TimeoutError("cache read timed out")
+        except TimeoutError:
+            raise ValueError("bad payload")  # raised while handling, not caused by it
+    except ValueError as unrelated:
+        assert failure_kind(unrelated) is job
