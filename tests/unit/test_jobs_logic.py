@@ -129,6 +129,6 @@ def test_a_jobs_own_errors_are_its_failures_and_the_nodes_are_infrastructure():
         try:
             raise TimeoutError("cache read timed out")
         except TimeoutError:
-            raise ValueError("bad payload")  # raised while handling, not caused by it
+            raise ValueError("bad payload")  # noqa: B904 (raised while handling, not caused by it)
     except ValueError as unrelated:
         assert failure_kind(unrelated) is job
