@@ -8,13 +8,15 @@ from flask import current_app, g, request
 
 from nexus.api.errors import ApiError
 from nexus.auth import Principal, Role, authenticate
+from nexus.services import Services
 
 # Endpoints anyone may call: health for load balancers, the API description for humans.
 PUBLIC_ENDPOINTS = frozenset({"health.healthz", "openapi.spec", "openapi.docs", "openapi.redoc", "static"})
 
 
-def services():
-    return current_app.extensions["nexus"]
+def services() -> Services:
+    services: Services = current_app.extensions["nexus"]
+    return services
 
 
 def bearer_token() -> str | None:

@@ -91,7 +91,7 @@ class JobContext:
         return key
 
     # --- child jobs ------------------------------------------------------------------
-    def submit_children(self, specs: list[dict]) -> list[str]:
+    def submit_children(self, specs: list[dict[str, Any]]) -> list[str]:
         """Submit child jobs; idempotent per `idempotency_key`, so a retried parent finds its children."""
         jobs = self.submitter.submit_many(
             [{**spec, "idempotency_key": f"{self.job_id}:{spec['idempotency_key']}"} if spec.get("idempotency_key")
@@ -101,7 +101,7 @@ class JobContext:
         )
         return [str(job["id"]) for job, _created in jobs]
 
-    def children(self) -> list[dict]:
+    def children(self) -> list[dict[str, Any]]:
         with self.engine.connect() as conn:
             rows = conn.execute(
                 text("SELECT id, type, state, attempt, result, error, output_key, idempotency_key FROM jobs "

@@ -6,6 +6,8 @@ a waiter falls back to reading the row.
 
 from __future__ import annotations
 
+from typing import Any
+
 import json
 import logging
 
@@ -17,7 +19,7 @@ DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 DURATION_KEY = "nexus:metrics:duration:{type}"
 
 
-def job_channel(job_id) -> str:
+def job_channel(job_id: object) -> str:
     return f"nexus:job:{job_id}"
 
 
@@ -25,7 +27,7 @@ class Notifier:
     def __init__(self, client: redis.Redis):
         self.redis = client
 
-    def job_finished(self, row: dict) -> None:
+    def job_finished(self, row: dict[str, Any]) -> None:
         if row.get("state") not in ("succeeded", "failed", "cancelled", "retrying"):
             return
         try:

@@ -26,7 +26,7 @@ class JobType:
     # Returns the normalised payload or raises ValueError with a message for the client (400).
     validate: Callable[[Any], Any] | None = None
     # Requirements a job of this type always has (e.g. {"gpu": True}); the request's own win.
-    default_requirements: dict = field(default_factory=dict)
+    default_requirements: dict[str, Any] = field(default_factory=dict[str, Any])
     # Whether the job reads an uploaded input object (`input_key`).
     accepts_input: bool = True
     # Whether the handler reads rows through the node's standby (ctx.reads.rows with ctx.read_after_lsn):
