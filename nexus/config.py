@@ -77,6 +77,14 @@ class Settings(BaseSettings):
     # Redis re-delivers an unacknowledged message after this; it must outlast the longest job.
     visibility_timeout_seconds: int = Field(6 * 3600, ge=60)
 
+    # --- retention: the reconciler deletes finished work this long after it finished (0 keeps it) ---
+    # /v1 requests each leave a `completion` job: they go far sooner than jobs someone asked for.
+    retention_completion_seconds: float = Field(24 * 3600.0, ge=0)
+    # Every other finished job (with its children, events and objects), removed nodes, stopped instances.
+    retention_seconds: float = Field(30 * 24 * 3600.0, ge=0)
+    retention_batch: int = Field(200, ge=1, le=10_000)  # root jobs per pass: a pass's work stays bounded
+    retention_keep_receipts: bool = False  # keep proof receipts in the object store after their jobs go
+
     # --- worker ---------------------------------------------------------------
     node_name: str = ""  # defaults to the host name
     worker_tier: str = "cpu_only"

@@ -1,4 +1,4 @@
-"""Master start-up: database, migrations, buckets and the bootstrap admin token, then the API."""
+"""Master start-up: database, migrations, buckets and the bootstrap admin and join tokens, then the API."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 import shutil
 import sys
 
-from nexus.auth import ensure_bootstrap_admin
+from nexus.auth import ensure_bootstrap_admin, ensure_bootstrap_join
 from nexus.config import Settings
 from nexus.db.migrate import ensure_database, upgrade_head
 from nexus.services import Services
@@ -25,6 +25,7 @@ def prepare_master(settings: Settings) -> None:
     upgrade_head(services.engine)
     services.store.ensure_buckets(settings.buckets)
     ensure_bootstrap_admin(services.engine, settings.admin_token)
+    ensure_bootstrap_join(services.engine, settings.join_token)
     log.info("master ready: migrations applied, buckets %s present", ", ".join(settings.buckets))
 
 

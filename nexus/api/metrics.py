@@ -1,4 +1,14 @@
-"""Prometheus metrics read from the sources of truth at scrape time (no counters to drift)."""
+"""Prometheus metrics read from the sources of truth at scrape time.
+
+`nexus_jobs` counts unfinished jobs (queued, running, retrying) from the rows, through the
+(state, type) index: a scrape reads the active jobs only, however many finished ones
+are kept. Finished states come from `job_counters`, which the transition that finishes
+a job increments in the same transaction (a trigger, migration 0005): exact, never
+drifting, and still counting jobs retention has deleted. For a final state the value is
+therefore how many jobs ever finished so (a manually retried job counts again when it
+finishes again). PostgreSQL rather than Redis counters: Redis is transport here (it may
+be flushed or restarted), and a trigger misses no code path that finishes a job.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +21,18 @@ from nexus.jobs.states import JobState
 from nexus.queueing.tiers import TIER_ORDER
 
 
+ACTIVE_COUNTS = text("SELECT state, type, count(*) FROM jobs WHERE state IN ('queued', 'running', 'retrying') "
+                     "GROUP BY state, type")
+FINISHED_COUNTS = text("SELECT state, type, sum(n) FROM job_counters GROUP BY state, type")
+
+
 class NexusCollector:
     def __init__(self, services):
         self.services = services
 
     def collect(self):
         with self.services.engine.connect() as conn:
-            rows = conn.execute(text("SELECT state, type, count(*) FROM jobs GROUP BY state, type")).all()
+            rows = conn.execute(ACTIVE_COUNTS).all() + conn.execute(FINISHED_COUNTS).all()
             queues = {r[0] for r in conn.execute(text(
                 "SELECT DISTINCT queue FROM jobs WHERE state IN ('queued','retrying')"))}
         jobs = GaugeMetricFamily("nexus_jobs", "Jobs by state and type", labels=["state", "type"])

@@ -39,7 +39,7 @@ def authenticate_request() -> None:
     with services().statements.connect() as conn:
         principal = authenticate(conn, token)
     if principal is None:
-        raise ApiError(401, "invalid or revoked token", headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+        raise ApiError(401, "invalid, expired or revoked token", headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
     g.principal = principal
     # The role check of `require`, done here as well: before the body is validated, so a caller
     # without the role learns nothing about the route's input (403, never a 400 listing the fields).

@@ -56,6 +56,8 @@ class Node(Base):
     registered_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     last_heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     state_changed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    # The join (or worker) token it registered with: revoking that token removes the node.
+    join_token_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
 
     __table_args__ = (
         CheckConstraint(f"state IN ({NODE_STATES_SQL})", name="ck_nodes_state"),
@@ -63,6 +65,8 @@ class Node(Base):
         # One live node per name: jobs.node and failed_nodes refer to nodes by name.
         Index("uq_nodes_live_name", "name", unique=True, postgresql_where=text("state <> 'removed'")),
         Index("ix_nodes_state_heartbeat", "state", "last_heartbeat_at"),
+        Index("ix_nodes_join_token", "join_token_id", postgresql_where=text("join_token_id IS NOT NULL")),
+        Index("ix_nodes_removed", "state_changed_at", postgresql_where=text("state = 'removed'")),
     )
 
 

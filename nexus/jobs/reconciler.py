@@ -9,7 +9,8 @@ Each pass:
 2. publishes retrying jobs whose backoff has passed;
 3. re-publishes queued jobs whose message is presumed lost: older than
    `requeue_after_seconds`, or sooner when their queue is empty in the broker
-   (a restarted or emptied Redis).
+   (a restarted or emptied Redis);
+4. deletes finished work past its retention period, a bounded batch (nexus/jobs/retention.py).
 Duplicates are harmless: a claim succeeds once per attempt. Several
 reconcilers may run; rows are taken with SKIP LOCKED.
 """
@@ -23,6 +24,7 @@ import redis
 from celery import Celery
 from sqlalchemy import Engine, text
 
+from nexus.jobs.retention import retention_pass
 from nexus.nodes.liveness import reconcile_nodes
 from nexus.config import Settings
 from nexus.queueing.message import JobMessage, publish_all
@@ -116,6 +118,7 @@ class Reconciler:
             "grace": EMPTY_QUEUE_GRACE_SECONDS,
             "empty_queues": self._empty_queues_with_waiting_jobs(),
         })
+        counts.update(retention_pass(self.engine, self.settings))  # last: finished work, old enough to go
         return counts
 
     def run_forever(self, stop: threading.Event) -> None:
