@@ -3,7 +3,7 @@
 `nexus_jobs` counts unfinished jobs (queued, running, retrying) from the rows, through the
 (state, type) index: a scrape reads the active jobs only, however many finished ones
 are kept. Finished states come from `job_counters`, which the transition that finishes
-a job increments in the same transaction (a trigger, migration 0005): exact, never
+a job increments in the same transaction (a trigger, migration 0006): exact, never
 drifting, and still counting jobs retention has deleted. For a final state the value is
 therefore how many jobs ever finished so (a manually retried job counts again when it
 finishes again). PostgreSQL rather than Redis counters: Redis is transport here (it may

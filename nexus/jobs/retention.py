@@ -9,7 +9,7 @@ Their objects go first (outputs, receipts unless NEXUS_RETENTION_KEEP_RECEIPTS, 
 no remaining job refers to), then the rows in the same transaction: if the object store
 fails, the rows stay and the next pass tries again, so no object is left without a row
 that names it. Removed nodes and stopped model instances older than NEXUS_RETENTION_SECONDS
-go too. Each query reads a partial index (migration 0005): a pass with nothing to delete
+go too. Each query reads a partial index (migration 0006): a pass with nothing to delete
 costs a few index probes and no object-store request. Finished jobs stay counted in
 `job_counters` after they are deleted.
 """

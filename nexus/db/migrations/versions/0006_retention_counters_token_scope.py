@@ -1,7 +1,7 @@
 """retention indexes, finished-job counters, token expiry and kinds, the token a node joined with
 
-Revision ID: 0005
-Revises: 0004
+Revision ID: 0006
+Revises: 0005
 
 - Two partial indexes find finished root jobs by age, one for `completion` jobs (kept a
   day) and one for the rest (kept a month): a retention pass with nothing to delete
@@ -19,8 +19,8 @@ Revises: 0004
 from alembic import op
 import sqlalchemy as sa
 
-revision = '0005'
-down_revision = '0004'
+revision = '0006'
+down_revision = '0005'
 branch_labels = None
 depends_on = None
 
