@@ -19,9 +19,10 @@ pytestmark = pytest.mark.timeout(120)
 QUEUE = "gpu_peer"
 
 
-def reconciler_for(services) -> Reconciler:
-    # The age rule this replaces re-published every 0.5 s here; the settings of today ignore it.
-    settings = services.settings.model_copy(update={"requeue_after_seconds": 0.5})
+def reconciler_for(services, requeue_after: float | None = 0.5) -> Reconciler:
+    # The age rule this replaced re-published every `requeue_after` seconds; today's settings ignore it.
+    update = {} if requeue_after is None else {"requeue_after_seconds": requeue_after}
+    settings = services.settings.model_copy(update=update)
     reconciler = Reconciler(settings, services.engine, services.celery, services.redis)
     reconciler.run_once()  # a running deployment: the broker epoch is set before the backlog comes
     return reconciler
@@ -103,7 +104,7 @@ def test_a_crashed_publisher_is_recovered(services):
 
 
 def test_a_flushed_broker_gets_every_waiting_job_republished(services):
-    reconciler = reconciler_for(services)
+    reconciler = reconciler_for(services, requeue_after=None)
     queued = backlog(services, 30)
     retried = backlog(services, 1)[0]  # failed once, its retry published and waiting
     with services.engine.begin() as conn:
@@ -114,7 +115,7 @@ def test_a_flushed_broker_gets_every_waiting_job_republished(services):
     services.redis.flushall()
     newcomer = backlog(services, 1, age_seconds=0)[0]  # submissions go on: the queue is not empty
     counts = reconciler.run_once()
-    assert counts["broker_data_lost"] == 1 and counts["queued_republished"] == len(queued) + 1
     expected = {(job, 1) for job in queued + [newcomer]} | {(retried, 2)}
     assert broker.job_messages(services.redis, QUEUE) == expected
+    assert counts["broker_data_lost"] == 1 and counts["queued_republished"] == len(queued) + 1
     assert passes(reconciler, 3) == 0 and messages(services) == len(expected)
