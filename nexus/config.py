@@ -72,7 +72,6 @@ class Settings(BaseSettings):
     retry_backoff_max_seconds: float = Field(300.0, ge=0)
     job_lease_seconds: float = Field(30.0, gt=0)
     job_heartbeat_seconds: float = Field(5.0, gt=0)
-    requeue_after_seconds: float = Field(120.0, gt=0)  # a queued job's message is presumed lost after this
     reconcile_interval_seconds: float = Field(2.0, gt=0)
     # Redis re-delivers an unacknowledged message after this; it must outlast the longest job.
     visibility_timeout_seconds: int = Field(6 * 3600, ge=60)

@@ -7,7 +7,7 @@ from sqlalchemy import Connection, text
 
 from nexus.api.security import require, services
 from nexus.auth import Role
-from nexus.jobs.reconciler import queue_depth
+from nexus.queueing.broker import queue_depth
 from nexus.queueing.tiers import TIER_ORDER
 
 bp = APIBlueprint("cluster", __name__, url_prefix="/api/v1/cluster", tag="Cluster")

@@ -16,6 +16,9 @@ from nexus.queueing.tiers import TIER_ORDER
 
 RUN_JOB_TASK = "nexus.run_job"
 PRIORITY_LEVELS = 10  # API priorities 0 (lowest) .. 9 (most urgent)
+# kombu's Redis transport keeps priority step n of queue q in the list `q{sep}n` (step 0 in `q`);
+# nexus.queueing.broker reads those lists, so the separator is named once, here.
+BROKER_KEY_SEP = ":"
 
 
 def broker_priority(priority: int) -> int:
@@ -37,7 +40,7 @@ def transport_options(settings: Settings) -> dict[str, Any]:
         "visibility_timeout": settings.visibility_timeout_seconds,
         "priority_steps": list(range(PRIORITY_LEVELS)),
         "queue_order_strategy": "priority",
-        "sep": ":",
+        "sep": BROKER_KEY_SEP,
         "socket_timeout": 10,
         "socket_connect_timeout": PUBLISH_GIVE_UP_SECONDS / 2,
         # kombu's reconnect loop before a publish (Connection.default_channel); consumers keep their own
