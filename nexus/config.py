@@ -98,7 +98,7 @@ class Settings(BaseSettings):
     tier_min_compute_capability: str = "7.0"  # older GPUs are ignored (vLLM needs 7.0)
     heartbeat_interval_seconds: float = Field(5.0, gt=0)
     node_stale_after_seconds: float = Field(20.0, gt=0)  # no heartbeat for this long: stale
-    node_offline_after_seconds: float = Field(60.0, gt=0)  # ... this long: offline, jobs re-queued
+    node_offline_after_seconds: float = Field(60.0, gt=0)  # ... this long: offline (leases still decide the jobs)
     node_quarantine_after_failures: int = Field(5, ge=1)  # consecutive job failures on one node
     agent_drain_grace_seconds: float = Field(60.0, ge=0)
     agent_restart_backoff_base_seconds: float = Field(1.0, ge=0)

@@ -106,7 +106,7 @@ class Reconciler:
         self.redis = redis_client
 
     def run_once(self) -> dict[str, int]:
-        counts = reconcile_nodes(self.engine, self.settings)  # first: an offline node's leases end this pass
+        counts = reconcile_nodes(self.engine, self.settings)
         counts["leases_expired"] = self._expire_leases()
         counts["retries_published"] = self._publish(_DUE_RETRIES, {"stale": self.settings.requeue_after_seconds})
         counts["queued_republished"] = self._publish(_LOST_QUEUED, {
