@@ -49,6 +49,10 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = Field(8000, ge=1, le=65535)
     api_url: str = ""  # how workers and clients reach the API; derived when empty
+    # The node API: register and heartbeat on a listener of their own (nexus.master), so user
+    # traffic cannot starve them. 0: no separate listener (agents share the user API).
+    node_api_port: int = Field(8001, ge=0, le=65535)
+    node_api_url: str = ""  # how agents reach the node API; empty: derived as public_api_url is, else api_url
     admin_token: str = "nexus-dev-admin-token"  # bootstrap admin, created at master start
     join_token: str = "nexus-dev-join-token"  # workers present it to register
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
@@ -105,7 +109,7 @@ class Settings(BaseSettings):
     tier_min_compute_capability: str = "7.0"  # older GPUs are ignored (vLLM needs 7.0)
     heartbeat_interval_seconds: float = Field(5.0, gt=0)
     node_stale_after_seconds: float = Field(20.0, gt=0)  # no heartbeat for this long: stale
-    node_offline_after_seconds: float = Field(60.0, gt=0)  # ... this long: offline, jobs re-queued
+    node_offline_after_seconds: float = Field(60.0, gt=0)  # ... this long: offline (leases still decide the jobs)
     node_quarantine_after_failures: int = Field(5, ge=1)  # consecutive job failures on one node
     agent_drain_grace_seconds: float = Field(60.0, ge=0)
     agent_restart_backoff_base_seconds: float = Field(1.0, ge=0)
@@ -210,6 +214,16 @@ class Settings(BaseSettings):
     @property
     def public_api_url(self) -> str:
         return self.api_url or f"http://{self.api_host}:{self.api_port}"
+
+    @property
+    def agent_api_url(self) -> str:
+        """Where the agent sends register and heartbeat (its identity stays keyed to public_api_url):
+        the node API, derived like public_api_url when neither URL is given; else the user API."""
+        if self.node_api_url:
+            return self.node_api_url
+        if not self.api_url and self.node_api_port:
+            return f"http://{self.api_host}:{self.node_api_port}"
+        return self.public_api_url
 
     @property
     def buckets(self) -> tuple[str, ...]:

@@ -1,11 +1,14 @@
-"""Master start-up: database, migrations, buckets and the bootstrap admin and join tokens, then the API."""
+"""Master start-up: database, migrations, buckets and the bootstrap admin and join tokens, then the API servers."""
 
 from __future__ import annotations
 
 import logging
 import os
 import shutil
+import signal
+import subprocess
 import sys
+import threading
 
 from nexus.auth import ensure_bootstrap_admin, ensure_bootstrap_join
 from nexus.config import Settings
@@ -29,15 +32,71 @@ def prepare_master(settings: Settings) -> None:
     log.info("master ready: migrations applied, buckets %s present", ", ".join(settings.buckets))
 
 
-def exec_api_server(settings: Settings, workers: int, threads: int) -> None:
-    """Replace this process with gunicorn serving the API (a production WSGI server).
+# The node API carries only register and heartbeat: about 2.6 ms of CPU per beat (bench/heartbeat.py),
+# so one process keeps up with a thousand nodes beating every 5 s; threads cover slow database moments.
+NODE_API_WORKERS = 1
+NODE_API_THREADS = 8
 
-    Threads, not processes, carry the load: requests mostly wait on PostgreSQL
-    and Redis, and server-sent-event streams hold a thread each.
-    """
+
+def gunicorn_argv(app: str, host: str, port: int, workers: int, threads: int) -> list[str]:
+    """A production WSGI server: threads, not processes, carry the load (requests mostly wait on
+    PostgreSQL and Redis, and server-sent-event streams hold a thread each)."""
     gunicorn = shutil.which("gunicorn") or os.path.join(os.path.dirname(sys.executable), "gunicorn")
-    argv = [gunicorn, "--bind", f"{settings.api_host}:{settings.api_port}", "--workers", str(workers),
-            "--threads", str(threads), "--worker-class", "gthread", "--timeout", "120", "--graceful-timeout", "10",
+    return [gunicorn, "--bind", f"{host}:{port}", "--workers", str(workers), "--threads", str(threads),
+            "--worker-class", "gthread", "--timeout", "120", "--graceful-timeout", "10",
             "--access-logfile", "-", "--access-logformat", '%(h)s "%(r)s" %(s)s %(b)s %(M)sms',
-            "nexus.api:create_wsgi_app()"]
-    os.execv(gunicorn, argv)
+            "--no-control-socket",  # unused; its default path is one per user, so two servers would share it
+            app]
+
+
+def api_servers(settings: Settings, workers: int, threads: int) -> list[list[str]]:
+    """The user API, and the node API beside it on a listener and process of its own.
+
+    Why a second gunicorn: a request thread is held for the whole of a long-poll
+    (`?wait=30`) or a stream, so one token with 64 long-polls held all 16 threads,
+    /healthz and every heartbeat queued behind them for 100 s, and nodes went
+    offline. A separate process gives the beats their own threads, their own
+    database pool and their own GIL (token streaming is CPU work in the API
+    process), and its routes are only register and heartbeat, which answer in
+    milliseconds, so no user request can hold them. Alternatives weighed: a
+    second listener in the same gunicorn shares its thread pool (gthread queues
+    every accepted connection on one executor, before the path is known); a
+    custom worker routing by listener depends on gunicorn's internals and still
+    shares the GIL and the pool; heartbeats as direct database writes would give
+    every agent a database login (docs/ARCHITECTURE.md, "Roles hold only what they need"). Cost: one more process
+    (~60 MB).
+    """
+    servers = [gunicorn_argv("nexus.api:create_wsgi_app()", settings.api_host, settings.api_port, workers, threads)]
+    if settings.node_api_port:
+        servers.append(gunicorn_argv("nexus.api:create_node_wsgi_app()", settings.api_host, settings.node_api_port,
+                                     NODE_API_WORKERS, NODE_API_THREADS))
+    return servers
+
+
+def serve_api(settings: Settings, workers: int, threads: int) -> int:
+    """Run both servers until asked to stop or until either exits; then stop the other and return.
+
+    Either one gone is the master gone: the exit lets the container's restart
+    policy (or `nexus dev`'s supervisor) start both again, rather than running
+    half a master. Each server gets SIGTERM if this process dies (orphan_guard).
+    """
+    children = [subprocess.Popen([sys.executable, "-m", "nexus.agent.orphan_guard", *argv])
+                for argv in api_servers(settings, workers, threads)]
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(0.5) and all(child.poll() is None for child in children):
+        pass
+    exited = [child.returncode for child in children if child.poll() is not None]
+    for child in children:
+        if child.poll() is None:
+            child.terminate()  # gunicorn's graceful stop: in-flight requests finish within --graceful-timeout
+    for child in children:
+        try:
+            child.wait(15)
+        except subprocess.TimeoutExpired:
+            child.kill()
+    if exited and not stop.is_set():
+        log.error("an API server exited (%s); stopping the other", exited)
+        return exited[0] or 1
+    return 0

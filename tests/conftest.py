@@ -75,7 +75,7 @@ def settings(postgres_url, redis_server, s3_server, session_dir) -> Settings:
     settings = Settings(
         database_url=postgres_url, redis_url=redis_server.url, s3_endpoint=s3_server.endpoint,
         s3_access_key=S3_ACCESS, s3_secret_key=S3_SECRET, admin_token=ADMIN_TOKEN, join_token=JOIN_TOKEN,
-        api_port=free_port(), data_dir=session_dir / "data",
+        api_port=free_port(), node_api_port=free_port(), data_dir=session_dir / "data",
         job_lease_seconds=3.0, job_heartbeat_seconds=0.5, retry_backoff_base_seconds=0.2,
         retry_backoff_max_seconds=1.0, reconcile_interval_seconds=0.5,
         worker_send_events=False, cluster_file=session_dir / "cluster.json",

@@ -1,6 +1,7 @@
 """The master's HTTP API: an APIFlask app factory, one blueprint per resource.
 
     app = create_app(settings)          # tests build their own with their own settings
+    create_node_wsgi_app()              # the node API: register and heartbeat only (nexus.master)
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from nexus.config import Settings, load_settings
 from nexus.services import Services
 
 
-def create_app(settings: Settings | None = None, services: Services | None = None) -> APIFlask:
+def create_app(settings: Settings | None = None, services: Services | None = None,
+               blueprints=None) -> APIFlask:
     settings = settings or load_settings()
     app = APIFlask("nexus", title="Nexus API", version=nexus.__version__, docs_path="/docs")
     app.config.update(
@@ -29,7 +31,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.extensions["nexus_settings"] = settings
     install_error_handlers(app)
     app.before_request(authenticate_request)
-    for blueprint in _blueprints():
+    for blueprint in blueprints or _blueprints():
         app.register_blueprint(blueprint)
     return app
 
@@ -48,3 +50,11 @@ def create_wsgi_app() -> APIFlask:
     """Entry point for gunicorn (`nexus.api:create_wsgi_app()`)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return create_app()
+
+
+def create_node_wsgi_app() -> APIFlask:
+    """Entry point for the node API's gunicorn: health and the node routes, nothing a user can hold."""
+    from nexus.api import health, nodes
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return create_app(blueprints=[health.bp, nodes.bp])

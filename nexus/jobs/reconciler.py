@@ -142,7 +142,7 @@ class Reconciler:
         self._short: dict[str, int] = {}  # queue -> messages it lacked last pass, not yet re-published
 
     def run_once(self) -> dict[str, int]:
-        counts = reconcile_nodes(self.engine, self.settings)  # first: an offline node's leases end this pass
+        counts = reconcile_nodes(self.engine, self.settings)
         counts["leases_expired"] = self._expire_leases()
         recovered = self._recover_lost_broker()
         counts["broker_data_lost"] = int(recovered is not None)

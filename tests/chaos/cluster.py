@@ -52,7 +52,7 @@ class ChaosCluster:
         self.settings = Settings(
             database_url=self.postgres.url_for("nexus"), redis_url=self.redis.url, s3_endpoint=self.s3.endpoint,
             s3_access_key=S3_ACCESS, s3_secret_key=S3_SECRET, admin_token=ADMIN_TOKEN, join_token=JOIN_TOKEN,
-            api_port=free_port(), data_dir=self.root / "data", cluster_file=self.root / "cluster.json",
+            api_port=free_port(), node_api_port=free_port(), data_dir=self.root / "data", cluster_file=self.root / "cluster.json",
             job_lease_seconds=3.0, job_heartbeat_seconds=0.5, retry_backoff_base_seconds=0.2,
             retry_backoff_max_seconds=1.0, reconcile_interval_seconds=0.5,
             worker_send_events=False, worker_tier=TIER, worker_concurrency=4,

@@ -1,4 +1,4 @@
-"""Stale/offline transitions, re-queue of an offline node's jobs, quarantine and the decline of retries,
+"""Stale/offline transitions, leases that outlive a silent node's heartbeats, quarantine and the decline of retries,
 with the real reconciler pass over real PostgreSQL and Redis."""
 
 from __future__ import annotations
@@ -58,18 +58,61 @@ def test_silent_nodes_go_stale_then_offline_and_come_back(api, services):
     assert beat(api, node).json["state"] == "ready"  # a node that comes back is ready again
 
 
-def test_an_offline_nodes_running_jobs_are_requeued_in_the_same_pass(api, services):
+def runner_for(services, node: str, settings=None):
+    from nexus.jobs.notify import Notifier
+    from nexus.jobs.runtime import JobRunner
+
+    return JobRunner(settings or services.settings, services.engine, services.store, services.submitter,
+                     Notifier(services.redis), node)
+
+
+def events_of(services, job_id: str) -> list[str]:
+    with services.engine.connect() as conn:
+        return list(conn.execute(text("SELECT message FROM job_events WHERE job_id = :id ORDER BY id"),
+                                 {"id": job_id}).scalars())
+
+
+def test_a_node_cut_off_from_the_api_keeps_a_job_whose_worker_renews_its_lease(api, services):
+    """Heartbeats stop (the API is stalled or down), the worker goes on renewing in PostgreSQL:
+    the node goes offline, yet its job is not forfeited and finishes in its first attempt."""
+    import threading
+
+    node = registered(api, "cut-off", "rtx4090")
+    beat(api, node, "rtx4090")  # its last beat: from now on the node is silent
+    job_id = submit(services, type="sleep", payload={"seconds": 4.0})
+    # The test settings lease for 3 s, renewed every 0.5 s by the runner's LeaseRenewer.
+    outcome: list[str] = []
+    worker = threading.Thread(target=lambda: outcome.append(runner_for(services, "cut-off").execute(job_id, 1)))
+    worker.start()
+    reconciler = reconciler_for(services, node_stale_after_seconds=0.3, node_offline_after_seconds=0.6)
+    went_offline = False
+    while worker.is_alive():
+        went_offline |= reconciler.run_once()["nodes_offline"] == 1
+        time.sleep(0.2)
+    worker.join()
+    assert went_offline and state_of(services, node["node_id"]) == "offline"
+    finished = job(services, job_id)
+    assert outcome == ["succeeded"] and finished["state"] == "succeeded" and finished["attempt"] == 1
+    assert finished["failed_nodes"] == [] and "lease expired" not in events_of(services, job_id)
+
+
+def test_an_offline_nodes_job_whose_worker_died_is_requeued_when_its_lease_expires(api, services):
     node = registered(api, "vanishing", "rtx4090")
     beat(api, node, "rtx4090")
     job_id = submit(services)
-    claim(services, job_id, 1, "vanishing")  # its lease (60 s) is far from expiring on its own
-    time.sleep(1.2)
-    counts = reconciler_for(services, node_stale_after_seconds=0.5, node_offline_after_seconds=1.0).run_once()
-    assert counts["nodes_offline"] == 1 and counts["offline_leases_forfeited"] == 1
+    with services.engine.begin() as conn:  # claimed by a worker that dies at once: nobody renews the lease
+        assert lifecycle.claim(conn, job_id, 1, "vanishing", 1.5) is not None
+    reconciler = reconciler_for(services, node_stale_after_seconds=0.3, node_offline_after_seconds=0.6)
+    time.sleep(0.8)
+    counts = reconciler.run_once()
+    assert counts["nodes_offline"] == 1 and counts["leases_expired"] == 0  # offline alone ends no lease
+    assert job(services, job_id)["state"] == "running"
+    time.sleep(0.9)
+    counts = reconciler.run_once()
     assert counts["leases_expired"] == 1 and counts["retries_published"] == 1
     requeued = job(services, job_id)
     assert requeued["state"] == "retrying" and requeued["failed_nodes"] == ["vanishing"]
-    assert "vanishing" in requeued["error"]
+    assert "vanishing" in requeued["error"] and "lease expired" in events_of(services, job_id)
     assert queue_depth(services.redis, "gpu_peer") >= 1  # a message for attempt 2 is waiting
 
 
