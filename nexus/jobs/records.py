@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, fields
-from functools import cache
+from operator import itemgetter
 from datetime import datetime
 from typing import Any, Mapping
 
@@ -135,9 +135,7 @@ def returning(record: type) -> str:
 
 def project(record: type, row: Mapping[str, Any]):
     """Build a projection record from a transition's row (which has its fields and the extras)."""
-    return record(*[row[name] for name in _field_names(record)])
+    return record(*_GETTERS[record](row))
 
 
-@cache
-def _field_names(record: type) -> tuple[str, ...]:
-    return tuple(f.name for f in fields(record))
+_GETTERS = {record: itemgetter(*(f.name for f in fields(record))) for record in (Claimed, Outcome)}
