@@ -139,7 +139,7 @@ def _running_job_on(services, node_name: str, queue_tier: str = "gpu_peer") -> s
                                                 tenant="default")
     with services.engine.begin() as conn:
         assert lifecycle.claim(conn, row.id, 1, node_name, 60) is not None
-    return str(row["id"])
+    return str(row.id)
 
 
 # --- admin: drain, resume, patch, list --------------------------------------------------------------
