@@ -17,7 +17,8 @@ from nexus.api.inputs import tenant_prefix
 from nexus.api.security import caller, require, services
 from nexus.api.views import job_view, row_view
 from nexus.auth import Role
-from nexus.jobs import lifecycle
+from nexus.jobs import lifecycle, queries
+from nexus.jobs.records import Job
 from nexus.jobs.schemas import BulkJobRequest, JobRequest
 from nexus.jobs.notify import job_channel
 from nexus.jobs.states import FINAL_STATES, JobState
@@ -56,18 +57,18 @@ def _check_inputs(jobs: list[JobRequest], tenant: str) -> None:
                            {"field": "input_key", "index": index})
 
 
-def _view(row: dict) -> dict:
+def _view(job: Job) -> dict:
     s = services()
-    return job_view(row, s.store, s.settings.bucket_outputs)
+    return job_view(job, s.store, s.settings.bucket_outputs)
 
 
-def load_job(job_id: uuid.UUID) -> dict:
+def load_job(job_id: uuid.UUID) -> Job:
     """The job, if the caller may see it; 404 otherwise (another tenant's job does not exist for you)."""
     with services().statements.connect() as conn:
-        row = conn.execute(text("SELECT * FROM jobs WHERE id = :id"), {"id": job_id}).mappings().first()
-    if row is None or (not caller().is_admin and row["tenant"] != caller().tenant):
+        job = queries.get(conn, job_id)
+    if job is None or (not caller().is_admin and job.tenant != caller().tenant):
         raise ApiError(404, f"job {job_id} not found")
-    return dict(row)
+    return job
 
 
 class WaitQuery(BaseModel):
@@ -93,8 +94,8 @@ def submit(query: WaitQuery, job: JobRequest):
     tenant = _tenant_for(job.tenant)
     _check_inputs([job], tenant)
     [(row, created)] = services().submitter.submit_many([job], tenant=tenant)
-    if query.wait and row["state"] not in FINAL_VALUES:
-        row = _wait_until_final(row["id"], query.wait)  # a synchronous run: one request instead of two
+    if query.wait and row.state not in FINAL_VALUES:
+        row = _wait_until_final(row.id, query.wait)  # a synchronous run: one request instead of two
     return _view(row), 201 if created else 200
 
 
@@ -112,7 +113,7 @@ def submit_bulk(bulk: BulkJobRequest):
     tenant = tenants.pop()
     _check_inputs(bulk.jobs, tenant)
     results = services().submitter.submit_many(bulk.jobs, tenant=tenant)
-    jobs = [{"id": str(row["id"]), "state": row["state"], "created": created} for row, created in results]
+    jobs = [{"id": str(row.id), "state": row.state, "created": created} for row, created in results]
     return {"jobs": jobs, "created": sum(1 for j in jobs if j["created"])}, 201
 
 
@@ -123,7 +124,7 @@ def get_job(job_id: uuid.UUID, query: WaitQuery):
     return _view(_wait_until_final(job_id, query.wait) if query.wait else load_job(job_id))
 
 
-def _wait_until_final(job_id: uuid.UUID, seconds: float) -> dict:
+def _wait_until_final(job_id: uuid.UUID, seconds: float) -> Job:
     """Long-poll: workers announce each outcome on the job's Redis channel; the row stays the truth."""
     pubsub = services().redis.pubsub()
     try:
@@ -131,7 +132,7 @@ def _wait_until_final(job_id: uuid.UUID, seconds: float) -> dict:
         deadline = time.monotonic() + seconds
         pubsub.get_message(timeout=min(seconds, 1.0))  # the confirmation: from now on no notice is missed
         job = load_job(job_id)  # so an outcome before this read shows in the row, any later one is announced
-        while job["state"] not in FINAL_VALUES and (remaining := deadline - time.monotonic()) > 0:
+        while job.state not in FINAL_VALUES and (remaining := deadline - time.monotonic()) > 0:
             pubsub.get_message(timeout=min(remaining, 1.0))  # a notice, or a second passed
             job = load_job(job_id)
         return job
@@ -144,28 +145,13 @@ def _wait_until_final(job_id: uuid.UUID, seconds: float) -> dict:
 @bp.doc(security="bearer")
 def list_jobs(query: JobListQuery):
     """Newest first; pass `next_cursor` back as `cursor` for the next page."""
-    where, params = ["TRUE"], {"limit": query.limit + 1}
     tenant = query.tenant if caller().is_admin else caller().tenant
-    if tenant:
-        where.append("tenant = :tenant")
-        params["tenant"] = tenant
-    if query.state:
-        where.append("state = :state")
-        params["state"] = query.state.value
-    if query.type:
-        where.append("type = :type")
-        params["type"] = query.type
-    if query.parent_id:
-        where.append("parent_id = :parent_id")
-        params["parent_id"] = query.parent_id
-    if query.cursor:
-        params["c_at"], params["c_id"] = _decode_cursor(query.cursor)
-        where.append("(created_at, id) < (:c_at, :c_id)")
-    sql = f"SELECT * FROM jobs WHERE {' AND '.join(where)} ORDER BY created_at DESC, id DESC LIMIT :limit"
+    where = queries.JobFilter(tenant=tenant, state=query.state.value if query.state else None, type=query.type,
+                              parent_id=query.parent_id,
+                              before=_decode_cursor(query.cursor) if query.cursor else None)
     with services().statements.connect() as conn:
-        rows = [dict(r) for r in conn.execute(text(sql), params).mappings()]
-    page, more = rows[:query.limit], len(rows) > query.limit
-    return {"jobs": [_view(r) for r in page],
+        page, more = queries.list_jobs(conn, where, query.limit)
+    return {"jobs": [_view(job) for job in page],
             "next_cursor": _encode_cursor(page[-1]) if more else None}
 
 
@@ -200,13 +186,13 @@ def retry(job_id: uuid.UUID):
     with services().engine.begin() as conn:
         row = lifecycle.manual_retry(conn, job_id, by=caller().name)
     if row is None:
-        raise ApiError(409, f"only failed or cancelled jobs can be retried; this one is {job['state']}",
-                       {"state": job["state"]})
+        raise ApiError(409, f"only failed or cancelled jobs can be retried; this one is {job.state}",
+                       {"state": job.state})
     return _view(load_job(job_id))
 
 
-def _encode_cursor(row: dict) -> str:
-    return base64.urlsafe_b64encode(f"{row['created_at'].isoformat()}|{row['id']}".encode()).decode()
+def _encode_cursor(job: Job) -> str:
+    return base64.urlsafe_b64encode(f"{job.created_at.isoformat()}|{job.id}".encode()).decode()
 
 
 def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:

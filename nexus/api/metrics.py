@@ -17,7 +17,7 @@ from sqlalchemy import text
 
 from nexus.jobs.notify import DURATION_BUCKETS, DURATION_KEY
 from nexus.jobs.reconciler import queue_depth
-from nexus.jobs.states import JobState
+from nexus.jobs.states import CLAIMABLE_STATES, JobState, sql_in
 from nexus.queueing.tiers import TIER_ORDER
 
 
@@ -34,7 +34,7 @@ class NexusCollector:
         with self.services.engine.connect() as conn:
             rows = conn.execute(ACTIVE_COUNTS).all() + conn.execute(FINISHED_COUNTS).all()
             queues = {r[0] for r in conn.execute(text(
-                "SELECT DISTINCT queue FROM jobs WHERE state IN ('queued','retrying')"))}
+                f"SELECT DISTINCT queue FROM jobs WHERE {sql_in('state', CLAIMABLE_STATES)}"))}
         jobs = GaugeMetricFamily("nexus_jobs", "Jobs by state and type", labels=["state", "type"])
         seen_types = {t for _, t, _ in rows} or {"noop"}
         counts = {(s, t): n for s, t, n in rows}

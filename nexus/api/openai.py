@@ -132,7 +132,7 @@ def _submit(endpoint: Endpoint, body: dict, call: ApiCall) -> str:
            # A retry after tokens went out would repeat them; a lost request fails and the client retries.
            "max_attempts": 1, "priority": 7}
     [(row, _)] = services().submitter.submit_many([job], tenant=caller().tenant)
-    return str(row["id"])
+    return str(row.id)
 
 
 def _idle_check(job_id: str, started: float):

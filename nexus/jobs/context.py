@@ -8,10 +8,11 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine
 
 from nexus.config import Settings
-from nexus.jobs import lifecycle
+from nexus.jobs import lifecycle, queries
+from nexus.jobs.records import Job
 
 if TYPE_CHECKING:
     from nexus.jobs.submit import Submitter
@@ -99,13 +100,9 @@ class JobContext:
             tenant=self.tenant,
             parent_id=self.job_id,
         )
-        return [str(job["id"]) for job, _created in jobs]
+        return [str(job.id) for job, _created in jobs]
 
-    def children(self) -> list[dict[str, Any]]:
+    def children(self) -> list[Job]:
+        """This job's children, oldest first."""
         with self.engine.connect() as conn:
-            rows = conn.execute(
-                text("SELECT id, type, state, attempt, result, error, output_key, idempotency_key FROM jobs "
-                     "WHERE parent_id = :id ORDER BY created_at, id"),
-                {"id": self.job_id},
-            ).mappings()
-            return [dict(r) for r in rows]
+            return queries.children(conn, self.job_id)

@@ -13,16 +13,18 @@ from typing import Any, Iterable
 
 from celery import Celery
 from pydantic import ValidationError
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine
 
 from nexus.config import Settings
 from nexus.db.engine import autocommit
-from nexus.jobs import lifecycle
+from nexus.jobs import lifecycle, queries
 from nexus.jobs.lifecycle import JobSpec
+from nexus.jobs.records import Job
 from nexus.jobs.registry import UnknownJobType, get_job_type, job_type_names
 from nexus.jobs.schemas import JobRequest
+from nexus.jobs.states import JobState
 from nexus.queueing.message import JobMessage, publish_all
-from nexus.queueing.routing import Requirements, route_for
+from nexus.queueing.routing import Requirements, route_for, vram_thresholds
 from nexus.replicas.lsn import commit_lsn
 
 class SubmissionError(ValueError):
@@ -68,7 +70,7 @@ def build_spec(raw: Any, settings: Settings, tenant: str, parent_id: uuid.UUID |
         raise SubmissionError(f"job type {request.type} takes no input object", {"field": "input_key"})
     return JobSpec(
         type=request.type,
-        queue=route_for(requirements),
+        queue=route_for(requirements, vram_thresholds(settings)),
         payload=payload,
         input_key=request.input_key,
         requirements=requirements.to_dict(),
@@ -93,10 +95,10 @@ class Submitter:
 
     def submit_many(
         self, raws: list[dict], tenant: str, parent_id: uuid.UUID | None = None
-    ) -> list[tuple[dict, bool]]:
+    ) -> list[tuple[Job, bool]]:
         """Validate all, insert all in one transaction, publish the new ones.
 
-        Returns (job row, created) per input in order; `created` is False for an
+        Returns (job, created) per input in order; `created` is False for an
         idempotent repeat, which returns the existing job and publishes nothing.
         """
         specs = []
@@ -109,13 +111,13 @@ class Submitter:
                 raise
         return self.submit_specs(specs)
 
-    def submit_specs(self, specs: list[JobSpec]) -> list[tuple[dict, bool]]:
+    def submit_specs(self, specs: list[JobSpec]) -> list[tuple[Job, bool]]:
         _check_unique_keys(specs)
         with self.writes.connect() as conn:
             inserted = lifecycle.insert_jobs(conn, specs)  # all rows or none: one statement
             new_specs = [s for s in specs if s.id in inserted]
             repeats = [s for s in specs if s.id not in inserted]
-            existing = lifecycle.find_by_idempotency(conn, specs[0].tenant, [s.idempotency_key for s in repeats]) \
+            existing = queries.find_by_idempotency(conn, specs[0].tenant, [s.idempotency_key for s in repeats]) \
                 if repeats else {}
             # Read after the commit: a worker's standby that replayed this far has the new rows.
             lsn = commit_lsn(conn) if any(get_job_type(s.type).reads_standby for s in new_specs) else None
@@ -150,19 +152,12 @@ def _check_unique_keys(specs: list[JobSpec]) -> None:
         seen.add(spec.idempotency_key)
 
 
-def _row_from_spec(spec: JobSpec, created_at) -> dict:
-    """The new row as the API returns it, without a read-back query."""
-    return {
-        "id": spec.id, "type": spec.type, "state": "queued", "priority": spec.priority, "tenant": spec.tenant,
-        "attempt": 0, "max_attempts": spec.max_attempts, "requirements": spec.requirements, "queue": spec.queue,
-        "payload": spec.payload, "input_key": spec.input_key, "idempotency_key": spec.idempotency_key,
-        "parent_id": spec.parent_id, "result": None, "output_key": None, "error": None, "progress": None,
-        "node": None, "cancel_requested": False, "created_at": created_at, "started_at": None, "finished_at": None,
-        "updated_at": created_at,
-    }
-
-
-def get_job(engine: Engine, job_id: uuid.UUID) -> dict | None:
-    with engine.connect() as conn:
-        row = conn.execute(text("SELECT * FROM jobs WHERE id = :id"), {"id": job_id}).mappings().first()
-        return dict(row) if row else None
+def _row_from_spec(spec: JobSpec, created_at) -> Job:
+    """The new job as the API returns it, without a read-back query."""
+    return Job(
+        id=spec.id, type=spec.type, state=JobState.QUEUED.value, priority=spec.priority, tenant=spec.tenant,
+        attempt=0, max_attempts=spec.max_attempts, requirements=spec.requirements, queue=spec.queue,
+        payload=spec.payload, input_key=spec.input_key, idempotency_key=spec.idempotency_key,
+        parent_id=spec.parent_id, result=None, output_key=None, error=None, progress=None, node=None,
+        cancel_requested=False, created_at=created_at, started_at=None, finished_at=None, updated_at=created_at,
+    )

@@ -38,7 +38,7 @@ def submit(services, tier: str = "gpu_peer", **fields) -> str:
     """A job on a queue no test worker consumes, so only this test's claims touch it."""
     [(row, _)] = services.submitter.submit_many([{"type": "noop", "requirements": {"tier": tier}, **fields}],
                                                 tenant="default")
-    return str(row["id"])
+    return str(row.id)
 
 
 def claim(services, job_id: str, attempt: int, node: str) -> None:

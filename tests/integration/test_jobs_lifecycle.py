@@ -31,7 +31,7 @@ def events(services, job_id) -> list[tuple]:
 
 def submit(services, raw: dict) -> uuid.UUID:
     [(row, _)] = services.submitter.submit_many([raw], tenant="default")
-    return row["id"]
+    return row.id
 
 
 def reconciler_for(services) -> Reconciler:
@@ -81,7 +81,7 @@ def test_claims_respect_max_attempts(services):
     job_id = submit(services, {"type": "noop", "max_attempts": 1, "requirements": {"tier": "gpu_peer"}})
     with services.engine.begin() as conn:
         assert lifecycle.claim(conn, job_id, 1, "a", 30)
-        assert lifecycle.fail(conn, job_id, 1, "a", "boom", True, 0)["state"] == "failed"
+        assert lifecycle.fail(conn, job_id, 1, "a", "boom", True, 0).state == "failed"
         assert lifecycle.claim(conn, job_id, 2, "a", 30) is None
 
 
