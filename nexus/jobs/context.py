@@ -12,6 +12,7 @@ from sqlalchemy import Engine, text
 
 from nexus.config import Settings
 from nexus.jobs import lifecycle
+from nexus.jobs.fanout import check_fan_out
 
 if TYPE_CHECKING:
     from nexus.jobs.submit import Submitter
@@ -91,14 +92,23 @@ class JobContext:
 
     # --- child jobs ------------------------------------------------------------------
     def submit_children(self, specs: list[dict]) -> list[str]:
-        """Submit child jobs; idempotent per `idempotency_key`, so a retried parent finds its children."""
-        jobs = self.submitter.submit_many(
-            [{**spec, "idempotency_key": f"{self.job_id}:{spec['idempotency_key']}"} if spec.get("idempotency_key")
-             else spec for spec in specs],
-            tenant=self.tenant,
-            parent_id=self.job_id,
-        )
+        """Submit child jobs; idempotent per `idempotency_key`, so a retried parent finds its children.
+
+        Raises TooManyChildren (the job fails, not retried) past Settings.max_children_per_job."""
+        specs = [{**spec, "idempotency_key": f"{self.job_id}:{spec['idempotency_key']}"}
+                 if spec.get("idempotency_key") else spec for spec in specs]
+        check_fan_out(self._other_children([s.get("idempotency_key") for s in specs]) + len(specs), self.settings)
+        jobs = self.submitter.submit_many(specs, tenant=self.tenant, parent_id=self.job_id, allow_internal=True)
         return [str(job["id"]) for job, _created in jobs]
+
+    def _other_children(self, keys: list[str | None]) -> int:
+        """Children this job already has, leaving out those these keys repeat (a retried parent's)."""
+        with self.engine.connect() as conn:
+            return conn.execute(
+                text("SELECT count(*) FROM jobs WHERE parent_id = :id "
+                     "AND (idempotency_key IS NULL OR NOT idempotency_key = ANY(:keys))"),
+                {"id": self.job_id, "keys": [k for k in keys if k]},
+            ).scalar_one()
 
     def children(self) -> list[dict]:
         with self.engine.connect() as conn:
