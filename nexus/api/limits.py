@@ -102,15 +102,26 @@ def install_rate_limit(app: Flask, settings: Settings) -> Limiter | None:
         key_func=_token_key, app=app, storage_uri=settings.redis_url,
         # Application limits: one budget per token across every route (default limits count per route).
         application_limits=[settings.rate_limit], application_limits_exempt_when=_exempt, strategy="fixed-window",
-        headers_enabled=True, retry_after="delta-seconds", key_prefix="nexus",
+        # No X-RateLimit headers on every answer: each would cost one more Redis read per request.
+        headers_enabled=False, key_prefix="nexus",
         swallow_errors=True,  # Redis down: serve (the routes that need Redis answer 503 themselves)
     )
 
+    app.extensions["nexus_limiter"] = limiter
+
     @app.errorhandler(RateLimitExceeded)
     def too_many(exc: RateLimitExceeded):
-        return error_body(429, f"rate limit exceeded: {exc.description} per token", {"limit": exc.description}), 429
+        return error_body(429, f"rate limit exceeded: {exc.description} per token", {"limit": exc.description}), \
+            429, rate_limit_headers()
 
     return limiter
+
+
+def rate_limit_headers() -> dict:
+    """Retry-After for a request the rate limit refused: seconds until the token's window resets."""
+    breached = current_app.extensions["nexus_limiter"].current_limit
+    reset_at = breached.reset_at if breached else time.time() + 1
+    return {"Retry-After": str(max(1, int(reset_at - time.time())))}
 
 
 def _token_key() -> str:

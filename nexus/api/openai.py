@@ -19,7 +19,7 @@ from flask import Response, after_this_request, jsonify, request, stream_with_co
 from flask_limiter.errors import RateLimitExceeded
 from sqlalchemy import text
 
-from nexus.api.limits import slots
+from nexus.api.limits import rate_limit_headers, slots
 from nexus.api.security import caller, services
 from nexus.auth import Role
 from nexus.models import catalog, liveness
@@ -62,9 +62,8 @@ def _http_error(error: HTTPError):
 
 @bp.errorhandler(RateLimitExceeded)
 def _rate_limited(error: RateLimitExceeded):
-    """Retry-After is added by Flask-Limiter to every response of a limited request."""
     return _error_response(OpenAIError(f"rate limit exceeded: {error.description} per API key", status=429,
-                                       type="rate_limit_error", code="rate_limit_exceeded"))
+                                       type="rate_limit_error", code="rate_limit_exceeded"), rate_limit_headers())
 
 
 @bp.errorhandler(PayloadTooLarge)

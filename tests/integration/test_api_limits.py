@@ -11,10 +11,8 @@ import pytest
 from sqlalchemy import text
 
 from nexus.api import create_app
-from nexus.api.limits import Slots
 from nexus.auth import Principal, Role
 from nexus.jobs.context import JobContext
-from nexus.jobs.fanout import TooManyChildren
 from nexus.services import Services
 from tests.conftest import auth
 from tests.support import wait_for
@@ -79,6 +77,8 @@ def test_internal_job_types_are_refused_from_the_api(api, services, job):
 
 
 def test_a_running_job_submits_internal_children_up_to_the_cap(services):
+    from nexus.jobs.fanout import TooManyChildren
+
     custom, _ = limited(services, max_children_per_job=3)
     [(parent, _)] = custom.submitter.submit_many([{"type": "noop", "requirements": {"tier": "gpu_peer"}}], "default")
     ctx = JobContext(job_id=parent["id"], attempt=1, node="n", tenant="default", input_key=None,
@@ -163,6 +163,8 @@ def test_long_polls_per_token_are_capped_and_other_tokens_still_served(api, serv
 
 
 def test_a_slot_left_by_a_crashed_process_expires(services):
+    from nexus.api.limits import Slots
+
     slots = Slots(services.redis, "long_poll")
     principal = Principal(uuid.uuid4(), "p", Role.SUBMITTER, "a")
     services.redis.zadd(f"nexus:slots:long_poll:{principal.token_id}", {"crashed": time.time() - 1})
@@ -175,6 +177,8 @@ def test_a_slot_left_by_a_crashed_process_expires(services):
 
 
 def test_v1_requests_per_token_are_capped_in_openais_shape(api, services):
+    from nexus.api.limits import Slots
+
     _, client = limited(services, max_streams_per_token=1)
     alice = token(api, "alice")
     principal = Principal(_token_id(services, "alice"), "alice", Role.SUBMITTER, "a")
