@@ -55,9 +55,17 @@ class Settings(BaseSettings):
     node_api_url: str = ""  # how agents reach the node API; empty: derived as public_api_url is, else api_url
     admin_token: str = "nexus-dev-admin-token"  # bootstrap admin, created at master start
     join_token: str = "nexus-dev-join-token"  # workers present it to register
-    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    # Limits (README "Limits"): what one request, one job and one token may ask of the master.
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)  # a JSON request body (413 above)
+    max_input_bytes: int = Field(16 * 1024 * 1024, ge=1024)  # one upload to POST /api/v1/inputs
     max_bulk_jobs: int = Field(10_000, ge=1)
-    max_payload_bytes: int = Field(256 * 1024, ge=64)
+    max_payload_bytes: int = Field(256 * 1024, ge=64)  # one job's payload as compact JSON
+    max_children_per_job: int = Field(10_000, ge=1)  # child jobs one parent may create (batch chunks, segments)
+    submitter_max_priority: int = Field(7, ge=0, le=9)  # admins may use up to 9
+    # Per token, answered 429 with Retry-After; never applied to /healthz, node routes or worker tokens.
+    rate_limit: str = "6000/minute"  # Flask-Limiter syntax ("100/second;6000/minute"); empty: no rate limit
+    max_long_polls_per_token: int = Field(8, ge=1)  # concurrent ?wait= requests
+    max_streams_per_token: int = Field(128, ge=1)  # concurrent /v1 completions (streamed or not)
 
     # --- clients (CLI, NexusClient): where the API is and which token to use ---
     url: str = ""  # NEXUS_URL; else the local cluster's cluster.json, else public_api_url

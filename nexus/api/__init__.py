@@ -12,6 +12,7 @@ from apiflask import APIFlask
 
 import nexus
 from nexus.api.errors import install_error_handlers
+from nexus.api.limits import Slots, install_rate_limit
 from nexus.api.security import authenticate_request
 from nexus.config import Settings, load_settings
 from nexus.services import Services
@@ -22,7 +23,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     settings = settings or load_settings()
     app = APIFlask("nexus", title="Nexus API", version=nexus.__version__, docs_path="/docs")
     app.config.update(
-        MAX_CONTENT_LENGTH=settings.max_body_bytes,
+        MAX_CONTENT_LENGTH=settings.max_body_bytes,  # JSON bodies; uploads raise it (api/inputs.py)
         VALIDATION_ERROR_STATUS_CODE=400,
         JSON_SORT_KEYS=False,
     )
@@ -31,6 +32,9 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.extensions["nexus_settings"] = settings
     install_error_handlers(app)
     app.before_request(authenticate_request)
+    install_rate_limit(app, settings)  # after authentication: it counts per token
+    redis = app.extensions["nexus"].redis
+    app.extensions["nexus_slots"] = {kind: Slots(redis, kind) for kind in ("long_poll", "stream")}
     for blueprint in blueprints or _blueprints():
         app.register_blueprint(blueprint)
     return app

@@ -14,6 +14,7 @@ from sqlalchemy import text
 
 from nexus.api.errors import ApiError
 from nexus.api.inputs import tenant_prefix
+from nexus.api.limits import check_priority, long_poll
 from nexus.api.security import caller, require, services
 from nexus.api.views import job_view, row_view
 from nexus.auth import Role
@@ -57,6 +58,11 @@ def _check_inputs(jobs: list[JobRequest], tenant: str) -> None:
                            {"field": "input_key", "index": index})
 
 
+def _check_priorities(jobs: list[JobRequest]) -> None:
+    for index, job in enumerate(jobs):
+        check_priority(caller(), job.priority, services().settings, index if len(jobs) > 1 else None)
+
+
 def _view(job: Job) -> dict:
     s = services()
     return job_view(job, s.store, s.settings.bucket_outputs)
@@ -93,9 +99,14 @@ def submit(query: WaitQuery, job: JobRequest):
         job = job.model_copy(update={"idempotency_key": header_key})
     tenant = _tenant_for(job.tenant)
     _check_inputs([job], tenant)
-    [(row, created)] = services().submitter.submit_many([job], tenant=tenant)
-    if query.wait and row.state not in FINAL_VALUES:
-        row = _wait_until_final(row.id, query.wait)  # a synchronous run: one request instead of two
+    _check_priorities([job])
+    if not query.wait:
+        [(row, created)] = services().submitter.submit_many([job], tenant=tenant)
+        return _view(row), 201 if created else 200
+    with long_poll(caller(), query.wait, services().settings):  # taken before the job exists: a 429 creates none
+        [(row, created)] = services().submitter.submit_many([job], tenant=tenant)
+        if row.state not in FINAL_VALUES:
+            row = _wait_until_final(row.id, query.wait)  # a synchronous run: one request instead of two
     return _view(row), 201 if created else 200
 
 
@@ -112,6 +123,7 @@ def submit_bulk(bulk: BulkJobRequest):
         raise ApiError(400, "one bulk request submits for one tenant", {"tenants": sorted(tenants)})
     tenant = tenants.pop()
     _check_inputs(bulk.jobs, tenant)
+    _check_priorities(bulk.jobs)
     results = services().submitter.submit_many(bulk.jobs, tenant=tenant)
     jobs = [{"id": str(row.id), "state": row.state, "created": created} for row, created in results]
     return {"jobs": jobs, "created": sum(1 for j in jobs if j["created"])}, 201
@@ -121,7 +133,10 @@ def submit_bulk(bulk: BulkJobRequest):
 @bp.input(WaitQuery, location="query", arg_name="query")
 @bp.doc(security="bearer")
 def get_job(job_id: uuid.UUID, query: WaitQuery):
-    return _view(_wait_until_final(job_id, query.wait) if query.wait else load_job(job_id))
+    if not query.wait:
+        return _view(load_job(job_id))
+    with long_poll(caller(), query.wait, services().settings):
+        return _view(_wait_until_final(job_id, query.wait))
 
 
 def _wait_until_final(job_id: uuid.UUID, seconds: float) -> Job:

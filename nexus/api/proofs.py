@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 from nexus.api.errors import ApiError
 from nexus.api.jobs import load_job
+from nexus.api.limits import check_priority
 from nexus.api.security import caller, require, services
 from nexus.api.views import job_view, jsonable, row_view
 from nexus.auth import Role
@@ -61,6 +62,7 @@ class VerifyRequest(BaseModel):
 @bp.doc(security="bearer", responses={201: "created", 200: "an idempotent repeat: the existing proof"})
 @require(Role.SUBMITTER)
 def submit(body: ProofSubmission):
+    check_priority(caller(), body.priority, services().settings)
     payload = body.model_dump(include=set(REQUEST_FIELDS), exclude_none=True)
     job = {"type": PROOF_TYPE, "payload": payload, "priority": body.priority,
            # The proof job waits where its segments run, so that it can help prove them.
@@ -91,7 +93,8 @@ def verify(proof_id: uuid.UUID, body: VerifyRequest):
                        {"state": proof.state})
     job = {"type": VERIFY_TYPE, "payload": {"proof_id": str(proof_id), "salt": body.salt}, "priority": proof.priority,
            "requirements": proof.requirements}
-    [(row, _created)] = services().submitter.submit_many([job], tenant=proof.tenant, parent_id=proof_id)
+    [(row, _created)] = services().submitter.submit_many([job], tenant=proof.tenant, parent_id=proof_id,
+                                                         allow_internal=True)
     s = services()
     return {"proof_id": str(proof_id), "verify_job": job_view(row, s.store, s.settings.bucket_outputs)}, 202
 

@@ -43,6 +43,16 @@ def children(conn: Connection, parent_id: uuid.UUID) -> list[Job]:
     return [Job(*row) for row in conn.execute(_CHILDREN, {"id": parent_id})]
 
 
+def count_children_besides(conn: Connection, parent_id: uuid.UUID, keys: Iterable[str]) -> int:
+    """A parent's children, leaving out those with these idempotency keys (a retried parent's repeats)."""
+    count: int = conn.execute(
+        text("SELECT count(*) FROM jobs WHERE parent_id = :id "
+             "AND (idempotency_key IS NULL OR NOT idempotency_key = ANY(:keys))"),
+        {"id": parent_id, "keys": list(keys)},
+    ).scalar_one()
+    return count
+
+
 @dataclass(frozen=True)
 class JobFilter:
     """What a listing is narrowed to; None means any."""

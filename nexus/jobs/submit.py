@@ -8,6 +8,7 @@ row to claim and is dropped).
 
 from __future__ import annotations
 
+import json
 import uuid
 from typing import Any, Iterable
 
@@ -18,9 +19,10 @@ from sqlalchemy import Engine
 from nexus.config import Settings
 from nexus.db.engine import autocommit
 from nexus.jobs import lifecycle, queries
+from nexus.jobs.fanout import TooManyChildren, check_fan_out
 from nexus.jobs.lifecycle import JobSpec
 from nexus.jobs.records import Job
-from nexus.jobs.registry import UnknownJobType, get_job_type, job_type_names
+from nexus.jobs.registry import UnknownJobType, get_job_type, job_type_names, public_job_type_names
 from nexus.jobs.schemas import JobRequest
 from nexus.jobs.states import JobState
 from nexus.queueing.message import JobMessage, publish_all
@@ -33,6 +35,10 @@ class SubmissionError(ValueError):
     def __init__(self, message: str, details: dict | None = None):
         super().__init__(message)
         self.details = details or {}
+
+
+class PayloadTooLarge(SubmissionError):
+    """A payload over Settings.max_payload_bytes (413): large data goes to POST /api/v1/inputs."""
 
 
 class PublishError(RuntimeError):
@@ -49,13 +55,23 @@ def parse_request(raw: Any) -> JobRequest:
         raise SubmissionError("invalid job request", {"errors": _pydantic_errors(exc)}) from None
 
 
-def build_spec(raw: Any, settings: Settings, tenant: str, parent_id: uuid.UUID | None = None) -> JobSpec:
-    """Turn one submitted job into a JobSpec, or raise SubmissionError saying what is wrong."""
+def build_spec(raw: Any, settings: Settings, tenant: str, parent_id: uuid.UUID | None = None,
+               allow_internal: bool = False) -> JobSpec:
+    """Turn one submitted job into a JobSpec, or raise SubmissionError saying what is wrong.
+
+    `allow_internal`: the platform itself submits (a running job's children, the /v1 routes);
+    clients may only submit public job types."""
     request = parse_request(raw)
     try:
         job_type = get_job_type(request.type)
     except UnknownJobType:
-        raise SubmissionError(f"unknown job type {request.type!r}", {"known_types": job_type_names()}) from None
+        raise SubmissionError(f"unknown job type {request.type!r}",
+                              {"known_types": job_type_names() if allow_internal else public_job_type_names()}) \
+            from None
+    if not (job_type.public or allow_internal):
+        raise SubmissionError(f"job type {request.type} is internal: only the platform creates it",
+                              {"field": "type", "public_types": public_job_type_names()})
+    _check_payload_size(request.payload, settings)
     payload = request.payload
     if job_type.validate is not None:
         try:
@@ -68,6 +84,11 @@ def build_spec(raw: Any, settings: Settings, tenant: str, parent_id: uuid.UUID |
         raise SubmissionError(str(exc), {"field": "requirements"}) from None
     if request.input_key is not None and not job_type.accepts_input:
         raise SubmissionError(f"job type {request.type} takes no input object", {"field": "input_key"})
+    if job_type.fan_out is not None and (children := job_type.fan_out(payload, settings)) is not None:
+        try:
+            check_fan_out(children, settings)
+        except TooManyChildren as exc:
+            raise SubmissionError(str(exc), {"field": "payload", **exc.details}) from None
     return JobSpec(
         type=request.type,
         queue=route_for(requirements, vram_thresholds(settings)),
@@ -82,6 +103,14 @@ def build_spec(raw: Any, settings: Settings, tenant: str, parent_id: uuid.UUID |
     )
 
 
+def _check_payload_size(payload: Any, settings: Settings) -> None:
+    size = len(json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode())
+    if size > settings.max_payload_bytes:
+        raise PayloadTooLarge(f"payload is {size} bytes; at most {settings.max_payload_bytes} "
+                              "(upload large data with POST /api/v1/inputs and pass its input_key)",
+                              {"field": "payload", "size": size, "max_payload_bytes": settings.max_payload_bytes})
+
+
 def _pydantic_errors(exc: ValidationError) -> list[dict]:
     return [{"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in exc.errors()]
 
@@ -94,17 +123,18 @@ class Submitter:
         self.celery = celery
 
     def submit_many(
-        self, raws: list[dict], tenant: str, parent_id: uuid.UUID | None = None
+        self, raws: list[dict], tenant: str, parent_id: uuid.UUID | None = None, allow_internal: bool = False
     ) -> list[tuple[Job, bool]]:
         """Validate all, insert all in one transaction, publish the new ones.
 
         Returns (job, created) per input in order; `created` is False for an
         idempotent repeat, which returns the existing job and publishes nothing.
+        `allow_internal`: the platform submits, so internal job types are allowed (see build_spec).
         """
         specs = []
         for index, raw in enumerate(raws):
             try:
-                specs.append(build_spec(raw, self.settings, tenant, parent_id))
+                specs.append(build_spec(raw, self.settings, tenant, parent_id, allow_internal))
             except SubmissionError as exc:
                 if len(raws) > 1:
                     exc.details = {"index": index, **exc.details}

@@ -270,6 +270,12 @@ def _finished_proof(ctx: JobContext, proof_id: str) -> Job:
     return row
 
 
-proof = JobType(name=PROOF_TYPE, run=run_proof, validate=validate_proof, accepts_input=False)
-proof_segment = JobType(name=SEGMENT_TYPE, run=run_segment, validate=validate_segment, accepts_input=False)
-proof_verify = JobType(name=VERIFY_TYPE, run=run_verify, validate=validate_verify, accepts_input=False)
+def proof_segments(payload: dict, _settings) -> int:
+    return -(-(payload["nonce_end"] - payload["nonce_start"]) // payload["segment_size"])
+
+
+proof = JobType(name=PROOF_TYPE, run=run_proof, validate=validate_proof, accepts_input=False, fan_out=proof_segments)
+# Internal: segments are the proof's children, verification is started by POST /api/v1/proofs/<id>/verify.
+proof_segment = JobType(name=SEGMENT_TYPE, run=run_segment, validate=validate_segment, accepts_input=False,
+                        public=False)
+proof_verify = JobType(name=VERIFY_TYPE, run=run_verify, validate=validate_verify, accepts_input=False, public=False)

@@ -25,6 +25,7 @@ from nexus.serving.batch import (BatchLine, chunk_ranges, error_line, failed_chu
 from nexus.models.catalog import MODEL_NAME_PATTERN
 from nexus.inference.openai_shapes import OpenAIError, build_response
 from nexus.jobs.context import JobContext
+from nexus.jobs.fanout import check_fan_out
 from nexus.jobs.records import Job
 from nexus.jobs.registry import JobType
 
@@ -56,10 +57,24 @@ def validate_batch(payload: Any) -> dict:
     return {**payload, "model": model}
 
 
+def batch_chunks(payload: dict, settings) -> int | None:
+    """The number of chunk jobs, when the requests are inline (an input file is counted when it runs)."""
+    requests = payload.get("requests")
+    return -(-len(requests) // _chunk_lines(payload, settings)) if requests else None
+
+
+def _chunk_lines(payload: dict, settings) -> int:
+    return payload.get("chunk_lines") or settings.inference_batch_chunk_lines
+
+
 def run_batch(ctx: JobContext, payload: dict) -> dict:
     model = payload["model"]
     lines = _request_lines(ctx, payload)
-    ranges = chunk_ranges(len(lines), payload.get("chunk_lines") or ctx.settings.inference_batch_chunk_lines)
+    chunk_lines = _chunk_lines(payload, ctx.settings)
+    ranges = chunk_ranges(len(lines), chunk_lines)
+    # Before any chunk is written: a refused batch leaves no objects behind.
+    check_fan_out(len(ranges), ctx.settings, f"{len(lines)} lines in chunks of {chunk_lines}; raise chunk_lines to "
+                                             f"at least {-(-len(lines) // ctx.settings.max_children_per_job)}")
     specs = []
     for number, (start, end) in enumerate(ranges):
         key = ctx.write_output(to_text(lines[start:end]), name=f"chunks/{number:05d}.jsonl",
@@ -161,5 +176,7 @@ def _generate(backend, line: BatchLine) -> dict:
         return error_line(line.number, line.custom_id, exc)
 
 
-inference = JobType(name="inference", run=run_batch, validate=validate_batch)
-inference_chunk = JobType(name="inference_chunk", run=run_chunk, validate=validate_chunk, accepts_input=False)
+inference = JobType(name="inference", run=run_batch, validate=validate_batch, fan_out=batch_chunks)
+# Internal: its payload.key names any object in the outputs bucket.
+inference_chunk = JobType(name="inference_chunk", run=run_chunk, validate=validate_chunk, accepts_input=False,
+                          public=False)

@@ -83,4 +83,6 @@ def _stream(ctx: JobContext, stream, events: EventWriter) -> dict:
     return {"usage": usage.as_dict() if usage else None}
 
 
-completion = JobType(name="completion", run=run_completion, validate=validate_completion, accepts_input=False)
+# Internal: the /v1 routes create it and relay its stream; submitted directly, nobody would read it.
+completion = JobType(name="completion", run=run_completion, validate=validate_completion, accepts_input=False,
+                     public=False)
