@@ -81,7 +81,7 @@ def test_a_running_job_submits_internal_children_up_to_the_cap(services):
 
     custom, _ = limited(services, max_children_per_job=3)
     [(parent, _)] = custom.submitter.submit_many([{"type": "noop", "requirements": {"tier": "gpu_peer"}}], "default")
-    ctx = JobContext(job_id=parent["id"], attempt=1, node="n", tenant="default", input_key=None,
+    ctx = JobContext(job_id=parent.id, attempt=1, node="n", tenant="default", input_key=None,
                      settings=custom.settings, engine=custom.engine, storage=custom.store, submitter=custom.submitter)
     chunk = {"type": "inference_chunk", "payload": {"model": "m", "key": "k", "first_line": 0},
              "requirements": {"model": "m"}}
@@ -92,7 +92,7 @@ def test_a_running_job_submits_internal_children_up_to_the_cap(services):
         ctx.submit_children([{**chunk, "idempotency_key": "chunk-3"}])
     with pytest.raises(TooManyChildren):
         ctx.submit_children([chunk] * 4)
-    assert job_count(services, f"parent_id = '{parent['id']}'") == 3
+    assert job_count(services, f"parent_id = '{parent.id}'") == 3
 
 
 def test_a_batch_whose_chunk_count_is_known_is_refused_at_submit(services):

@@ -32,7 +32,7 @@ def backlog(services, n: int, age_seconds: float = 5.0) -> list[str]:
     """`n` jobs submitted `age_seconds` ago (past the reconciler's grace), their messages waiting."""
     rows = services.submitter.submit_many([{"type": "noop", "requirements": {"tier": "gpu_peer"}}] * n,
                                           tenant="default")
-    ids = [str(row["id"]) for row, _ in rows]
+    ids = [str(row.id) for row, _ in rows]
     age(services, ids, age_seconds)
     return ids
 
