@@ -6,6 +6,7 @@ import base64
 import time
 import uuid
 from datetime import datetime
+from typing import Any
 
 from apiflask import APIBlueprint
 from flask import request
@@ -63,7 +64,7 @@ def _check_priorities(jobs: list[JobRequest]) -> None:
         check_priority(caller(), job.priority, services().settings, index if len(jobs) > 1 else None)
 
 
-def _view(job: Job) -> dict:
+def _view(job: Job) -> dict[str, Any]:
     s = services()
     return job_view(job, s.store, s.settings.bucket_outputs)
 
@@ -89,7 +90,7 @@ class WaitQuery(BaseModel):
 @bp.doc(security="bearer", responses={201: "created (with ?wait=, as it stands when final or when the wait ends)",
                                       200: "an idempotent repeat: the existing job"})
 @require(Role.SUBMITTER)
-def submit(query: WaitQuery, job: JobRequest):
+def submit(query: WaitQuery, job: JobRequest) -> tuple[dict[str, Any], int]:
     header_key = request.headers.get("Idempotency-Key")
     if header_key is not None:
         if not 0 < len(header_key) <= 256:
@@ -114,7 +115,7 @@ def submit(query: WaitQuery, job: JobRequest):
 @bp.input(BulkJobRequest, arg_name="bulk")
 @bp.doc(security="bearer")
 @require(Role.SUBMITTER)
-def submit_bulk(bulk: BulkJobRequest):
+def submit_bulk(bulk: BulkJobRequest) -> tuple[dict[str, Any], int]:
     limit = services().settings.max_bulk_jobs
     if len(bulk.jobs) > limit:
         raise ApiError(413, f"at most {limit} jobs per bulk request", {"jobs": len(bulk.jobs)})
@@ -132,7 +133,7 @@ def submit_bulk(bulk: BulkJobRequest):
 @bp.get("/<uuid:job_id>")
 @bp.input(WaitQuery, location="query", arg_name="query")
 @bp.doc(security="bearer")
-def get_job(job_id: uuid.UUID, query: WaitQuery):
+def get_job(job_id: uuid.UUID, query: WaitQuery) -> dict[str, Any]:
     if not query.wait:
         return _view(load_job(job_id))
     with long_poll(caller(), query.wait, services().settings):
@@ -158,7 +159,7 @@ def _wait_until_final(job_id: uuid.UUID, seconds: float) -> Job:
 @bp.get("")
 @bp.input(JobListQuery, location="query", arg_name="query")
 @bp.doc(security="bearer")
-def list_jobs(query: JobListQuery):
+def list_jobs(query: JobListQuery) -> dict[str, Any]:
     """Newest first; pass `next_cursor` back as `cursor` for the next page."""
     tenant = query.tenant if caller().is_admin else caller().tenant
     where = queries.JobFilter(tenant=tenant, state=query.state.value if query.state else None, type=query.type,
@@ -172,7 +173,7 @@ def list_jobs(query: JobListQuery):
 
 @bp.get("/<uuid:job_id>/events")
 @bp.doc(security="bearer")
-def job_events(job_id: uuid.UUID):
+def job_events(job_id: uuid.UUID) -> dict[str, Any]:
     load_job(job_id)
     with services().statements.connect() as conn:
         rows = conn.execute(
@@ -184,7 +185,7 @@ def job_events(job_id: uuid.UUID):
 @bp.post("/<uuid:job_id>/cancel")
 @bp.doc(security="bearer")
 @require(Role.SUBMITTER)
-def cancel(job_id: uuid.UUID):
+def cancel(job_id: uuid.UUID) -> dict[str, Any]:
     """A waiting job is cancelled at once; a running one stops at its next check."""
     load_job(job_id)
     with services().engine.begin() as conn:
@@ -195,7 +196,7 @@ def cancel(job_id: uuid.UUID):
 @bp.post("/<uuid:job_id>/retry")
 @bp.doc(security="bearer")
 @require(Role.SUBMITTER)
-def retry(job_id: uuid.UUID):
+def retry(job_id: uuid.UUID) -> dict[str, Any]:
     """Give a failed or cancelled job one more attempt."""
     job = load_job(job_id)
     with services().engine.begin() as conn:

@@ -7,6 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from nexus.jobs.records import Job
+from nexus.storage import ObjectStore
 
 
 def jsonable(value: Any) -> Any:
@@ -17,13 +18,13 @@ def jsonable(value: Any) -> Any:
     return value
 
 
-def row_view(row: dict, fields: tuple[str, ...] | None = None) -> dict:
+def row_view(row: dict[str, Any], fields: tuple[str, ...] | None = None) -> dict[str, Any]:
     return {k: jsonable(row.get(k)) for k in (fields or row.keys())}
 
 
-def job_view(job: Job, store=None, bucket: str | None = None) -> dict:
+def job_view(job: Job, store: ObjectStore | None = None, bucket: str | None = None) -> dict[str, Any]:
     """A job as JSON (its fields in the record's order); its output, if any, as a short-lived presigned URL."""
     out = job.to_json()
-    if job.output_key and store is not None:
+    if job.output_key and store is not None and bucket is not None:
         out["output_url"] = store.presigned_get(bucket, job.output_key)
     return out

@@ -12,9 +12,9 @@ import json
 import random
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, TypeVar
 
-from sqlalchemy import Connection, Engine, bindparam, text
+from sqlalchemy import Connection, Engine, RowMapping, bindparam, text
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.types import Uuid
 
@@ -32,7 +32,7 @@ class JobSpec:
     queue: str
     payload: Any = None
     input_key: str | None = None
-    requirements: dict = field(default_factory=dict)
+    requirements: dict[str, Any] = field(default_factory=dict)
     priority: int = 5
     max_attempts: int = 3
     tenant: str = "default"
@@ -43,8 +43,9 @@ class JobSpec:
 
 def backoff_seconds(attempt: int, base: float, cap: float, rng: random.Random | None = None) -> float:
     """Exponential backoff with 'equal jitter': half fixed, half random, never above `cap`."""
-    ceiling = min(cap, base * (2 ** max(0, attempt - 1)))
-    return ceiling / 2 + (rng or random).random() * ceiling / 2
+    ceiling = min(cap, base * (2.0 ** max(0, attempt - 1)))
+    jitter = rng.random() if rng else random.random()
+    return ceiling / 2 + jitter * ceiling / 2
 
 
 _INSERT_JOBS = Prepared("nexus_insert_jobs", """
@@ -124,7 +125,7 @@ def _transition_sql(to_state: str | None, where: str, sets: str, returning: str)
     """
 
 
-def _one(conn: Connection, statement: str | Prepared, params: dict) -> Mapping[str, Any] | None:
+def _one(conn: Connection, statement: str | Prepared, params: dict[str, Any]) -> RowMapping | None:
     params.setdefault("event_node", None)
     params.setdefault("event_message", None)
     params.setdefault("event_failure_kind", None)
@@ -134,7 +135,7 @@ def _one(conn: Connection, statement: str | Prepared, params: dict) -> Mapping[s
     return conn.execute(text(statement), params).mappings().first()
 
 
-def _outcome(row: Mapping[str, Any] | None) -> Outcome | None:
+def _outcome(row: Mapping[Any, Any] | None) -> Outcome | None:
     return project(Outcome, row) if row is not None else None
 
 
@@ -196,7 +197,8 @@ _COMPLETE = Prepared("nexus_complete", _transition_sql(
 ), {"id": "uuid", "attempt": "int", "result": "jsonb", "output_key": "text", **_EVENT_PARAMS})
 
 
-def complete(conn: Connection, job_id, attempt: int, node: str, result: Any, output_key: str | None) -> Outcome | None:
+def complete(conn: Connection, job_id: uuid.UUID | str, attempt: int, node: str, result: Any,
+             output_key: str | None) -> Outcome | None:
     """Record success once; None if this attempt was fenced off (a newer attempt owns the job)."""
     return _outcome(_one(
         conn,
@@ -220,7 +222,7 @@ _FAIL = Prepared("nexus_fail", _transition_sql(
     **_EVENT_PARAMS})
 
 
-def fail(conn: Connection, job_id, attempt: int, node: str, error: str, retry: bool, backoff: float,
+def fail(conn: Connection, job_id: uuid.UUID | str, attempt: int, node: str, error: str, retry: bool, backoff: float,
          kind: FailureKind = FailureKind.JOB) -> Outcome | None:
     """Record a failed attempt: `retrying` after `backoff` while attempts remain, else `failed`.
 
@@ -241,7 +243,7 @@ _CANCEL_RUNNING = Prepared("nexus_cancel_running", _transition_sql(
 ), {"id": "uuid", "attempt": "int", **_EVENT_PARAMS})
 
 
-def mark_cancelled(conn: Connection, job_id, attempt: int, node: str) -> Outcome | None:
+def mark_cancelled(conn: Connection, job_id: uuid.UUID | str, attempt: int, node: str) -> Outcome | None:
     """A running attempt saw the cancel flag and stopped."""
     return _outcome(_one(conn, _CANCEL_RUNNING, {"id": job_id, "attempt": attempt, "event_node": node,
                                                  "event_message": "cancelled while running"}))
@@ -259,7 +261,7 @@ _REQUEST_CANCEL = text(
 _ACTIVE_CHILDREN = text(f"SELECT id FROM jobs WHERE parent_id = :id AND {sql_in('state', ACTIVE_STATES)}")
 
 
-def request_cancel(conn: Connection, job_id, by: str | None = None) -> None:
+def request_cancel(conn: Connection, job_id: uuid.UUID | str, by: str | None = None) -> None:
     """Cancel at once if waiting; otherwise raise the flag the running attempt checks. Children follow."""
     _one(conn, _CANCEL_WAITING, {"id": job_id, "event_message": f"cancelled by {by or 'request'}"})
     conn.execute(_REQUEST_CANCEL, {"id": job_id})
@@ -276,13 +278,13 @@ _MANUAL_RETRY = _transition_sql(
 )
 
 
-def manual_retry(conn: Connection, job_id, by: str | None = None) -> Job | None:
+def manual_retry(conn: Connection, job_id: uuid.UUID | str, by: str | None = None) -> Job | None:
     """Give a failed or cancelled job one more attempt (the job as it now is); the reconciler publishes it."""
     row = _one(conn, _MANUAL_RETRY, {"id": job_id, "event_message": f"retry requested by {by or 'request'}"})
     return Job.from_mapping(row) if row is not None else None
 
 
-def set_progress(conn: Connection, job_id, attempt: int, progress: dict) -> None:
+def set_progress(conn: Connection, job_id: uuid.UUID | str, attempt: int, progress: dict[str, Any]) -> None:
     conn.execute(
         text("UPDATE jobs SET progress = :p WHERE id = :id AND attempt = :attempt "
              f"AND state = '{JobState.RUNNING.value}'").bindparams(bindparam("p", type_=JSONB)),
@@ -290,11 +292,14 @@ def set_progress(conn: Connection, job_id, attempt: int, progress: dict) -> None
     )
 
 
-def _json(value: Any):
+def _json(value: Any) -> str | None:
     """Bind a Python value to a JSONB parameter (None stays SQL NULL)."""
     return None if value is None else json.dumps(value)
 
 
-def run_in_transaction(engine: Engine, fn, *args, **kwargs):
+Result = TypeVar("Result")
+
+
+def run_in_transaction(engine: Engine, fn: Callable[..., Result], *args: Any, **kwargs: Any) -> Result:
     with engine.begin() as conn:
         return fn(conn, *args, **kwargs)

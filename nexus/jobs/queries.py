@@ -9,7 +9,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Iterable
+from typing import Any, Iterable
 
 from sqlalchemy import Connection, Engine, text
 
@@ -35,7 +35,7 @@ def get_job(engine: Engine, job_id: uuid.UUID | str) -> Job | None:
 def find_by_idempotency(conn: Connection, tenant: str, keys: Iterable[str]) -> dict[str, Job]:
     """The tenant's jobs with these idempotency keys, by key."""
     rows = conn.execute(_BY_IDEMPOTENCY, {"tenant": tenant, "keys": list(keys)})
-    return {job.idempotency_key: job for job in (Job(*row) for row in rows)}
+    return {job.idempotency_key: job for job in (Job(*row) for row in rows) if job.idempotency_key is not None}
 
 
 def children(conn: Connection, parent_id: uuid.UUID) -> list[Job]:
@@ -66,7 +66,8 @@ class JobFilter:
 
 def list_jobs(conn: Connection, where: JobFilter, limit: int) -> tuple[list[Job], bool]:
     """Newest first, at most `limit`; and whether more follow."""
-    clauses, params = ["TRUE"], {"limit": limit + 1}
+    clauses: list[str] = ["TRUE"]
+    params: dict[str, Any] = {"limit": limit + 1}
     for column in ("tenant", "state", "type", "parent_id"):
         value = getattr(where, column)
         if value:

@@ -35,10 +35,11 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import Any
 
 import redis
 from celery import Celery
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, TextClause, text
 
 from nexus.jobs.retention import retention_pass
 from nexus.nodes.liveness import reconcile_nodes
@@ -169,7 +170,7 @@ class Reconciler:
             log.warning("job %s attempt %s on %s lost its lease -> %s", row.id, row.attempt, row.node, row.state)
         return len(rows)
 
-    def _publish(self, statement, params: dict) -> int:
+    def _publish(self, statement: TextClause, params: dict[str, Any]) -> int:
         # Publish inside the transaction: if the broker refuses, the row keeps its old
         # publication marks and the next pass tries again. A worker that receives the
         # message first waits on the row lock, then sees the committed row.
@@ -204,8 +205,9 @@ class Reconciler:
         depths = {queue: broker.queue_depth(self.redis, queue) for queue in queues}
         held = broker.held_by_queue(self.redis)
         with self.engine.connect() as conn:
-            waiting = dict(conn.execute(_OLD_WAITING_BY_QUEUE, {"grace": GRACE_SECONDS}).all())
-        short, total = {}, 0
+            waiting: dict[str, int] = dict(conn.execute(_OLD_WAITING_BY_QUEUE, {"grace": GRACE_SECONDS}).all())
+        short: dict[str, int] = {}
+        total = 0
         for queue, jobs in waiting.items():
             missing = jobs - depths.get(queue, 0) - held[queue]
             if missing <= 0:

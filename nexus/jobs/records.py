@@ -25,7 +25,7 @@ import uuid
 from dataclasses import dataclass, fields
 from operator import itemgetter
 from datetime import datetime
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, TypeVar
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +37,7 @@ class Job:
     tenant: str
     attempt: int
     max_attempts: int
-    requirements: dict
+    requirements: dict[str, Any]
     queue: str
     payload: Any
     input_key: str | None
@@ -55,7 +55,7 @@ class Job:
     updated_at: datetime
 
     @classmethod
-    def from_mapping(cls, row: Mapping[str, Any]) -> "Job":
+    def from_mapping(cls, row: Mapping[Any, Any]) -> "Job":
         """From a row (or dict) that has at least every column; other keys are ignored."""
         return cls(*[row[name] for name in JOB_COLUMNS])
 
@@ -63,14 +63,14 @@ class Job:
     def from_json(cls, data: Mapping[str, Any]) -> "Job":
         """From the API's JSON for a job (ids and times come back as strings; extra keys, such as
         output_url, are ignored)."""
-        values = {name: data.get(name) for name in JOB_COLUMNS}
+        values: dict[str, Any] = {name: data.get(name) for name in JOB_COLUMNS}
         for name in _UUIDS:
             values[name] = uuid.UUID(values[name]) if values[name] is not None else None
         for name in _TIMES:
             values[name] = datetime.fromisoformat(values[name]) if values[name] is not None else None
         return cls(**values)
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         """The API's JSON shape: every field, in order, ids and times as strings."""
         return {name: _jsonable(getattr(self, name)) for name in JOB_COLUMNS}
 
@@ -133,9 +133,13 @@ def returning(record: type) -> str:
     return ", ".join(f"j.{name}" for name in names if name in JOB_COLUMNS)
 
 
-def project(record: type, row: Mapping[str, Any]):
+Projection = TypeVar("Projection", Claimed, Outcome)
+
+
+def project(record: type[Projection], row: Mapping[Any, Any]) -> Projection:
     """Build a projection record from a transition's row (which has its fields and the extras)."""
     return record(*_GETTERS[record](row))
 
 
-_GETTERS = {record: itemgetter(*(f.name for f in fields(record))) for record in (Claimed, Outcome)}
+_GETTERS: dict[type, Callable[[Mapping[Any, Any]], tuple[Any, ...]]] = {
+    record: itemgetter(*(f.name for f in fields(record))) for record in (Claimed, Outcome)}

@@ -16,6 +16,8 @@ costs a few index probes and no object-store request. Finished jobs stay counted
 
 from __future__ import annotations
 
+from typing import Any
+
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -71,8 +73,8 @@ _DELETE_OLD = {
 class Doomed:
     """What one batch deletes: root ids, every job id of their trees, and the objects by bucket."""
 
-    roots: list = field(default_factory=list)
-    jobs: list = field(default_factory=list)
+    roots: list[Any] = field(default_factory=list)
+    jobs: list[Any] = field(default_factory=list)
     inputs: set[str] = field(default_factory=set)
     outputs: set[str] = field(default_factory=set)
     receipts: set[str] = field(default_factory=set)
@@ -116,9 +118,9 @@ def _delete_jobs(engine: Engine, settings: Settings, store: ObjectStore | None, 
     return len(doomed.jobs), objects
 
 
-def _collect(conn: Connection, roots: list, keep_receipts: bool) -> Doomed:
+def _collect(conn: Connection, roots: list[Any], keep_receipts: bool) -> Doomed:
     """The trees of these roots, less those with a job still active (they wait for a later pass)."""
-    trees: dict = defaultdict(list)
+    trees: dict[str, Any] = defaultdict(list)
     for row in conn.execute(_TREES, {"roots": roots}):
         trees[row.root].append(row)
     doomed = Doomed()

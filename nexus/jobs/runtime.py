@@ -7,7 +7,7 @@ import threading
 import time
 import traceback
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
@@ -23,6 +23,9 @@ from nexus.jobs.records import Claimed, Outcome
 from nexus.jobs.registry import UnknownJobType, get_job_type
 from nexus.jobs.submit import Submitter
 from nexus.storage import ObjectStore
+
+if TYPE_CHECKING:
+    from nexus.replicas import NodeReads
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +84,7 @@ class JobRunner:
     """Per worker process: executes the messages Celery hands it."""
 
     def __init__(self, settings: Settings, engine: Engine, storage: ObjectStore, submitter: Submitter,
-                 notifier: Notifier, node: str, reads=None):
+                 notifier: Notifier, node: str, reads: NodeReads | None = None):
         self.settings = settings
         self.reads = reads  # nexus.replicas.NodeReads: local replicas for reads that tolerate lag
         self.engine = engine
@@ -142,7 +145,7 @@ class JobRunner:
         row = self._record(lifecycle.fail, ctx.job_id, ctx.attempt, self.node, error, retryable, backoff, kind)
         return (row.state if row else "lost"), row
 
-    def _record(self, write, *args) -> Outcome | None:
+    def _record(self, write: Callable[..., Outcome | None], *args: Any) -> Outcome | None:
         """Write an outcome, riding out a short database outage (the lease covers us meanwhile)."""
         delay = 0.2
         deadline = time.monotonic() + self.settings.job_lease_seconds

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from datetime import datetime
 from typing import Any, Iterable
 
 from celery import Celery
@@ -32,7 +33,7 @@ from nexus.replicas.lsn import commit_lsn
 class SubmissionError(ValueError):
     """A submission that cannot be accepted; `details` says where."""
 
-    def __init__(self, message: str, details: dict | None = None):
+    def __init__(self, message: str, details: dict[str, Any] | None = None):
         super().__init__(message)
         self.details = details or {}
 
@@ -111,7 +112,7 @@ def _check_payload_size(payload: Any, settings: Settings) -> None:
                               {"field": "payload", "size": size, "max_payload_bytes": settings.max_payload_bytes})
 
 
-def _pydantic_errors(exc: ValidationError) -> list[dict]:
+def _pydantic_errors(exc: ValidationError) -> list[dict[str, Any]]:
     return [{"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in exc.errors()]
 
 
@@ -123,7 +124,7 @@ class Submitter:
         self.celery = celery
 
     def submit_many(
-        self, raws: list[dict], tenant: str, parent_id: uuid.UUID | None = None, allow_internal: bool = False
+        self, raws: list[dict[str, Any]], tenant: str, parent_id: uuid.UUID | None = None, allow_internal: bool = False
     ) -> list[tuple[Job, bool]]:
         """Validate all, insert all in one transaction, publish the new ones.
 
@@ -147,8 +148,8 @@ class Submitter:
             inserted = lifecycle.insert_jobs(conn, specs)  # all rows or none: one statement
             new_specs = [s for s in specs if s.id in inserted]
             repeats = [s for s in specs if s.id not in inserted]
-            existing = queries.find_by_idempotency(conn, specs[0].tenant, [s.idempotency_key for s in repeats]) \
-                if repeats else {}
+            repeated_keys = [s.idempotency_key for s in repeats if s.idempotency_key]
+            existing = queries.find_by_idempotency(conn, specs[0].tenant, repeated_keys) if repeats else {}
             # Read after the commit: a worker's standby that replayed this far has the new rows.
             lsn = commit_lsn(conn) if any(get_job_type(s.type).reads_standby for s in new_specs) else None
         try:
@@ -157,12 +158,12 @@ class Submitter:
             with self.engine.begin() as conn:
                 lifecycle.delete_unstarted(conn, [s.id for s in new_specs])
             raise PublishError(f"broker unavailable: {exc}") from exc
-        out = []
+        out: list[tuple[Job, bool]] = []
         for spec in specs:
             if spec.id in inserted:
                 out.append((_row_from_spec(spec, inserted[spec.id]), True))
-            else:
-                out.append((existing[spec.idempotency_key], False))
+            else:  # not inserted: an idempotent repeat, so it has a key
+                out.append((existing[str(spec.idempotency_key)], False))
         return out
 
     def publish(self, specs: Iterable[JobSpec], read_after_lsn: str | None = None) -> None:
@@ -182,7 +183,7 @@ def _check_unique_keys(specs: list[JobSpec]) -> None:
         seen.add(spec.idempotency_key)
 
 
-def _row_from_spec(spec: JobSpec, created_at) -> Job:
+def _row_from_spec(spec: JobSpec, created_at: datetime) -> Job:
     """The new job as the API returns it, without a read-back query."""
     return Job(
         id=spec.id, type=spec.type, state=JobState.QUEUED.value, priority=spec.priority, tenant=spec.tenant,

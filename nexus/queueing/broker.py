@@ -13,6 +13,8 @@ The broker epoch is a marker the reconciler sets; a broker that lost its data lo
 
 from __future__ import annotations
 
+from typing import Any
+
 import base64
 import json
 import uuid
@@ -69,7 +71,7 @@ def job_messages(client: redis.Redis, queue: str) -> set[tuple[str, int]]:
     return found
 
 
-def _job_of(message: dict) -> tuple[str, int] | None:
+def _job_of(message: dict[str, Any]) -> tuple[str, int] | None:
     if message.get("headers", {}).get("task") != RUN_JOB_TASK:
         return None
     body = message["body"]
@@ -86,5 +88,6 @@ def read_epoch(client: redis.Redis) -> str | None:
 
 def start_epoch(client: redis.Redis) -> str:
     """Set a new epoch unless another reconciler just did; the one now in place."""
-    client.set(EPOCH_KEY, uuid.uuid4().hex, nx=True)
-    return read_epoch(client)
+    epoch = uuid.uuid4().hex
+    client.set(EPOCH_KEY, epoch, nx=True)
+    return read_epoch(client) or epoch  # None only if the key vanished again at once: ours stands
