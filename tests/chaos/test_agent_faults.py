@@ -117,7 +117,7 @@ def test_one_tenants_failing_flood_quarantines_no_node_but_a_broken_node_still_i
     token_a, token_b = _submitter(cluster, tenant_a), _submitter(cluster, tenant_b)
     seed = uuid.uuid4().int % 1000
     planned_b = sleeps(f"steady-{seed}", profile.jobs // 2, 0.3, 1.5, seed)
-    stream_b = JobStream(cluster.url, tenant_b, planned_b, per_second=15, token=token_b).start()
+    stream_b = JobStream(cluster.url, tenant_b, planned_b, per_second=5, token=token_b).start()  # ~30 s
     flood = [{"type": "noop", "payload": {"fail_attempts": 100}, "max_attempts": 2} for _ in range(flood_count)]
     for start in range(0, flood_count, 100):
         response = requests.post(cluster.url + "/api/v1/jobs/bulk", json={"jobs": flood[start:start + 100]},
@@ -128,16 +128,19 @@ def test_one_tenants_failing_flood_quarantines_no_node_but_a_broken_node_still_i
                                     "WHERE j.tenant = :t AND e.from_state = 'running' "
                                     "AND e.to_state IN ('retrying', 'failed')", {"t": tenant_a})[0]["n"]
     assert failed_attempts == 2 * flood_count
-    flood_nodes = {r["node"] for r in cluster.query("SELECT DISTINCT node FROM job_events e JOIN jobs j "
+    flood_nodes = {r["node"] for r in cluster.query("SELECT DISTINCT e.node FROM job_events e JOIN jobs j "
                                                     "ON j.id = e.job_id WHERE j.tenant = :t AND e.node IS NOT NULL",
                                                     {"t": tenant_a})}
     assert flood_nodes <= set(agents.names) and len(flood_nodes) >= 2, flood_nodes
     quarantined = {name for name, row in agents.node_rows().items() if row["state"] == "quarantined"}
     assert not quarantined, f"tenant A's failing jobs quarantined {quarantined} ({agents.node_rows()})"
 
-    # A genuinely broken node: its worker dies while running B's jobs, with no success in between.
-    held = wait_for(lambda: (ids := cluster.running_on(BROKEN, tenant_b)) and
-                    len(ids) >= min(NODE_QUARANTINE_AFTER_FAILURES, cluster.settings.worker_concurrency) and ids,
+    # A genuinely broken node: its worker dies while it runs B's jobs, with no success in between.
+    # Longer jobs, enough to fill every node's slots, so the broken one surely holds some.
+    planned_held = sleeps(f"held-{seed}", 30, 3.0, 6.0, seed)
+    stream_held = JobStream(cluster.url, tenant_b, planned_held, per_second=100, token=token_b).start()
+    held = wait_for(lambda: len(ids := cluster.running_on(BROKEN, tenant_b)) >= min(
+        NODE_QUARANTINE_AFTER_FAILURES, cluster.settings.worker_concurrency) and ids,
                     timeout=60, interval=0.05, what=f"{BROKEN} running B's jobs")
     kills = [agents.kill_worker(BROKEN)]
     wait_for(lambda: agents.node_rows()[BROKEN]["state"] == "quarantined" or _kill_again(agents, cluster, tenant_b,
@@ -146,10 +149,13 @@ def test_one_tenants_failing_flood_quarantines_no_node_but_a_broken_node_still_i
     assert all(row["state"] != "quarantined" for name, row in agents.node_rows().items() if name != BROKEN)
 
     stream_b.join()
-    settle = wait_all_final(cluster, tenant_b, len(planned_b))
-    result = report(audit(cluster, stream_b, f"tenant flood of {flood_count} failing jobs; broken node killed "
-                                             f"x{len(kills)} ({len(held)} held)", settle, {}))
-    assert result.succeeded == len(planned_b), "every one of tenant B's jobs must succeed"
+    stream_held.join()
+    both = JobStream(cluster.url, tenant_b, planned_b + planned_held)  # one audit over all of B's jobs
+    both.ids = {**stream_b.ids, **stream_held.ids}
+    settle = wait_all_final(cluster, tenant_b, len(both.planned))
+    result = report(audit(cluster, both, f"tenant flood of {flood_count} failing jobs; broken node killed "
+                                         f"x{len(kills)} ({len(held)} held)", settle, {}))
+    assert result.succeeded == len(both.planned), "every one of tenant B's jobs must succeed"
     expired_on = {e["node"] for e in events_with(cluster, tenant_b, "lease expired")}
     assert expired_on == {BROKEN}, expired_on
 
