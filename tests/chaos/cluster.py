@@ -25,6 +25,11 @@ from nexus.services import Services
 from tests.support import ADMIN_TOKEN, JOIN_TOKEN, S3_ACCESS, S3_SECRET, NexusProcess, wait_for
 
 TIER = "cpu_only"  # every chaos worker consumes the same queue, so any of them can finish any job
+# Node liveness, scaled down so that an outage outlasts it within a short test. Only agents have node
+# rows (the plain `nexus worker` processes do not heartbeat): these apply to tests/chaos/agents.py.
+NODE_STALE_AFTER_SECONDS = 4.0
+NODE_OFFLINE_AFTER_SECONDS = 10.0
+NODE_QUARANTINE_AFTER_FAILURES = 3
 
 
 class ChaosCluster:
@@ -43,6 +48,7 @@ class ChaosCluster:
         self.api: NexusProcess | None = None
         self.reconciler: NexusProcess | None = None
         self.workers: dict[str, NexusProcess] = {}
+        self.plain_workers = True  # False while agents do the work (tests/chaos/agents.py): not restarted
         self._redis_generation = 0
 
     # --- start and stop ---------------------------------------------------------------------
@@ -57,6 +63,8 @@ class ChaosCluster:
             retry_backoff_max_seconds=1.0, reconcile_interval_seconds=0.5,
             worker_send_events=False, worker_tier=TIER, worker_concurrency=4,
             worker_probe_interval_seconds=1.0, worker_probe_timeout_seconds=4.0,
+            node_stale_after_seconds=NODE_STALE_AFTER_SECONDS, node_offline_after_seconds=NODE_OFFLINE_AFTER_SECONDS,
+            node_quarantine_after_failures=NODE_QUARANTINE_AFTER_FAILURES,
         )
         prepare_master(self.settings)
         self.services = Services(self.settings)
@@ -98,6 +106,13 @@ class ChaosCluster:
             worker.wait_for_log("ready.")
         return worker
 
+    def stop_plain_workers(self) -> None:
+        """Stop the `nexus worker` processes (warm shutdown) until `ensure_running` is allowed them again."""
+        self.plain_workers = False
+        for name in self.worker_names:
+            if name in self.workers:
+                self.workers[name].stop(30)
+
     def kill_worker(self, name: str, signum: int = signal.SIGKILL) -> None:
         self.workers[name].signal(signum)
         if signum == signal.SIGKILL:
@@ -113,7 +128,7 @@ class ChaosCluster:
             self.start_api()
         if self._exited(self.reconciler):
             self.start_reconciler()
-        for name in self.worker_names:
+        for name in self.worker_names if self.plain_workers else ():
             worker = self.workers.get(name)
             if worker is None or self._exited(worker):
                 self.start_worker(name)

@@ -62,6 +62,7 @@ class JobStream:
     batch: int = 20
     per_second: float = 40.0
     deadline_seconds: float = 240.0
+    token: str = ADMIN_TOKEN  # an admin submits for `tenant`; a submitter token must be that tenant's
     ids: dict[str, str] = field(default_factory=dict)  # idempotency key -> job id, as the API acknowledged
     retried_batches: int = 0
     error: BaseException | None = None
@@ -97,7 +98,7 @@ class JobStream:
     def _submit(self, chunk: list[Planned], deadline: float) -> None:
         body = {"jobs": [{**p.body, "tenant": self.tenant} for p in chunk]}
         while True:
-            answer = submit_with_retry(self.url, "/api/v1/jobs/bulk", body, deadline)
+            answer = submit_with_retry(self.url, "/api/v1/jobs/bulk", body, deadline, self.token)
             if answer is not None:
                 for planned, job in zip(chunk, answer["jobs"]):
                     self.ids[planned.key] = job["id"]
@@ -105,10 +106,10 @@ class JobStream:
             self.retried_batches += 1
 
 
-def submit_with_retry(url: str, path: str, body: dict, deadline: float) -> dict | None:
+def submit_with_retry(url: str, path: str, body: dict, deadline: float, token: str = ADMIN_TOKEN) -> dict | None:
     """One POST; None when it should be sent again (API down or a dependency unavailable)."""
     try:
-        response = requests.post(url + path, json=body, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+        response = requests.post(url + path, json=body, headers={"Authorization": f"Bearer {token}"},
                                  timeout=15)
     except requests.RequestException:
         response = None
