@@ -28,8 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import requests  # noqa: E402
 
 from bench.common import bench_cluster, describe_ms, percentile  # noqa: E402
-from nexus.agent.heartbeat import heartbeat_body, registration_body  # noqa: E402
-from nexus.agent.master import MasterClient, MasterUnavailable  # noqa: E402
+from bench.heartbeat_flood import beats as beat_each_second  # noqa: E402
+from nexus.agent.heartbeat import registration_body  # noqa: E402
+from nexus.agent.master import MasterClient  # noqa: E402
 from tests.agent_support import hardware  # noqa: E402
 from tests.support import NexusProcess, start_api, start_worker  # noqa: E402
 
@@ -67,18 +68,8 @@ def round_trips(url: str, token: str, seconds: float) -> dict:
 
 
 def heartbeats(client: MasterClient, identity, seconds: float) -> dict:
-    out = {"ok": [], "timeouts": 0}
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        body = heartbeat_body(hardware("rtx4090"), state="ready", running_jobs=[], loaded_models=[], workers=[],
-                              cpu_percent=1.0, sent_at=time.time())
-        started = time.perf_counter()
-        try:
-            client.heartbeat(identity, body)
-            out["ok"].append(time.perf_counter() - started)
-        except MasterUnavailable:
-            out["timeouts"] += 1
-        time.sleep(max(0.0, 1.0 - (time.perf_counter() - started)))
+    out: dict = {"ok": [], "timeouts": 0}
+    beat_each_second(client, identity, seconds, out)
     return out
 
 

@@ -2,20 +2,10 @@
 
 from __future__ import annotations
 
-import uuid
-from datetime import datetime
 from typing import Any
 
-from nexus.jobs.records import Job
+from nexus.jobs.records import Job, jsonable
 from nexus.storage import ObjectStore
-
-
-def jsonable(value: Any) -> Any:
-    if isinstance(value, uuid.UUID):
-        return str(value)
-    if isinstance(value, datetime):
-        return value.isoformat()
-    return value
 
 
 def row_view(row: dict[str, Any], fields: tuple[str, ...] | None = None) -> dict[str, Any]:

@@ -72,7 +72,7 @@ class Job:
 
     def to_json(self) -> dict[str, Any]:
         """The API's JSON shape: every field, in order, ids and times as strings."""
-        return {name: _jsonable(getattr(self, name)) for name in JOB_COLUMNS}
+        return {name: jsonable(getattr(self, name)) for name in JOB_COLUMNS}
 
 
 JOB_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(Job))
@@ -85,7 +85,8 @@ def select_list(prefix: str = "") -> str:
     return ", ".join(prefix + name for name in JOB_COLUMNS)
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """A column value as JSON: ids and times as strings."""
     if isinstance(value, uuid.UUID):
         return str(value)
     if isinstance(value, datetime):
