@@ -54,6 +54,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     max_bulk_jobs: int = Field(10_000, ge=1)
     max_payload_bytes: int = Field(256 * 1024, ge=64)
+    # Open connections one API process holds (gevent greenlets: streams, long-polls, plain requests).
+    api_worker_connections: int = Field(4096, ge=16, le=100_000)
 
     # --- clients (CLI, NexusClient): where the API is and which token to use ---
     url: str = ""  # NEXUS_URL; else the local cluster's cluster.json, else public_api_url
@@ -169,6 +171,11 @@ class Settings(BaseSettings):
     inference_heartbeat_seconds: float = Field(2.0, gt=0)  # a serving worker re-announces its instances
     inference_request_timeout_seconds: float = Field(300.0, gt=0)  # /v1 requests give up after this
     inference_stream_ttl_seconds: int = Field(600, ge=10)  # Redis keeps a request's events this long
+    # A serving worker writes each request's new text this often (the first delta at once): one hop per
+    # interval instead of one per token. vLLM's --stream-interval does the same for its own server.
+    inference_stream_interval_ms: float = Field(20.0, ge=0, le=1000)
+    # Every instance of the model at its max_concurrent: a /v1 request waits this long for a slot, then 429.
+    inference_admission_wait_seconds: float = Field(30.0, ge=0, le=3600)
     inference_batch_chunk_lines: int = Field(64, ge=1, le=100_000)  # lines per child job of a batch
     vllm_executable: str = "vllm"
     vllm_startup_timeout_seconds: float = Field(900.0, gt=0)

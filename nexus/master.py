@@ -28,15 +28,16 @@ def prepare_master(settings: Settings) -> None:
     log.info("master ready: migrations applied, buckets %s present", ", ".join(settings.buckets))
 
 
-def exec_api_server(settings: Settings, workers: int, threads: int) -> None:
-    """Replace this process with gunicorn serving the API (a production WSGI server).
+def exec_api_server(settings: Settings, workers: int) -> None:
+    """Replace this process with gunicorn serving the API on its gevent worker (see nexus/api/green.py).
 
-    Threads, not processes, carry the load: requests mostly wait on PostgreSQL
-    and Redis, and server-sent-event streams hold a thread each.
+    A streaming /v1 request or a long-poll waits on Redis or PostgreSQL for its whole life; on
+    gevent each is a greenlet (tens of KiB) instead of an OS thread, so one process holds thousands.
     """
     gunicorn = shutil.which("gunicorn") or os.path.join(os.path.dirname(sys.executable), "gunicorn")
     argv = [gunicorn, "--bind", f"{settings.api_host}:{settings.api_port}", "--workers", str(workers),
-            "--threads", str(threads), "--worker-class", "gthread", "--timeout", "120", "--graceful-timeout", "10",
+            "--worker-class", "gevent", "--worker-connections", str(settings.api_worker_connections),
+            "--timeout", "120", "--graceful-timeout", "10",
             "--access-logfile", "-", "--access-logformat", '%(h)s "%(r)s" %(s)s %(b)s %(M)sms',
-            "nexus.api:create_wsgi_app()"]
+            "nexus.api.green:create_green_wsgi_app()"]
     os.execv(gunicorn, argv)

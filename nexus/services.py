@@ -39,6 +39,13 @@ class Services:
         return redis.Redis.from_url(self.settings.redis_url, socket_timeout=5, socket_connect_timeout=3)
 
     @cached_property
+    def admission(self):
+        """Slots of the models' serving instances, taken by /v1 requests (nexus/models/admission.py)."""
+        from nexus.models.admission import Admission
+
+        return Admission(self.redis, default_slots=self.settings.inference_concurrency)
+
+    @cached_property
     def store(self) -> ObjectStore:
         return make_object_store(self.settings)
 

@@ -29,14 +29,13 @@ def dev_cmd(workers: int, data_dir: Path, api_port: int | None) -> None:
 
 @click.command("master")
 @click.option("--workers", default=2, show_default=True, help="gunicorn worker processes.")
-@click.option("--threads", default=16, show_default=True, help="Threads per gunicorn worker.")
-def master_cmd(workers: int, threads: int) -> None:
+def master_cmd(workers: int) -> None:
     """Apply migrations, create buckets and the admin token, then serve the API with gunicorn."""
     from nexus.master import exec_api_server, prepare_master
 
     settings = load_settings()
     prepare_master(settings)
-    exec_api_server(settings, workers, threads)
+    exec_api_server(settings, workers)
 
 
 @click.command("worker")

@@ -109,7 +109,7 @@ def test_stream_events_round_trip():
     writer.usage(Usage(4, 5))
     writer.result(result)
     writer.error(error)
-    decoded = [decode_event(e) for e in recorder.events]
+    decoded = [event for raw in recorder.events for event in decode_event(raw)]
     assert decoded[:3] == [delta, Usage(4, 5), result]
     assert decoded[3].error.body() == error.body() and decoded[3].error.status == 400
 
