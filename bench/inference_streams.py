@@ -142,14 +142,16 @@ def idle_streams(count: int, seconds: float, gap: float) -> None:
             threads = [threading.Thread(target=one, daemon=True) for _ in range(count)]
             for t in threads:
                 t.start()
-            health, rss_peak = [], 0
+            health, health_failures, rss_peak = [], [], 0
             while time.monotonic() - started < seconds + 60 and (finished[0] + len(errors)) < count:
                 t0 = time.perf_counter()
                 try:
-                    ok = requests.get(url + "/healthz", timeout=10).status_code == 200
-                except requests.RequestException:
-                    ok = False
-                health.append((time.perf_counter() - t0) if ok else 10.0)
+                    status = requests.get(url + "/healthz", timeout=10).status_code
+                except requests.RequestException as exc:
+                    status = repr(exc)[:200]
+                health.append(time.perf_counter() - t0)
+                if status != 200:
+                    health_failures.append(status)
                 answered[0] = _open_streams(Services(settings), model)
                 rss_peak = max(rss_peak, sum(p.memory_info().rss for p in api_procs))
                 time.sleep(0.5)
@@ -160,13 +162,16 @@ def idle_streams(count: int, seconds: float, gap: float) -> None:
                 worker.stop()
             api.stop()
             upstream.terminate()
+            import shutil
+
+            shutil.copy(folder / "api.log", "/tmp/nexus-bench-idle-api.log")  # the temporary folder goes away
         print(f"{count} streams, each {seconds:g} s with a token every {gap:g} s, one API process (gevent)")
         print(f"  finished {finished[0]}, errors {len(errors)}{(' e.g. ' + errors[0]) if errors else ''}")
         print(f"  API RSS {rss_before / 2**20:.0f} MiB at rest, {rss_peak / 2**20:.0f} MiB peak "
               f"({(rss_peak - rss_before) / max(1, count) / 1024:.1f} KiB per stream)")
         print(f"  API CPU {cpu:.1f} s over {elapsed:.0f} s ({cpu / elapsed * 100:.0f}% of a core)")
         print(f"  /healthz meanwhile: p50 {percentile(health, 50) * 1000:.0f} ms, max {max(health) * 1000:.0f} ms "
-              f"({len(health)} probes)")
+              f"({len(health)} probes, {len(health_failures)} not 200)", *health_failures[:1])
 
 
 def _open_streams(services, model: str) -> int:

@@ -11,6 +11,7 @@ so the official SDK raises its usual exceptions.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 
@@ -167,23 +168,66 @@ def _submit(endpoint: Endpoint, body: dict, call: ApiCall) -> str:
 def _idle_check(job_id: str, started: float):
     """Runs while no event arrives: give up when the job ended without one, or on timeout."""
     timeout = services().settings.inference_request_timeout_seconds
-    last_check = [0.0]
+    watch = _watch()
 
     def check(_idle_seconds: float) -> None:
-        now = time.monotonic()
-        if now - started > timeout:
+        if time.monotonic() - started > timeout:
             _cancel(job_id)
             raise OpenAIError(f"the model did not answer within {timeout:.0f} s", status=504, type="server_error",
                               code="timeout")
-        if now - last_check[0] < JOB_CHECK_EVERY_SECONDS:
-            return
-        last_check[0] = now
-        with services().statements.connect() as conn:
-            row = conn.execute(text("SELECT state, error FROM jobs WHERE id = :id"), {"id": job_id}).first()
-        if row is not None and row.state in ("failed", "cancelled"):
-            raise ModelUnavailableError(f"the request could not be served: {row.error or row.state}")
+        ended = watch.ended(job_id)
+        if ended is not None:
+            raise ModelUnavailableError(f"the request could not be served: {ended}")
 
     return check
+
+
+class _EndedJobs:
+    """Which idle requests' jobs ended without a final event: one query per interval for all of them,
+    where one per idle stream made thousands of open streams a thousand queries a second."""
+
+    def __init__(self, services_) -> None:
+        self._services = services_  # the thread runs outside any app context
+        self._asked: dict[str, float] = {}  # job id -> when its stream last asked
+        self._ended: dict[str, str] = {}
+        self._lock = threading.Lock()
+        threading.Thread(target=self._run, name="nexus-v1-jobs", daemon=True).start()
+
+    def ended(self, job_id: str) -> str | None:
+        with self._lock:
+            self._asked[job_id] = time.monotonic()
+            return self._ended.pop(job_id, None)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(JOB_CHECK_EVERY_SECONDS)
+            with self._lock:  # a stream that stopped asking has its answer or went away
+                cutoff = time.monotonic() - 3 * JOB_CHECK_EVERY_SECONDS
+                self._asked = {j: t for j, t in self._asked.items() if t > cutoff}
+                self._ended = {j: e for j, e in self._ended.items() if j in self._asked}
+                ids = list(self._asked)
+            if ids:
+                try:
+                    self._look(ids)
+                except Exception as exc:  # the database is away: the requests time out on their own
+                    log.warning("could not read the states of %d waiting requests: %s", len(ids), exc)
+
+    def _look(self, ids: list[str]) -> None:
+        with self._services.statements.connect() as conn:
+            rows = conn.execute(text("SELECT id, state, error FROM jobs WHERE id = ANY(CAST(:ids AS uuid[])) "
+                                     "AND state IN ('failed', 'cancelled')"), {"ids": ids}).all()
+        with self._lock:
+            for row in rows:
+                self._ended[str(row.id)] = row.error or row.state
+
+
+_watcher: list = []
+
+
+def _watch() -> _EndedJobs:
+    if not _watcher:
+        _watcher.append(_EndedJobs(services()))
+    return _watcher[0]
 
 
 def _complete(call: ApiCall, job_id: str, batches, slot: Slot) -> dict:

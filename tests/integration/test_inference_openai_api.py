@@ -139,8 +139,9 @@ def test_streamed_text_comes_in_multi_token_deltas_and_equals_the_whole_answer(s
     assert "".join(texts) == whole.choices[0].text
     tokens = chunks[-1].usage.completion_tokens
     assert tokens == whole.usage.completion_tokens
-    # The worker writes a request's new text per stream interval, not per token: fewer chunks than tokens.
-    assert tokens > 8 and len(texts) < tokens, (len(texts), tokens)
+    # The worker writes a request's new text per stream interval (60 ms here), not per token: the first
+    # delta alone, then several tokens a chunk. One entry per token gave about one chunk per token.
+    assert tokens > 16 and len(texts) <= tokens / 2, (len(texts), tokens)
 
 
 def _slots_of(services, model: str) -> int:
