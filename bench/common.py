@@ -44,6 +44,7 @@ def bench_cluster(**overrides):
             database_url=make_url(admin_url).set(database=name).render_as_string(hide_password=False),
             redis_url=redis_server.url, s3_endpoint=s3.endpoint, s3_access_key="bench-access",
             s3_secret_key="bench-secret-key", admin_token="nx_bench-" + uuid.uuid4().hex, api_port=free_port(),
+            node_api_port=free_port(),
             worker_send_events=False, data_dir=folder / "data", **overrides)
         prepare_master(settings)
         yield settings, folder

@@ -88,7 +88,7 @@ def nexus_latency(services: Services, watcher: CompletionWatcher, n: int) -> lis
     for i in range(n):
         started = time.perf_counter()
         [(row, _)] = services.submitter.submit_many([{"type": "noop", "payload": {"echo": i}}], tenant="bench")
-        watcher.wait({str(row["id"])})
+        watcher.wait({str(row.id)})
         times.append(time.perf_counter() - started)
     return times
 
@@ -124,7 +124,7 @@ def nexus_throughput(services: Services, watcher: CompletionWatcher, n: int) -> 
     ids = set()
     for i in range(n):
         [(row, _)] = services.submitter.submit_many([{"type": "noop", "payload": {"echo": i}}], tenant="bench")
-        ids.add(str(row["id"]))
+        ids.add(str(row.id))
     watcher.wait(ids, timeout=300)
     return n / (time.perf_counter() - started)
 

@@ -48,9 +48,9 @@ def run_proof(services: Services, request: dict, timeout: float) -> dict:
     while time.monotonic() < deadline:
         with services.engine.connect() as conn:
             row = conn.execute(text("SELECT state, result, error FROM jobs WHERE id = :id"),
-                               {"id": job["id"]}).mappings().one()
+                               {"id": job.id}).mappings().one()
         if row["state"] in ("succeeded", "failed", "cancelled"):
-            return {"id": job["id"], **row, "wall_seconds": time.perf_counter() - started}
+            return {"id": job.id, **row, "wall_seconds": time.perf_counter() - started}
         time.sleep(0.2)
     raise TimeoutError(f"proof {job['id']} not finished in {timeout:.0f} s")
 

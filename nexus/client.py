@@ -118,5 +118,11 @@ class NexusClient:
     def health(self) -> dict:
         return requests.get(self.url + "/healthz", timeout=self.timeout).json()
 
-    def create_token(self, name: str, role: str, tenant: str = "default") -> dict:
-        return self.request("POST", "/api/v1/tokens", json={"name": name, "role": role, "tenant": tenant})
+    def create_token(self, name: str, role: str, tenant: str = "default", expires_in_seconds: int | None = None) -> dict:
+        body = {"name": name, "role": role, "tenant": tenant}
+        if expires_in_seconds is not None:
+            body["expires_in_seconds"] = expires_in_seconds
+        return self.request("POST", "/api/v1/tokens", json=body)
+
+    def rotate_join_token(self) -> dict:
+        return self.request("POST", "/api/v1/tokens/join/rotate")

@@ -49,11 +49,23 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = Field(8000, ge=1, le=65535)
     api_url: str = ""  # how workers and clients reach the API; derived when empty
+    # The node API: register and heartbeat on a listener of their own (nexus.master), so user
+    # traffic cannot starve them. 0: no separate listener (agents share the user API).
+    node_api_port: int = Field(8001, ge=0, le=65535)
+    node_api_url: str = ""  # how agents reach the node API; empty: derived as public_api_url is, else api_url
     admin_token: str = "nexus-dev-admin-token"  # bootstrap admin, created at master start
     join_token: str = "nexus-dev-join-token"  # workers present it to register
-    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    # Limits (README "Limits"): what one request, one job and one token may ask of the master.
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)  # a JSON request body (413 above)
+    max_input_bytes: int = Field(16 * 1024 * 1024, ge=1024)  # one upload to POST /api/v1/inputs
     max_bulk_jobs: int = Field(10_000, ge=1)
-    max_payload_bytes: int = Field(256 * 1024, ge=64)
+    max_payload_bytes: int = Field(256 * 1024, ge=64)  # one job's payload as compact JSON
+    max_children_per_job: int = Field(10_000, ge=1)  # child jobs one parent may create (batch chunks, segments)
+    submitter_max_priority: int = Field(7, ge=0, le=9)  # admins may use up to 9
+    # Per token, answered 429 with Retry-After; never applied to /healthz, node routes or worker tokens.
+    rate_limit: str = "6000/minute"  # Flask-Limiter syntax ("100/second;6000/minute"); empty: no rate limit
+    max_long_polls_per_token: int = Field(8, ge=1)  # concurrent ?wait= requests
+    max_streams_per_token: int = Field(128, ge=1)  # concurrent /v1 completions (streamed or not)
     # Open connections one API process holds (gevent greenlets: streams, long-polls, plain requests).
     api_worker_connections: int = Field(4096, ge=16, le=100_000)
 
@@ -74,10 +86,17 @@ class Settings(BaseSettings):
     retry_backoff_max_seconds: float = Field(300.0, ge=0)
     job_lease_seconds: float = Field(30.0, gt=0)
     job_heartbeat_seconds: float = Field(5.0, gt=0)
-    requeue_after_seconds: float = Field(120.0, gt=0)  # a queued job's message is presumed lost after this
     reconcile_interval_seconds: float = Field(2.0, gt=0)
     # Redis re-delivers an unacknowledged message after this; it must outlast the longest job.
     visibility_timeout_seconds: int = Field(6 * 3600, ge=60)
+
+    # --- retention: the reconciler deletes finished work this long after it finished (0 keeps it) ---
+    # /v1 requests each leave a `completion` job: they go far sooner than jobs someone asked for.
+    retention_completion_seconds: float = Field(24 * 3600.0, ge=0)
+    # Every other finished job (with its children, events and objects), removed nodes, stopped instances.
+    retention_seconds: float = Field(30 * 24 * 3600.0, ge=0)
+    retention_batch: int = Field(200, ge=1, le=10_000)  # root jobs per pass: a pass's work stays bounded
+    retention_keep_receipts: bool = False  # keep proof receipts in the object store after their jobs go
 
     # --- worker ---------------------------------------------------------------
     node_name: str = ""  # defaults to the host name
@@ -100,7 +119,7 @@ class Settings(BaseSettings):
     tier_min_compute_capability: str = "7.0"  # older GPUs are ignored (vLLM needs 7.0)
     heartbeat_interval_seconds: float = Field(5.0, gt=0)
     node_stale_after_seconds: float = Field(20.0, gt=0)  # no heartbeat for this long: stale
-    node_offline_after_seconds: float = Field(60.0, gt=0)  # ... this long: offline, jobs re-queued
+    node_offline_after_seconds: float = Field(60.0, gt=0)  # ... this long: offline (leases still decide the jobs)
     node_quarantine_after_failures: int = Field(5, ge=1)  # consecutive job failures on one node
     agent_drain_grace_seconds: float = Field(60.0, ge=0)
     agent_restart_backoff_base_seconds: float = Field(1.0, ge=0)
@@ -210,6 +229,16 @@ class Settings(BaseSettings):
     @property
     def public_api_url(self) -> str:
         return self.api_url or f"http://{self.api_host}:{self.api_port}"
+
+    @property
+    def agent_api_url(self) -> str:
+        """Where the agent sends register and heartbeat (its identity stays keyed to public_api_url):
+        the node API, derived like public_api_url when neither URL is given; else the user API."""
+        if self.node_api_url:
+            return self.node_api_url
+        if not self.api_url and self.node_api_port:
+            return f"http://{self.api_host}:{self.node_api_port}"
+        return self.public_api_url
 
     @property
     def buckets(self) -> tuple[str, ...]:

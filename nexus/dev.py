@@ -73,6 +73,8 @@ class LocalCluster:
             s3 = self._start(S3Server(self.data_dir / "s3", self._port("s3"), access_key=keys["s3_access_key"],
                                       secret_key=keys["s3_secret_key"]))
             overrides["s3_endpoint"] = s3.endpoint
+        if "node_api_port" not in given:  # agents beat there (Settings.agent_api_url); a port kept across restarts
+            overrides["node_api_port"] = self._port("node_api")
         overrides["data_dir"] = self.data_dir
         return self.base.model_copy(update=overrides)
 
@@ -95,7 +97,7 @@ class LocalCluster:
     # --- nexus processes ---------------------------------------------------------------------
     def child_specs(self, settings: Settings) -> list[ChildSpec]:
         names = {"database_url", "redis_url", "s3_endpoint", "s3_access_key", "s3_secret_key", "admin_token",
-                 "join_token", "flower_password", "api_port", "api_host", "data_dir"}
+                 "join_token", "flower_password", "api_port", "api_host", "node_api_port", "data_dir"}
         env = {**_inherited_env(), **settings_env(settings, names), "NEXUS_URL": settings.public_api_url}
         specs = [ChildSpec("api", (*NEXUS, "master", "--workers", "1"), env),
                  ChildSpec("reconciler", (*NEXUS, "reconciler"), env),

@@ -1,13 +1,16 @@
-"""Master start-up: database, migrations, buckets and the bootstrap admin token, then the API."""
+"""Master start-up: database, migrations, buckets and the bootstrap admin and join tokens, then the API servers."""
 
 from __future__ import annotations
 
 import logging
 import os
 import shutil
+import signal
+import subprocess
 import sys
+import threading
 
-from nexus.auth import ensure_bootstrap_admin
+from nexus.auth import ensure_bootstrap_admin, ensure_bootstrap_join
 from nexus.config import Settings
 from nexus.db.migrate import ensure_database, upgrade_head
 from nexus.services import Services
@@ -25,19 +28,87 @@ def prepare_master(settings: Settings) -> None:
     upgrade_head(services.engine)
     services.store.ensure_buckets(settings.buckets)
     ensure_bootstrap_admin(services.engine, settings.admin_token)
+    ensure_bootstrap_join(services.engine, settings.join_token)
     log.info("master ready: migrations applied, buckets %s present", ", ".join(settings.buckets))
 
 
-def exec_api_server(settings: Settings, workers: int) -> None:
-    """Replace this process with gunicorn serving the API on its gevent worker (see nexus/api/green.py).
+# The node API carries only register and heartbeat: about 2.6 ms of CPU per beat (bench/heartbeat.py),
+# so one process keeps up with a thousand nodes beating every 5 s; threads cover slow database moments.
+NODE_API_WORKERS = 1
+NODE_API_THREADS = 8
+
+
+def _gunicorn_argv(app: str, host: str, port: int, workers: int, worker_args: list[str]) -> list[str]:
+    gunicorn = shutil.which("gunicorn") or os.path.join(os.path.dirname(sys.executable), "gunicorn")
+    return [gunicorn, "--bind", f"{host}:{port}", "--workers", str(workers), *worker_args,
+            "--timeout", "120", "--graceful-timeout", "10",
+            "--access-logfile", "-", "--access-logformat", '%(h)s "%(r)s" %(s)s %(b)s %(M)sms',
+            "--no-control-socket",  # unused; its default path is one per user, so two servers would share it
+            app]
+
+
+def user_api_argv(settings: Settings, workers: int) -> list[str]:
+    """The user API on gunicorn's gevent worker (see nexus/api/green.py).
 
     A streaming /v1 request or a long-poll waits on Redis or PostgreSQL for its whole life; on
     gevent each is a greenlet (tens of KiB) instead of an OS thread, so one process holds thousands.
     """
-    gunicorn = shutil.which("gunicorn") or os.path.join(os.path.dirname(sys.executable), "gunicorn")
-    argv = [gunicorn, "--bind", f"{settings.api_host}:{settings.api_port}", "--workers", str(workers),
-            "--worker-class", "gevent", "--worker-connections", str(settings.api_worker_connections),
-            "--timeout", "120", "--graceful-timeout", "10",
-            "--access-logfile", "-", "--access-logformat", '%(h)s "%(r)s" %(s)s %(b)s %(M)sms',
-            "nexus.api.green:create_green_wsgi_app()"]
-    os.execv(gunicorn, argv)
+    return _gunicorn_argv("nexus.api.green:create_green_wsgi_app()", settings.api_host, settings.api_port, workers,
+                          ["--worker-class", "gevent", "--worker-connections", str(settings.api_worker_connections)])
+
+
+def node_api_argv(settings: Settings) -> list[str]:
+    """The node API on threads: its requests answer in milliseconds and none of them waits long."""
+    return _gunicorn_argv("nexus.api:create_node_wsgi_app()", settings.api_host, settings.node_api_port,
+                          NODE_API_WORKERS, ["--worker-class", "gthread", "--threads", str(NODE_API_THREADS)])
+
+
+def api_servers(settings: Settings, workers: int) -> list[list[str]]:
+    """The user API, and the node API beside it on a listener and process of its own.
+
+    Why a second gunicorn: on the threaded server a request thread was held for the
+    whole of a long-poll (`?wait=30`) or a stream, so one token with 64 long-polls
+    held all 16 threads, /healthz and every heartbeat queued behind them for 100 s,
+    and nodes went offline. The user API now waits on greenlets, but a separate
+    process still gives the beats their own database pool and their own GIL (token
+    streaming is CPU work in the API process), and its routes are only register and
+    heartbeat, which answer in milliseconds, so no user request can hold them.
+    Alternatives weighed: a second listener in the same gunicorn shares its workers;
+    a custom worker routing by listener depends on gunicorn's internals and still
+    shares the GIL and the pool; heartbeats as direct database writes would give
+    every agent a database login (docs/ARCHITECTURE.md, "Roles hold only what they
+    need"). Cost: one more process (~60 MB).
+    """
+    servers = [user_api_argv(settings, workers)]
+    if settings.node_api_port:
+        servers.append(node_api_argv(settings))
+    return servers
+
+
+def serve_api(settings: Settings, workers: int) -> int:
+    """Run both servers until asked to stop or until either exits; then stop the other and return.
+
+    Either one gone is the master gone: the exit lets the container's restart
+    policy (or `nexus dev`'s supervisor) start both again, rather than running
+    half a master. Each server gets SIGTERM if this process dies (orphan_guard).
+    """
+    children = [subprocess.Popen([sys.executable, "-m", "nexus.agent.orphan_guard", *argv])
+                for argv in api_servers(settings, workers)]
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(0.5) and all(child.poll() is None for child in children):
+        pass
+    exited = [child.returncode for child in children if child.poll() is not None]
+    for child in children:
+        if child.poll() is None:
+            child.terminate()  # gunicorn's graceful stop: in-flight requests finish within --graceful-timeout
+    for child in children:
+        try:
+            child.wait(15)
+        except subprocess.TimeoutExpired:
+            child.kill()
+    if exited and not stop.is_set():
+        log.error("an API server exited (%s); stopping the other", exited)
+        return exited[0] or 1
+    return 0

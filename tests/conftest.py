@@ -19,6 +19,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.engine import make_url
 
+from nexus.auth import hash_token
 from nexus.config import Settings
 from nexus.db.engine import dispose_engines
 from nexus.localservers import PostgresServer, RedisServer, S3Server, free_port
@@ -74,9 +75,9 @@ def settings(postgres_url, redis_server, s3_server, session_dir) -> Settings:
     settings = Settings(
         database_url=postgres_url, redis_url=redis_server.url, s3_endpoint=s3_server.endpoint,
         s3_access_key=S3_ACCESS, s3_secret_key=S3_SECRET, admin_token=ADMIN_TOKEN, join_token=JOIN_TOKEN,
-        api_port=free_port(), data_dir=session_dir / "data",
+        api_port=free_port(), node_api_port=free_port(), data_dir=session_dir / "data",
         job_lease_seconds=3.0, job_heartbeat_seconds=0.5, retry_backoff_base_seconds=0.2,
-        retry_backoff_max_seconds=1.0, reconcile_interval_seconds=0.5, requeue_after_seconds=10.0,
+        retry_backoff_max_seconds=1.0, reconcile_interval_seconds=0.5,
         worker_send_events=False, cluster_file=session_dir / "cluster.json",
     )
     prepare_master(settings)
@@ -96,7 +97,7 @@ def services(session_services) -> Services:
 
 
 def reset_state(services: Services, attempts: int = 5) -> None:
-    """Empty every table but the schema version and the bootstrap token, and Redis.
+    """Empty every table but the schema version and the session's admin and join tokens, and Redis.
 
     Session processes (workers, agents, the reconciler) keep writing meanwhile, so
     TRUNCATE can deadlock with them: PostgreSQL then aborts one side; we try again.
@@ -119,7 +120,11 @@ def _truncate(services: Services) -> None:
             "('alembic_version', 'api_tokens')"))]
         if tables:
             conn.execute(text("TRUNCATE " + ", ".join(f'"{t}"' for t in tables) + " CASCADE"))
-        conn.execute(text("DELETE FROM api_tokens WHERE name <> 'bootstrap-admin'"))
+        # The session's admin and join tokens stay, usable again if a test rotated or revoked them.
+        session_tokens = {"h": [hash_token(ADMIN_TOKEN), hash_token(JOIN_TOKEN)]}
+        conn.execute(text("DELETE FROM api_tokens WHERE NOT (token_hash = ANY(:h))"), session_tokens)
+        conn.execute(text("UPDATE api_tokens SET revoked_at = NULL, expires_at = NULL WHERE token_hash = ANY(:h)"),
+                     session_tokens)
 
 
 @pytest.fixture

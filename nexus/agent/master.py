@@ -1,7 +1,8 @@
 """The agent's HTTP client for the master: register with the join token, heartbeat with the node token.
 
 The meaning of each answer is decided by `interpret` (pure, tested on its
-own); the HTTP calls are the thin edge around it.
+own); the HTTP calls are the thin edge around it. They go to the master's node
+API (NEXUS_NODE_API_URL) when one is configured, so user traffic cannot starve them.
 
     POST {api}/api/v1/nodes/register          Authorization: Bearer <join token>
         {name, hardware, queues, agent_version, labels}
@@ -19,6 +20,7 @@ from typing import Any
 import requests
 
 from nexus.agent.identity import NodeIdentity
+from nexus.config import Settings
 
 
 class MasterError(Exception):
@@ -99,10 +101,20 @@ def _instance_orders(orders: Any) -> tuple[dict, ...] | None:
 
 
 class MasterClient:
-    def __init__(self, api_url: str, timeout_seconds: float = 10.0, session: requests.Session | None = None) -> None:
+    """`api_url` names the master (the stored identity belongs to it); `node_api_url`, when given, is
+    where the requests go: the master's node API, whose threads user traffic cannot hold."""
+
+    def __init__(self, api_url: str, timeout_seconds: float = 10.0, session: requests.Session | None = None,
+                 node_api_url: str = "") -> None:
         self.api_url = api_url.rstrip("/")
+        self.send_to = (node_api_url or api_url).rstrip("/")
         self._timeout = timeout_seconds
         self._session = session or requests.Session()
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> "MasterClient":
+        return cls(settings.public_api_url, settings.agent_request_timeout_seconds,
+                   node_api_url=settings.agent_api_url)
 
     def register(self, join_token: str, body: dict) -> NodeIdentity:
         answer = self._post("/api/v1/nodes/register", join_token, body, "register")
@@ -117,7 +129,7 @@ class MasterClient:
 
     def _post(self, path: str, token: str, body: dict, during: str) -> dict:
         try:
-            response = self._session.post(self.api_url + path, json=body, timeout=self._timeout,
+            response = self._session.post(self.send_to + path, json=body, timeout=self._timeout,
                                           headers={"Authorization": f"Bearer {token}"})
         except requests.RequestException as error:
             raise MasterUnavailable(f"{during}: {error}") from error

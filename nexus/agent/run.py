@@ -61,7 +61,7 @@ class Agent:
     def __init__(self, settings: Settings, parts: AgentParts | None = None) -> None:
         self.settings = settings
         self.parts = parts or AgentParts(make_detector(settings),
-                                         MasterClient(settings.public_api_url, settings.agent_request_timeout_seconds),
+                                         MasterClient.for_settings(settings),
                                          ActivityBoard.for_settings(settings))
         self.thresholds = TierThresholds.from_settings(settings)
         self.stop_requested = threading.Event()

@@ -1,6 +1,7 @@
 """The master's HTTP API: an APIFlask app factory, one blueprint per resource.
 
     app = create_app(settings)          # tests build their own with their own settings
+    create_node_wsgi_app()              # the node API: register and heartbeat only (nexus.master)
 """
 
 from __future__ import annotations
@@ -11,16 +12,18 @@ from apiflask import APIFlask
 
 import nexus
 from nexus.api.errors import install_error_handlers
+from nexus.api.limits import Slots, install_rate_limit
 from nexus.api.security import authenticate_request
 from nexus.config import Settings, load_settings
 from nexus.services import Services
 
 
-def create_app(settings: Settings | None = None, services: Services | None = None) -> APIFlask:
+def create_app(settings: Settings | None = None, services: Services | None = None,
+               blueprints=None) -> APIFlask:
     settings = settings or load_settings()
     app = APIFlask("nexus", title="Nexus API", version=nexus.__version__, docs_path="/docs")
     app.config.update(
-        MAX_CONTENT_LENGTH=settings.max_body_bytes,
+        MAX_CONTENT_LENGTH=settings.max_body_bytes,  # JSON bodies; uploads raise it (api/inputs.py)
         VALIDATION_ERROR_STATUS_CODE=400,
         JSON_SORT_KEYS=False,
     )
@@ -29,7 +32,10 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.extensions["nexus_settings"] = settings
     install_error_handlers(app)
     app.before_request(authenticate_request)
-    for blueprint in _blueprints():
+    install_rate_limit(app, settings)  # after authentication: it counts per token
+    redis = app.extensions["nexus"].redis
+    app.extensions["nexus_slots"] = {kind: Slots(redis, kind) for kind in ("long_poll", "stream")}
+    for blueprint in blueprints or _blueprints():
         app.register_blueprint(blueprint)
     return app
 
@@ -48,3 +54,11 @@ def create_wsgi_app() -> APIFlask:
     """Entry point for gunicorn (`nexus.api:create_wsgi_app()`)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return create_app()
+
+
+def create_node_wsgi_app() -> APIFlask:
+    """Entry point for the node API's gunicorn: health and the node routes, nothing a user can hold."""
+    from nexus.api import health, nodes
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return create_app(blueprints=[health.bp, nodes.bp])

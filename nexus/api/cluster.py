@@ -7,7 +7,8 @@ from sqlalchemy import Connection, text
 
 from nexus.api.security import require, services
 from nexus.auth import Role
-from nexus.jobs.reconciler import queue_depth
+from nexus.jobs.states import ACTIVE_STATES, CLAIMABLE_STATES, sql_in
+from nexus.queueing.broker import queue_depth
 from nexus.queueing.tiers import TIER_ORDER
 
 bp = APIBlueprint("cluster", __name__, url_prefix="/api/v1/cluster", tag="Cluster")
@@ -44,9 +45,8 @@ def tier_totals(conn: Connection) -> dict[str, dict]:
 
 
 def job_counts(conn: Connection) -> dict[str, int]:
-    rows = conn.execute(text("SELECT state, count(*) FROM jobs WHERE state IN ('queued', 'running', 'retrying') "
-                             "GROUP BY state"))
-    return {"queued": 0, "running": 0, "retrying": 0, **{state: count for state, count in rows}}
+    rows = conn.execute(text(f"SELECT state, count(*) FROM jobs WHERE {sql_in('state', ACTIVE_STATES)} GROUP BY state"))
+    return {**dict.fromkeys(ACTIVE_STATES, 0), **{state: count for state, count in rows}}
 
 
 @bp.get("")
@@ -58,7 +58,7 @@ def cluster():
         tiers = tier_totals(conn)
         jobs = job_counts(conn)
         waiting = {row[0] for row in conn.execute(text(
-            "SELECT DISTINCT queue FROM jobs WHERE state IN ('queued', 'retrying')"))}
+            f"SELECT DISTINCT queue FROM jobs WHERE {sql_in('state', CLAIMABLE_STATES)}"))}
     queues = {queue: queue_depth(s.redis, queue) for queue in sorted(waiting | {t.queue for t in TIER_ORDER})}
     totals = {key: sum(t[key] for t in tiers.values())
               for key in ("nodes", "gpus", "vram_total_mb", "vram_free_mb", "vram_reserved_mb")}

@@ -10,11 +10,12 @@ import logging
 
 import redis
 from apiflask import APIFlask, HTTPError
+from flask import request
 from kombu.exceptions import OperationalError as BrokerError
 from sqlalchemy.exc import DBAPIError, OperationalError
 from urllib3.exceptions import HTTPError as StorageConnectionError
 
-from nexus.jobs.submit import PublishError, SubmissionError
+from nexus.jobs.submit import PayloadTooLarge, PublishError, SubmissionError
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +48,17 @@ def install_error_handlers(app: APIFlask) -> None:
         elif error.status_code == 400 and not details and message == "Bad Request":
             message = "malformed request: the body must be valid JSON (Content-Type: application/json)"
         elif error.status_code == 413:
-            message = f"request body larger than {app.config['MAX_CONTENT_LENGTH']} bytes"
+            message = message if details else f"request body larger than {request.max_content_length} bytes"
         return error_body(error.status_code, message, details, error.extra_data.get("code")), \
             error.status_code, error.headers
 
     @app.errorhandler(SubmissionError)
     def invalid_submission(exc: SubmissionError):
         return error_body(400, str(exc), exc.details, "invalid_job"), 400
+
+    @app.errorhandler(PayloadTooLarge)
+    def payload_too_large(exc: PayloadTooLarge):
+        return error_body(413, str(exc), exc.details), 413
 
     @app.errorhandler(PublishError)
     def broker_refused(exc: PublishError):

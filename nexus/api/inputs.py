@@ -23,6 +23,7 @@ def tenant_prefix(tenant: str) -> str:
 @bp.doc(security="bearer", description="Body: the raw bytes (any content type). Answer: the key to use as input_key.")
 @require(Role.SUBMITTER)
 def upload():
+    request.max_content_length = services().settings.max_input_bytes  # larger than a JSON body's
     data = request.get_data(cache=False)
     if not data:
         raise ApiError(400, "empty body: send the input bytes as the request body")

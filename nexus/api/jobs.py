@@ -14,10 +14,12 @@ from sqlalchemy import text
 
 from nexus.api.errors import ApiError
 from nexus.api.inputs import tenant_prefix
+from nexus.api.limits import check_priority, long_poll
 from nexus.api.security import caller, require, services
 from nexus.api.views import job_view, row_view
 from nexus.auth import Role
-from nexus.jobs import lifecycle
+from nexus.jobs import lifecycle, queries
+from nexus.jobs.records import Job
 from nexus.jobs.schemas import BulkJobRequest, JobRequest
 from nexus.jobs.notify import job_channel
 from nexus.jobs.states import FINAL_STATES, JobState
@@ -56,18 +58,23 @@ def _check_inputs(jobs: list[JobRequest], tenant: str) -> None:
                            {"field": "input_key", "index": index})
 
 
-def _view(row: dict) -> dict:
+def _check_priorities(jobs: list[JobRequest]) -> None:
+    for index, job in enumerate(jobs):
+        check_priority(caller(), job.priority, services().settings, index if len(jobs) > 1 else None)
+
+
+def _view(job: Job) -> dict:
     s = services()
-    return job_view(row, s.store, s.settings.bucket_outputs)
+    return job_view(job, s.store, s.settings.bucket_outputs)
 
 
-def load_job(job_id: uuid.UUID) -> dict:
+def load_job(job_id: uuid.UUID) -> Job:
     """The job, if the caller may see it; 404 otherwise (another tenant's job does not exist for you)."""
     with services().statements.connect() as conn:
-        row = conn.execute(text("SELECT * FROM jobs WHERE id = :id"), {"id": job_id}).mappings().first()
-    if row is None or (not caller().is_admin and row["tenant"] != caller().tenant):
+        job = queries.get(conn, job_id)
+    if job is None or (not caller().is_admin and job.tenant != caller().tenant):
         raise ApiError(404, f"job {job_id} not found")
-    return dict(row)
+    return job
 
 
 class WaitQuery(BaseModel):
@@ -92,9 +99,14 @@ def submit(query: WaitQuery, job: JobRequest):
         job = job.model_copy(update={"idempotency_key": header_key})
     tenant = _tenant_for(job.tenant)
     _check_inputs([job], tenant)
-    [(row, created)] = services().submitter.submit_many([job], tenant=tenant)
-    if query.wait and row["state"] not in FINAL_VALUES:
-        row = _wait_until_final(row["id"], query.wait)  # a synchronous run: one request instead of two
+    _check_priorities([job])
+    if not query.wait:
+        [(row, created)] = services().submitter.submit_many([job], tenant=tenant)
+        return _view(row), 201 if created else 200
+    with long_poll(caller(), query.wait, services().settings):  # taken before the job exists: a 429 creates none
+        [(row, created)] = services().submitter.submit_many([job], tenant=tenant)
+        if row.state not in FINAL_VALUES:
+            row = _wait_until_final(row.id, query.wait)  # a synchronous run: one request instead of two
     return _view(row), 201 if created else 200
 
 
@@ -111,8 +123,9 @@ def submit_bulk(bulk: BulkJobRequest):
         raise ApiError(400, "one bulk request submits for one tenant", {"tenants": sorted(tenants)})
     tenant = tenants.pop()
     _check_inputs(bulk.jobs, tenant)
+    _check_priorities(bulk.jobs)
     results = services().submitter.submit_many(bulk.jobs, tenant=tenant)
-    jobs = [{"id": str(row["id"]), "state": row["state"], "created": created} for row, created in results]
+    jobs = [{"id": str(row.id), "state": row.state, "created": created} for row, created in results]
     return {"jobs": jobs, "created": sum(1 for j in jobs if j["created"])}, 201
 
 
@@ -120,10 +133,13 @@ def submit_bulk(bulk: BulkJobRequest):
 @bp.input(WaitQuery, location="query", arg_name="query")
 @bp.doc(security="bearer")
 def get_job(job_id: uuid.UUID, query: WaitQuery):
-    return _view(_wait_until_final(job_id, query.wait) if query.wait else load_job(job_id))
+    if not query.wait:
+        return _view(load_job(job_id))
+    with long_poll(caller(), query.wait, services().settings):
+        return _view(_wait_until_final(job_id, query.wait))
 
 
-def _wait_until_final(job_id: uuid.UUID, seconds: float) -> dict:
+def _wait_until_final(job_id: uuid.UUID, seconds: float) -> Job:
     """Long-poll: workers announce each outcome on the job's Redis channel; the row stays the truth."""
     pubsub = services().redis.pubsub()
     try:
@@ -131,7 +147,7 @@ def _wait_until_final(job_id: uuid.UUID, seconds: float) -> dict:
         deadline = time.monotonic() + seconds
         pubsub.get_message(timeout=min(seconds, 1.0))  # the confirmation: from now on no notice is missed
         job = load_job(job_id)  # so an outcome before this read shows in the row, any later one is announced
-        while job["state"] not in FINAL_VALUES and (remaining := deadline - time.monotonic()) > 0:
+        while job.state not in FINAL_VALUES and (remaining := deadline - time.monotonic()) > 0:
             pubsub.get_message(timeout=min(remaining, 1.0))  # a notice, or a second passed
             job = load_job(job_id)
         return job
@@ -144,28 +160,13 @@ def _wait_until_final(job_id: uuid.UUID, seconds: float) -> dict:
 @bp.doc(security="bearer")
 def list_jobs(query: JobListQuery):
     """Newest first; pass `next_cursor` back as `cursor` for the next page."""
-    where, params = ["TRUE"], {"limit": query.limit + 1}
     tenant = query.tenant if caller().is_admin else caller().tenant
-    if tenant:
-        where.append("tenant = :tenant")
-        params["tenant"] = tenant
-    if query.state:
-        where.append("state = :state")
-        params["state"] = query.state.value
-    if query.type:
-        where.append("type = :type")
-        params["type"] = query.type
-    if query.parent_id:
-        where.append("parent_id = :parent_id")
-        params["parent_id"] = query.parent_id
-    if query.cursor:
-        params["c_at"], params["c_id"] = _decode_cursor(query.cursor)
-        where.append("(created_at, id) < (:c_at, :c_id)")
-    sql = f"SELECT * FROM jobs WHERE {' AND '.join(where)} ORDER BY created_at DESC, id DESC LIMIT :limit"
+    where = queries.JobFilter(tenant=tenant, state=query.state.value if query.state else None, type=query.type,
+                              parent_id=query.parent_id,
+                              before=_decode_cursor(query.cursor) if query.cursor else None)
     with services().statements.connect() as conn:
-        rows = [dict(r) for r in conn.execute(text(sql), params).mappings()]
-    page, more = rows[:query.limit], len(rows) > query.limit
-    return {"jobs": [_view(r) for r in page],
+        page, more = queries.list_jobs(conn, where, query.limit)
+    return {"jobs": [_view(job) for job in page],
             "next_cursor": _encode_cursor(page[-1]) if more else None}
 
 
@@ -175,7 +176,7 @@ def job_events(job_id: uuid.UUID):
     load_job(job_id)
     with services().statements.connect() as conn:
         rows = conn.execute(
-            text("SELECT at, from_state, to_state, attempt, node, message FROM job_events "
+            text("SELECT at, from_state, to_state, attempt, node, message, failure_kind FROM job_events "
                  "WHERE job_id = :id ORDER BY id"), {"id": job_id}).mappings()
         return {"events": [row_view(dict(r)) for r in rows]}
 
@@ -200,13 +201,13 @@ def retry(job_id: uuid.UUID):
     with services().engine.begin() as conn:
         row = lifecycle.manual_retry(conn, job_id, by=caller().name)
     if row is None:
-        raise ApiError(409, f"only failed or cancelled jobs can be retried; this one is {job['state']}",
-                       {"state": job["state"]})
+        raise ApiError(409, f"only failed or cancelled jobs can be retried; this one is {job.state}",
+                       {"state": job.state})
     return _view(load_job(job_id))
 
 
-def _encode_cursor(row: dict) -> str:
-    return base64.urlsafe_b64encode(f"{row['created_at'].isoformat()}|{row['id']}".encode()).decode()
+def _encode_cursor(job: Job) -> str:
+    return base64.urlsafe_b64encode(f"{job.created_at.isoformat()}|{job.id}".encode()).decode()
 
 
 def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:

@@ -1,4 +1,14 @@
-"""Prometheus metrics read from the sources of truth at scrape time (no counters to drift)."""
+"""Prometheus metrics read from the sources of truth at scrape time.
+
+`nexus_jobs` counts unfinished jobs (queued, running, retrying) from the rows, through the
+(state, type) index: a scrape reads the active jobs only, however many finished ones
+are kept. Finished states come from `job_counters`, which the transition that finishes
+a job increments in the same transaction (a trigger, migration 0006): exact, never
+drifting, and still counting jobs retention has deleted. For a final state the value is
+therefore how many jobs ever finished so (a manually retried job counts again when it
+finishes again). PostgreSQL rather than Redis counters: Redis is transport here (it may
+be flushed or restarted), and a trigger misses no code path that finishes a job.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +17,13 @@ from sqlalchemy import text
 
 from nexus.jobs.notify import DURATION_BUCKETS, DURATION_KEY
 from nexus.jobs.reconciler import queue_depth
-from nexus.jobs.states import JobState
+from nexus.jobs.states import CLAIMABLE_STATES, JobState, sql_in
 from nexus.queueing.tiers import TIER_ORDER
+
+
+ACTIVE_COUNTS = text("SELECT state, type, count(*) FROM jobs WHERE state IN ('queued', 'running', 'retrying') "
+                     "GROUP BY state, type")
+FINISHED_COUNTS = text("SELECT state, type, sum(n) FROM job_counters GROUP BY state, type")
 
 
 class NexusCollector:
@@ -17,9 +32,9 @@ class NexusCollector:
 
     def collect(self):
         with self.services.engine.connect() as conn:
-            rows = conn.execute(text("SELECT state, type, count(*) FROM jobs GROUP BY state, type")).all()
+            rows = conn.execute(ACTIVE_COUNTS).all() + conn.execute(FINISHED_COUNTS).all()
             queues = {r[0] for r in conn.execute(text(
-                "SELECT DISTINCT queue FROM jobs WHERE state IN ('queued','retrying')"))}
+                f"SELECT DISTINCT queue FROM jobs WHERE {sql_in('state', CLAIMABLE_STATES)}"))}
         jobs = GaugeMetricFamily("nexus_jobs", "Jobs by state and type", labels=["state", "type"])
         seen_types = {t for _, t, _ in rows} or {"noop"}
         counts = {(s, t): n for s, t, n in rows}

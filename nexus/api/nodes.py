@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import secrets
 import uuid
 from datetime import datetime, timezone
@@ -20,7 +19,6 @@ from nexus.nodes.tiers import TierThresholds
 from nexus.api.errors import ApiError
 from nexus.api.security import bearer_token, public, require, services
 from nexus.api.views import row_view
-from nexus.auth import Role
 from nexus.models.instances import instance_orders
 
 bp = APIBlueprint("nodes", __name__, url_prefix="/api/v1/nodes", tag="Nodes")
@@ -45,28 +43,24 @@ def _required_token(purpose: str) -> str:
     return token
 
 
-def _join_token_valid(token: str) -> bool:
-    """The cluster's join token, or a worker-role API token (which an admin can revoke)."""
-    if hmac.compare_digest(token.encode(), services().settings.join_token.encode()):
-        return True
-    with services().statements.connect() as conn:
-        principal = auth.authenticate(conn, token)
-    return principal is not None and principal.role is Role.WORKER
-
-
 @bp.post("/register")
 @public  # outermost: the join token is checked here, not by the API-token check of every route
 @bp.input(RegisterRequest, arg_name="body")
 @bp.doc(security="bearer", description="Authorization: Bearer <join token>. Answers the node token, once.")
 def register(body: RegisterRequest):
-    if not _join_token_valid(_required_token("join token")):
-        raise ApiError(401, "invalid or revoked join token", headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+    token = _required_token("join token")
     hardware = _hardware(body.hardware)
     node_token = NODE_TOKEN_PREFIX + secrets.token_urlsafe(32)
     thresholds = TierThresholds.from_settings(services().settings)
     with services().engine.begin() as conn:
+        # The cluster's join token (NEXUS_JOIN_TOKEN or one rotated in live) or a worker-role API token,
+        # checked in the transaction that inserts the node, so a revocation cannot slip in between.
+        join_token_id = auth.authenticate_join(conn, token)
+        if join_token_id is None:
+            raise ApiError(401, "invalid, expired or revoked join token",
+                           headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
         try:
-            row = store.register(conn, body, hardware, thresholds, node_token)
+            row = store.register(conn, body, hardware, thresholds, node_token, join_token_id)
         except store.NodeNameTaken:
             raise ApiError(409, f"a live node is already named {body.name!r}: remove it first, or give this node "
                                 "another name (NEXUS_NODE_NAME)", {"field": "name"}, code="name_taken") from None

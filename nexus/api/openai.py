@@ -16,9 +16,11 @@ import time
 import uuid
 
 from apiflask import APIBlueprint, HTTPError
-from flask import Response, jsonify, request, stream_with_context
+from flask import Response, after_this_request, jsonify, request, stream_with_context
+from flask_limiter.errors import RateLimitExceeded
 from sqlalchemy import text
 
+from nexus.api.limits import rate_limit_headers, slots
 from nexus.api.security import caller, services
 from nexus.auth import Role
 from nexus.models import catalog
@@ -31,6 +33,7 @@ from nexus.inference.openai_shapes import (ApiCall, AuthenticationError, Context
 from nexus.inference.streams import GenerationFailed, read_batches, stream_key
 from nexus.inference.types import GenerationResult, StreamDelta, Usage
 from nexus.jobs import lifecycle
+from nexus.jobs.submit import PayloadTooLarge
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +42,8 @@ bp = APIBlueprint("openai", __name__, url_prefix="/v1", tag="OpenAI-compatible")
 JOB_CHECK_EVERY_SECONDS = 2.0
 
 
-def _error_response(error: OpenAIError):
-    return jsonify(error.body()), error.status
+def _error_response(error: OpenAIError, headers: dict | None = None):
+    return jsonify(error.body()), error.status, headers or {}
 
 
 @bp.errorhandler(OpenAIError)
@@ -54,9 +57,21 @@ def _http_error(error: HTTPError):
     if error.status_code == 401:
         return _error_response(AuthenticationError(error.message or "invalid API key"))
     kind = "invalid_request_error" if error.status_code < 500 else "server_error"
-    code = (error.extra_data or {}).get("code") or {403: "permission_denied", 404: "not_found",
+    code = (error.extra_data or {}).get("code") or {403: "permission_denied", 404: "not_found", 429: "rate_limit_exceeded",
                                                      503: "unavailable"}.get(error.status_code)
-    return _error_response(OpenAIError(error.message or "error", status=error.status_code, type=kind, code=code))
+    return _error_response(OpenAIError(error.message or "error", status=error.status_code, type=kind, code=code),
+                           error.headers)
+
+
+@bp.errorhandler(RateLimitExceeded)
+def _rate_limited(error: RateLimitExceeded):
+    return _error_response(OpenAIError(f"rate limit exceeded: {error.description} per API key", status=429,
+                                       type="rate_limit_error", code="rate_limit_exceeded"), rate_limit_headers())
+
+
+@bp.errorhandler(PayloadTooLarge)
+def _too_large(error: PayloadTooLarge):
+    return _error_response(OpenAIError(str(error), status=413, code="payload_too_large"))
 
 
 def _require_submitter() -> None:
@@ -96,6 +111,7 @@ def chat_completions():
 
 def _serve(endpoint: Endpoint):
     _require_submitter()
+    _hold_stream_slot()
     body = request.get_json(silent=True)
     if body is None:
         raise OpenAIError("the request body must be JSON (Content-Type: application/json)", code="invalid_json")
@@ -138,6 +154,20 @@ def _admit(call: ApiCall) -> Slot:
     return slot
 
 
+def _hold_stream_slot() -> None:
+    """One of the token's /v1 slots, held until the response is closed: the last event of a stream,
+    the client going away, or an error answered instead."""
+    principal, settings = caller(), services().settings
+    stream_slots = slots("stream")
+    slot = stream_slots.acquire(principal, settings.max_streams_per_token, settings.inference_request_timeout_seconds,
+                                "/v1 completions")
+
+    @after_this_request
+    def release_when_closed(response):
+        response.call_on_close(lambda: stream_slots.release(principal, slot))
+        return response
+
+
 def _check_servable(call: ApiCall) -> None:
     with services().statements.connect() as conn:
         spec = catalog.get_model(conn, call.model)
@@ -161,8 +191,8 @@ def _submit(endpoint: Endpoint, body: dict, call: ApiCall) -> str:
            "requirements": {"model": call.model},
            # A retry after tokens went out would repeat them; a lost request fails and the client retries.
            "max_attempts": 1, "priority": 7}
-    [(row, _)] = services().submitter.submit_many([job], tenant=caller().tenant)
-    return str(row["id"])
+    [(row, _)] = services().submitter.submit_many([job], tenant=caller().tenant, allow_internal=True)
+    return str(row.id)
 
 
 def _idle_check(job_id: str, started: float):

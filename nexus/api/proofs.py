@@ -15,9 +15,11 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 from nexus.api.errors import ApiError
 from nexus.api.jobs import load_job
+from nexus.api.limits import check_priority
 from nexus.api.security import caller, require, services
-from nexus.api.views import job_view, row_view
+from nexus.api.views import job_view, jsonable, row_view
 from nexus.auth import Role
+from nexus.jobs.records import Job
 from nexus.proofs import records
 from nexus.proofs.jobs import PROOF_TYPE, VERIFY_TYPE
 from nexus.proofs.placement import segment_requirements
@@ -60,6 +62,7 @@ class VerifyRequest(BaseModel):
 @bp.doc(security="bearer", responses={201: "created", 200: "an idempotent repeat: the existing proof"})
 @require(Role.SUBMITTER)
 def submit(body: ProofSubmission):
+    check_priority(caller(), body.priority, services().settings)
     payload = body.model_dump(include=set(REQUEST_FIELDS), exclude_none=True)
     job = {"type": PROOF_TYPE, "payload": payload, "priority": body.priority,
            # The proof job waits where its segments run, so that it can help prove them.
@@ -85,12 +88,13 @@ def get_proof(proof_id: uuid.UUID):
 @require(Role.SUBMITTER)
 def verify(proof_id: uuid.UUID, body: VerifyRequest):
     proof = _load_proof(proof_id)
-    if proof["state"] != "succeeded":
-        raise ApiError(409, f"only a finished proof can be verified; this one is {proof['state']}",
-                       {"state": proof["state"]})
-    job = {"type": VERIFY_TYPE, "payload": {"proof_id": str(proof_id), "salt": body.salt}, "priority": proof["priority"],
-           "requirements": proof["requirements"]}
-    [(row, _created)] = services().submitter.submit_many([job], tenant=proof["tenant"], parent_id=proof_id)
+    if proof.state != "succeeded":
+        raise ApiError(409, f"only a finished proof can be verified; this one is {proof.state}",
+                       {"state": proof.state})
+    job = {"type": VERIFY_TYPE, "payload": {"proof_id": str(proof_id), "salt": body.salt}, "priority": proof.priority,
+           "requirements": proof.requirements}
+    [(row, _created)] = services().submitter.submit_many([job], tenant=proof.tenant, parent_id=proof_id,
+                                                         allow_internal=True)
     s = services()
     return {"proof_id": str(proof_id), "verify_job": job_view(row, s.store, s.settings.bucket_outputs)}, 202
 
@@ -104,31 +108,34 @@ def weights():
         return {"weights": records.proven_weights(conn, tenant)}
 
 
-def _load_proof(proof_id: uuid.UUID) -> dict:
+def _load_proof(proof_id: uuid.UUID) -> Job:
     job = load_job(proof_id)
-    if job["type"] != PROOF_TYPE:
-        raise ApiError(404, f"proof {proof_id} not found (job {proof_id} is a {job['type']} job)")
+    if job.type != PROOF_TYPE:
+        raise ApiError(404, f"proof {proof_id} not found (job {proof_id} is a {job.type} job)")
     return job
 
 
-def _proof_view(row: dict) -> dict:
+_PROOF_FIELDS = ("id", "state", "tenant", "attempt", "progress", "error", "node", "created_at", "started_at",
+                 "finished_at")
+
+
+def _proof_view(row: Job) -> dict:
     with services().statements.connect() as conn:
-        segments = records.segment_states(conn, row["id"])
-        verdict_rows = records.verdicts(conn, row["id"])
-    view = row_view(row, ("id", "state", "tenant", "attempt", "progress", "error", "node", "created_at",
-                          "started_at", "finished_at"))
-    view.update({"request": row["payload"], "summary": row["result"], "segments": segments,
+        segments = records.segment_states(conn, row.id)
+        verdict_rows = records.verdicts(conn, row.id)
+    view = {name: jsonable(getattr(row, name)) for name in _PROOF_FIELDS}
+    view.update({"request": row.payload, "summary": row.result, "segments": segments,
                  "verdicts": [row_view(v) for v in verdict_rows]})
     latest = records.latest_verdict(verdict_rows)
     view["verified"] = None if latest is None else bool(latest["accepted"])
-    view["proven_weight"] = (row["result"] or {}).get("node_counts", {}) if view["verified"] else {}
+    view["proven_weight"] = (row.result or {}).get("node_counts", {}) if view["verified"] else {}
     view.update(_receipt_fields(row))
     return view
 
 
-def _receipt_fields(row: dict) -> dict:
-    result = row["result"] or {}
-    if row["state"] != "succeeded" or "receipt_key" not in result:
+def _receipt_fields(row: Job) -> dict:
+    result = row.result or {}
+    if row.state != "succeeded" or "receipt_key" not in result:
         return {"receipt": None, "receipt_url": None}
     s = services()
     bucket = s.settings.bucket_receipts

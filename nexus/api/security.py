@@ -8,13 +8,15 @@ from flask import current_app, g, request
 
 from nexus.api.errors import ApiError
 from nexus.auth import Principal, Role, authenticate
+from nexus.services import Services
 
 # Endpoints anyone may call: health for load balancers, the API description for humans.
 PUBLIC_ENDPOINTS = frozenset({"health.healthz", "openapi.spec", "openapi.docs", "openapi.redoc", "static"})
 
 
-def services():
-    return current_app.extensions["nexus"]
+def services() -> Services:
+    services: Services = current_app.extensions["nexus"]
+    return services
 
 
 def bearer_token() -> str | None:
@@ -37,7 +39,7 @@ def authenticate_request() -> None:
     with services().statements.connect() as conn:
         principal = authenticate(conn, token)
     if principal is None:
-        raise ApiError(401, "invalid or revoked token", headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+        raise ApiError(401, "invalid, expired or revoked token", headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
     g.principal = principal
     # The role check of `require`, done here as well: before the body is validated, so a caller
     # without the role learns nothing about the route's input (403, never a 400 listing the fields).

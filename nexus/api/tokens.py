@@ -1,4 +1,5 @@
-"""API tokens (admin only): create (the secret is shown once), list, revoke."""
+"""API tokens (admin only): create (the secret is shown once, optionally expiring), list, revoke,
+rotate the join token live. Revoking a worker or join token removes the nodes that registered with it."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from nexus.api.security import require, services
 from nexus.api.views import row_view
 from nexus.auth import Role
 from nexus.jobs.schemas import TokenRequest
+from nexus.nodes import store
 
 bp = APIBlueprint("tokens", __name__, url_prefix="/api/v1/tokens", tag="Tokens")
 
@@ -22,7 +24,18 @@ bp = APIBlueprint("tokens", __name__, url_prefix="/api/v1/tokens", tag="Tokens")
 @require()
 def create(body: TokenRequest):
     with services().engine.begin() as conn:
-        token, row = auth.create_token(conn, body.name, Role(body.role), body.tenant)
+        token, row = auth.create_token(conn, body.name, Role(body.role), body.tenant,
+                                       expires_in_seconds=body.expires_in_seconds)
+    return {**row_view(row), "token": token}, 201
+
+
+@bp.post("/join/rotate")
+@bp.doc(security="bearer", description="A new join token (shown once); the previous one stops admitting nodes. "
+                                       "Nodes that joined with it keep working: revoke it to remove them too.")
+@require()
+def rotate_join():
+    with services().engine.begin() as conn:
+        token, row = auth.rotate_join_token(conn)
     return {**row_view(row), "token": token}, 201
 
 
@@ -41,4 +54,5 @@ def revoke(token_id: uuid.UUID):
     with services().engine.begin() as conn:
         if not auth.revoke_token(conn, token_id):
             raise ApiError(404, f"no active token {token_id}")
-    return {"revoked": str(token_id)}
+        removed = store.remove_registered_with(conn, token_id)  # its nodes stop with it
+    return {"revoked": str(token_id), "nodes_removed": removed}

@@ -6,9 +6,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-JOB_FIELDS = ("id", "type", "state", "priority", "tenant", "attempt", "max_attempts", "requirements", "queue",
-              "payload", "input_key", "idempotency_key", "parent_id", "result", "output_key", "error", "progress",
-              "node", "cancel_requested", "created_at", "started_at", "finished_at", "updated_at")
+from nexus.jobs.records import Job
 
 
 def jsonable(value: Any) -> Any:
@@ -23,9 +21,9 @@ def row_view(row: dict, fields: tuple[str, ...] | None = None) -> dict:
     return {k: jsonable(row.get(k)) for k in (fields or row.keys())}
 
 
-def job_view(row: dict, store=None, bucket: str | None = None) -> dict:
-    """A job as JSON; its output, if any, as a short-lived presigned URL."""
-    out = row_view(row, JOB_FIELDS)
-    if row.get("output_key") and store is not None:
-        out["output_url"] = store.presigned_get(bucket, row["output_key"])
+def job_view(job: Job, store=None, bucket: str | None = None) -> dict:
+    """A job as JSON (its fields in the record's order); its output, if any, as a short-lived presigned URL."""
+    out = job.to_json()
+    if job.output_key and store is not None:
+        out["output_url"] = store.presigned_get(bucket, job.output_key)
     return out

@@ -104,22 +104,28 @@ def job_cmd(job_id, events):
         nexus = client()
         console.print_json(data=nexus.get(job_id))
         if events:
-            table = Table("at", "from", "to", "attempt", "node", "message")
+            table = Table("at", "from", "to", "attempt", "node", "cause", "message")
             for e in nexus.events(job_id):
                 table.add_row(e["at"][:23], e["from_state"] or "", e["to_state"], str(e["attempt"]), e["node"] or "",
-                              e["message"] or "")
+                              e.get("failure_kind") or "", e["message"] or "")
             console.print(table)
     except NexusError as exc:
         _fail(exc)
 
 
 @click.command("token")
-@click.argument("name")
+@click.argument("name", required=False)
 @click.option("--role", type=click.Choice(["admin", "submitter", "worker"]), default="submitter", show_default=True)
 @click.option("--tenant", default="default", show_default=True)
-def token_cmd(name, role, tenant):
-    """Create an API token (admin); the token is printed once."""
+@click.option("--expires-in", type=click.IntRange(min=1), default=None, help="Seconds until the token stops working.")
+@click.option("--rotate-join", is_flag=True, help="Instead: a new join token; the old one stops admitting nodes.")
+def token_cmd(name, role, tenant, expires_in, rotate_join):
+    """Create an API token (admin), or rotate the join token; the token is printed once."""
+    if not rotate_join and not name:
+        raise click.UsageError("give a NAME for the new token, or --rotate-join")
     try:
-        console.print_json(data=client().create_token(name, role, tenant))
+        nexus = client()
+        console.print_json(data=nexus.rotate_join_token() if rotate_join
+                           else nexus.create_token(name, role, tenant, expires_in_seconds=expires_in))
     except NexusError as exc:
         _fail(exc)

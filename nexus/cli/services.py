@@ -30,12 +30,12 @@ def dev_cmd(workers: int, data_dir: Path, api_port: int | None) -> None:
 @click.command("master")
 @click.option("--workers", default=2, show_default=True, help="gunicorn worker processes.")
 def master_cmd(workers: int) -> None:
-    """Apply migrations, create buckets and the admin token, then serve the API with gunicorn."""
-    from nexus.master import exec_api_server, prepare_master
+    """Apply migrations, create buckets and the admin token, then serve the API (gevent) and the node API."""
+    from nexus.master import prepare_master, serve_api
 
     settings = load_settings()
     prepare_master(settings)
-    exec_api_server(settings, workers)
+    sys.exit(serve_api(settings, workers))
 
 
 @click.command("worker")

@@ -83,7 +83,24 @@ class Job(Base):
         # The reconciler scans only unfinished jobs; keep that scan small.
         Index("ix_jobs_active", "state", "lease_expires_at",
               postgresql_where=text("state IN ('queued','running','retrying')")),
+        # Retention finds finished root jobs by age: completions are kept far shorter than the rest.
+        Index("ix_jobs_retention_completion", "finished_at", postgresql_where=text(
+            "parent_id IS NULL AND type = 'completion' AND state IN ('succeeded', 'failed', 'cancelled')")),
+        Index("ix_jobs_retention_other", "finished_at", postgresql_where=text(
+            "parent_id IS NULL AND type <> 'completion' AND state IN ('succeeded', 'failed', 'cancelled')")),
+        Index("ix_jobs_input_key", "input_key", postgresql_where=text("input_key IS NOT NULL")),
     )
+
+
+class JobCounter(Base):
+    """How many jobs ever reached each final state, per type (a trigger of migration 0005 counts them)."""
+
+    __tablename__ = "job_counters"
+
+    type: Mapped[str] = mapped_column(String(64), primary_key=True)
+    state: Mapped[str] = mapped_column(String(16), primary_key=True)
+    shard: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    n: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
 
 
 class JobEvent(Base):
@@ -97,6 +114,14 @@ class JobEvent(Base):
     attempt: Mapped[int] = mapped_column(Integer)
     node: Mapped[str | None] = mapped_column(String(200))
     message: Mapped[str | None] = mapped_column(Text)
+    # Why a running attempt failed (nexus.jobs.failures.FailureKind); only 'infrastructure' counts
+    # toward the node's failure streak (migration 0005).
+    failure_kind: Mapped[str | None] = mapped_column(String(16))
+
+    __table_args__ = (
+        CheckConstraint("failure_kind IS NULL OR failure_kind IN ('infrastructure', 'job')",
+                        name="ck_job_events_failure_kind"),
+    )
 
 
 class ApiToken(Base):
@@ -110,5 +135,9 @@ class ApiToken(Base):
     tenant: Mapped[str] = mapped_column(String(64), server_default=text("'default'"))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # NULL: never
+    # api: made through the API; bootstrap: NEXUS_ADMIN_TOKEN; join: NEXUS_JOIN_TOKEN or a rotated join token.
+    kind: Mapped[str] = mapped_column(String(16), server_default=text("'api'"))
 
-    __table_args__ = (CheckConstraint("role IN ('admin','submitter','worker')", name="ck_tokens_role"),)
+    __table_args__ = (CheckConstraint("role IN ('admin','submitter','worker')", name="ck_tokens_role"),
+                      CheckConstraint("kind IN ('api','bootstrap','join')", name="ck_tokens_kind"))

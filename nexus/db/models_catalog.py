@@ -67,4 +67,5 @@ class ModelInstance(Base):
     __table_args__ = (
         CheckConstraint(_in("state", INSTANCE_STATES), name="ck_model_instances_state"),
         Index("ix_model_instances_model_state", "model", "state"),
+        Index("ix_model_instances_stopped", "updated_at", postgresql_where=text("state = 'stopped'")),
     )

@@ -9,8 +9,10 @@ removing the node (state `removed`) stops the token at once.
 `consecutive_failures` is counted by a trigger on job_events (migration 0002):
 every attempt a node finishes writes one event row, whichever code path wrote
 it (the worker's fail/complete or the reconciler's lease expiry), so counting
-there misses none. The reconciler quarantines a node whose streak reaches
-`node_quarantine_after_failures`.
+there misses none. Since migration 0005 only events whose `failure_kind` is
+'infrastructure' add to the streak (a job's own failure is not the node's,
+nexus.jobs.failures); a success ends it. The reconciler quarantines a node
+whose streak reaches `node_quarantine_after_failures`.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ class Node(Base):
     registered_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     last_heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     state_changed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    # The join (or worker) token it registered with: revoking that token removes the node.
+    join_token_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
 
     __table_args__ = (
         CheckConstraint(f"state IN ({NODE_STATES_SQL})", name="ck_nodes_state"),
@@ -61,6 +65,8 @@ class Node(Base):
         # One live node per name: jobs.node and failed_nodes refer to nodes by name.
         Index("uq_nodes_live_name", "name", unique=True, postgresql_where=text("state <> 'removed'")),
         Index("ix_nodes_state_heartbeat", "state", "last_heartbeat_at"),
+        Index("ix_nodes_join_token", "join_token_id", postgresql_where=text("join_token_id IS NOT NULL")),
+        Index("ix_nodes_removed", "state_changed_at", postgresql_where=text("state = 'removed'")),
     )
 
 

@@ -15,7 +15,7 @@ class InjectedFailure(RuntimeError):
     """Raised on purpose by `fail_attempts`, to exercise retries."""
 
 
-def _check_object(payload: Any, allowed: set[str]) -> dict:
+def _check_object(payload: Any, allowed: set[str]) -> dict[str, Any]:
     if payload is None:
         return {}
     if not isinstance(payload, dict):
@@ -26,29 +26,29 @@ def _check_object(payload: Any, allowed: set[str]) -> dict:
     return payload
 
 
-def _check_fail_attempts(payload: dict) -> None:
+def _check_fail_attempts(payload: dict[str, Any]) -> None:
     value = payload.get("fail_attempts", 0)
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 100:
         raise ValueError("fail_attempts must be an integer between 0 and 100")
 
 
-def _maybe_fail(ctx: JobContext, payload: dict) -> None:
+def _maybe_fail(ctx: JobContext, payload: dict[str, Any]) -> None:
     if ctx.attempt <= payload.get("fail_attempts", 0):
         raise InjectedFailure(f"injected failure on attempt {ctx.attempt}")
 
 
-def validate_noop(payload: Any) -> dict:
-    payload = _check_object(payload, {"echo", "fail_attempts"})
-    _check_fail_attempts(payload)
-    return payload
+def validate_noop(payload: Any) -> dict[str, Any]:
+    checked = _check_object(payload, {"echo", "fail_attempts"})
+    _check_fail_attempts(checked)
+    return checked
 
 
-def run_noop(ctx: JobContext, payload: dict) -> dict:
+def run_noop(ctx: JobContext, payload: dict[str, Any]) -> dict[str, Any]:
     _maybe_fail(ctx, payload)
     return {"echo": payload.get("echo")}
 
 
-def validate_sleep(payload: Any) -> dict:
+def validate_sleep(payload: Any) -> dict[str, Any]:
     payload = _check_object(payload, {"seconds", "fail_attempts"})
     seconds = payload.get("seconds", 1.0)
     if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not 0 <= seconds <= MAX_SLEEP_SECONDS:
@@ -57,7 +57,7 @@ def validate_sleep(payload: Any) -> dict:
     return {**payload, "seconds": float(seconds)}
 
 
-def run_sleep(ctx: JobContext, payload: dict) -> dict:
+def run_sleep(ctx: JobContext, payload: dict[str, Any]) -> dict[str, Any]:
     """Sleeps in small steps, checking for cancellation between them."""
     _maybe_fail(ctx, payload)
     started = time.monotonic()

@@ -8,10 +8,12 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine
 
 from nexus.config import Settings
-from nexus.jobs import lifecycle
+from nexus.jobs import lifecycle, queries
+from nexus.jobs.fanout import check_fan_out
+from nexus.jobs.records import Job
 
 if TYPE_CHECKING:
     from nexus.jobs.submit import Submitter
@@ -91,21 +93,22 @@ class JobContext:
         return key
 
     # --- child jobs ------------------------------------------------------------------
-    def submit_children(self, specs: list[dict]) -> list[str]:
-        """Submit child jobs; idempotent per `idempotency_key`, so a retried parent finds its children."""
-        jobs = self.submitter.submit_many(
-            [{**spec, "idempotency_key": f"{self.job_id}:{spec['idempotency_key']}"} if spec.get("idempotency_key")
-             else spec for spec in specs],
-            tenant=self.tenant,
-            parent_id=self.job_id,
-        )
-        return [str(job["id"]) for job, _created in jobs]
+    def submit_children(self, specs: list[dict[str, Any]]) -> list[str]:
+        """Submit child jobs; idempotent per `idempotency_key`, so a retried parent finds its children.
 
-    def children(self) -> list[dict]:
+        Raises TooManyChildren (the job fails, not retried) past Settings.max_children_per_job."""
+        specs = [{**spec, "idempotency_key": f"{self.job_id}:{spec['idempotency_key']}"}
+                 if spec.get("idempotency_key") else spec for spec in specs]
+        check_fan_out(self._other_children([s.get("idempotency_key") for s in specs]) + len(specs), self.settings)
+        jobs = self.submitter.submit_many(specs, tenant=self.tenant, parent_id=self.job_id, allow_internal=True)
+        return [str(job.id) for job, _created in jobs]
+
+    def _other_children(self, keys: list[str | None]) -> int:
+        """Children this job already has, leaving out those these keys repeat (a retried parent's)."""
         with self.engine.connect() as conn:
-            rows = conn.execute(
-                text("SELECT id, type, state, attempt, result, error, output_key, idempotency_key FROM jobs "
-                     "WHERE parent_id = :id ORDER BY created_at, id"),
-                {"id": self.job_id},
-            ).mappings()
-            return [dict(r) for r in rows]
+            return queries.count_children_besides(conn, self.job_id, [k for k in keys if k])
+
+    def children(self) -> list[Job]:
+        """This job's children, oldest first."""
+        with self.engine.connect() as conn:
+            return queries.children(conn, self.job_id)

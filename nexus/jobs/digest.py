@@ -24,7 +24,7 @@ from nexus.replicas.stats import ReadStats
 _SPEC_SQL = "SELECT type, input_key, payload FROM jobs WHERE id = :id"
 
 
-def validate_digest(payload: Any) -> dict:
+def validate_digest(payload: Any) -> dict[str, Any]:
     if payload is None:
         return {}
     if not isinstance(payload, dict) or set(payload) - {"etag"}:
@@ -42,7 +42,7 @@ def node_reads(ctx: JobContext) -> NodeReads:
     return NodeReads(StandbyReads(ctx.engine, None, 0.0, Cooldown(1.0), stats), ctx.storage, None, stats)
 
 
-def run_digest(ctx: JobContext, payload: dict) -> dict:
+def run_digest(ctx: JobContext, payload: dict[str, Any]) -> dict[str, Any]:
     reads = node_reads(ctx)
     rows, spec_source = reads.rows(_SPEC_SQL, {"id": ctx.job_id}, after_lsn=ctx.read_after_lsn)
     if not rows or not rows[0]["input_key"]:

@@ -12,14 +12,16 @@ import json
 import random
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Mapping
 
 from sqlalchemy import Connection, Engine, bindparam, text
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.types import Uuid
 
 from nexus.db.prepared import Prepared
-from nexus.jobs.states import JobState, sources_of
+from nexus.jobs.failures import FailureKind
+from nexus.jobs.records import Claimed, Job, Outcome, project, returning, select_list
+from nexus.jobs.states import ACTIVE_STATES, CLAIMABLE_STATES, RETRYABLE_BY_HAND, JobState, sql_in
 
 
 @dataclass
@@ -85,25 +87,17 @@ def insert_jobs(conn: Connection, specs: list[JobSpec]) -> dict[uuid.UUID, Any]:
     return {row["id"]: row["created_at"] for row in _INSERT_JOBS.execute(conn, params)}
 
 
-def find_by_idempotency(conn: Connection, tenant: str, keys: Iterable[str]) -> dict[str, dict]:
-    rows = conn.execute(
-        text("SELECT * FROM jobs WHERE tenant = :tenant AND idempotency_key = ANY(:keys)"),
-        {"tenant": tenant, "keys": list(keys)},
-    ).mappings()
-    return {row["idempotency_key"]: dict(row) for row in rows}
-
-
 def delete_unstarted(conn: Connection, ids: list[uuid.UUID]) -> None:
     """Undo a submission whose messages could not be published (nothing half-written)."""
     conn.execute(
-        text("DELETE FROM jobs WHERE id = ANY(:ids) AND state = 'queued' AND attempt = 0").bindparams(
+        text(f"DELETE FROM jobs WHERE id = ANY(:ids) AND state = '{JobState.QUEUED.value}' AND attempt = 0").bindparams(
             bindparam("ids", type_=ARRAY(Uuid))
         ),
         {"ids": ids},
     )
 
 
-def _transition_sql(to_state: str | None, where: str, sets: str, returning: str = "j.*") -> str:
+def _transition_sql(to_state: str | None, where: str, sets: str, returning: str) -> str:
     """UPDATE one job under `where` and log the event, in one statement.
 
     `to_state` None keeps the state (the SET clause decides it). The row is
@@ -123,31 +117,30 @@ def _transition_sql(to_state: str | None, where: str, sets: str, returning: str 
                   EXTRACT(EPOCH FROM (now() - j.started_at)) AS run_seconds
     ),
     ev AS (
-        INSERT INTO job_events (job_id, from_state, to_state, attempt, node, message)
-        SELECT id, from_state, state, attempt, :event_node, :event_message FROM upd
+        INSERT INTO job_events (job_id, from_state, to_state, attempt, node, message, failure_kind)
+        SELECT id, from_state, state, attempt, :event_node, :event_message, :event_failure_kind FROM upd
     )
     SELECT * FROM upd
     """
 
 
-def _sql_list(values: Iterable[str]) -> str:
-    return ", ".join(f"'{v}'" for v in values)
-
-
-def _one(conn: Connection, statement: str | Prepared, params: dict) -> dict | None:
+def _one(conn: Connection, statement: str | Prepared, params: dict) -> Mapping[str, Any] | None:
     params.setdefault("event_node", None)
     params.setdefault("event_message", None)
+    params.setdefault("event_failure_kind", None)
     if isinstance(statement, Prepared):
         rows = statement.execute(conn, params)
-        return dict(rows[0]) if rows else None
-    row = conn.execute(text(statement), params).mappings().first()
-    return dict(row) if row else None
+        return rows[0] if rows else None
+    return conn.execute(text(statement), params).mappings().first()
 
 
-_EVENT_PARAMS = {"event_node": "text", "event_message": "text"}
+def _outcome(row: Mapping[str, Any] | None) -> Outcome | None:
+    return project(Outcome, row) if row is not None else None
 
 
-_RUNNER_COLUMNS = "j.id, j.type, j.state, j.attempt, j.tenant, j.input_key, j.payload"  # what a runner reads
+_EVENT_PARAMS = {"event_node": "text", "event_message": "text", "event_failure_kind": "text"}
+
+
 
 # The claim commits asynchronously (no WAL flush wait, ~0.35 ms saved per job). Safe because of
 # fencing: if PostgreSQL crashed before flushing it, the row reverts to queued, the running attempt's
@@ -155,20 +148,21 @@ _RUNNER_COLUMNS = "j.id, j.type, j.state, j.attempt, j.tenant, j.input_key, j.pa
 # re-publishes the job. Submission and completion stay synchronous: clients are told about those.
 _CLAIM = Prepared("nexus_claim", _transition_sql(
     JobState.RUNNING.value,
-    where=f"""j.state IN ({_sql_list(sources_of(JobState.RUNNING))}) AND j.attempt = :attempt - 1
+    where=f"""{sql_in("j.state", CLAIMABLE_STATES)} AND j.attempt = :attempt - 1
               AND j.attempt < j.max_attempts AND NOT j.cancel_requested
               AND (j.not_before IS NULL OR j.not_before <= now())""",
     sets="""attempt = j.attempt + 1, node = :node, started_at = now(), heartbeat_at = now(),
             lease_expires_at = now() + make_interval(secs => :lease), error = NULL""",
-    returning=_RUNNER_COLUMNS,
+    returning=returning(Claimed),
 ), {"id": "uuid", "attempt": "int", "node": "text", "lease": "float8", **_EVENT_PARAMS},
     prefix="SET LOCAL synchronous_commit = off; ")
 
 
-def claim(conn: Connection, job_id: uuid.UUID | str, attempt: int, node: str, lease_seconds: float) -> dict | None:
+def claim(conn: Connection, job_id: uuid.UUID | str, attempt: int, node: str, lease_seconds: float) -> Claimed | None:
     """Take the job for `attempt`, or None: the message is stale or a duplicate and must be dropped."""
-    return _one(conn, _CLAIM, {"id": job_id, "attempt": attempt, "node": node, "lease": lease_seconds,
-                               "event_node": node})
+    row = _one(conn, _CLAIM, {"id": job_id, "attempt": attempt, "node": node, "lease": lease_seconds,
+                              "event_node": node})
+    return project(Claimed, row) if row is not None else None
 
 
 _RENEW = text(
@@ -191,8 +185,8 @@ def renew_leases(conn: Connection, attempts: dict[uuid.UUID, int], lease_seconds
     return {row[0]: bool(row[1]) for row in rows}
 
 
-_FENCED = "j.id = :id AND j.attempt = :attempt AND j.state = 'running'"
-_OUTCOME_COLUMNS = "j.id, j.type, j.state, j.attempt, j.node, j.error"  # what the runner and notices use
+_FENCED = f"j.id = :id AND j.attempt = :attempt AND j.state = '{JobState.RUNNING.value}'"
+_OUTCOME_COLUMNS = returning(Outcome)  # what the runner and notices use
 
 _COMPLETE = Prepared("nexus_complete", _transition_sql(
     JobState.SUCCEEDED.value,
@@ -202,13 +196,13 @@ _COMPLETE = Prepared("nexus_complete", _transition_sql(
 ), {"id": "uuid", "attempt": "int", "result": "jsonb", "output_key": "text", **_EVENT_PARAMS})
 
 
-def complete(conn: Connection, job_id, attempt: int, node: str, result: Any, output_key: str | None) -> dict | None:
+def complete(conn: Connection, job_id, attempt: int, node: str, result: Any, output_key: str | None) -> Outcome | None:
     """Record success once; None if this attempt was fenced off (a newer attempt owns the job)."""
-    return _one(
+    return _outcome(_one(
         conn,
         _COMPLETE,
         {"id": job_id, "attempt": attempt, "result": _json(result), "output_key": output_key, "event_node": node},
-    )
+    ))
 
 
 _FAIL = Prepared("nexus_fail", _transition_sql(
@@ -226,14 +220,19 @@ _FAIL = Prepared("nexus_fail", _transition_sql(
     **_EVENT_PARAMS})
 
 
-def fail(conn: Connection, job_id, attempt: int, node: str, error: str, retry: bool, backoff: float) -> dict | None:
-    """Record a failed attempt: `retrying` after `backoff` while attempts remain, else `failed`."""
-    return _one(
+def fail(conn: Connection, job_id, attempt: int, node: str, error: str, retry: bool, backoff: float,
+         kind: FailureKind = FailureKind.JOB) -> Outcome | None:
+    """Record a failed attempt: `retrying` after `backoff` while attempts remain, else `failed`.
+
+    `kind` goes on the event: only an infrastructure failure counts against `node` (nexus.jobs.failures).
+    """
+    return _outcome(_one(
         conn,
         _FAIL,
         {"id": job_id, "attempt": attempt, "node": node, "error": error[:8000], "retry": retry,
-         "backoff": backoff, "event_node": node, "event_message": error[:500]},
-    )
+         "backoff": backoff, "event_node": node, "event_message": error[:500],
+         "event_failure_kind": FailureKind(kind).value},
+    ))
 
 
 _CANCEL_RUNNING = Prepared("nexus_cancel_running", _transition_sql(
@@ -242,51 +241,51 @@ _CANCEL_RUNNING = Prepared("nexus_cancel_running", _transition_sql(
 ), {"id": "uuid", "attempt": "int", **_EVENT_PARAMS})
 
 
-def mark_cancelled(conn: Connection, job_id, attempt: int, node: str) -> dict | None:
+def mark_cancelled(conn: Connection, job_id, attempt: int, node: str) -> Outcome | None:
     """A running attempt saw the cancel flag and stopped."""
-    return _one(conn, _CANCEL_RUNNING, {"id": job_id, "attempt": attempt, "event_node": node,
-                                        "event_message": "cancelled while running"})
+    return _outcome(_one(conn, _CANCEL_RUNNING, {"id": job_id, "attempt": attempt, "event_node": node,
+                                                 "event_message": "cancelled while running"}))
 
 
 _CANCEL_WAITING = _transition_sql(
     JobState.CANCELLED.value,
-    where="j.state IN ('queued', 'retrying')",
+    where=sql_in("j.state", CLAIMABLE_STATES),  # waiting: no attempt runs, so it ends at once
     sets="finished_at = now(), cancel_requested = true",
+    returning="j.id, j.state, j.attempt",  # nobody reads it
 )
 _REQUEST_CANCEL = text(
-    "UPDATE jobs SET cancel_requested = true, updated_at = now() WHERE id = :id AND state = 'running'"
+    f"UPDATE jobs SET cancel_requested = true, updated_at = now() WHERE id = :id AND state = '{JobState.RUNNING.value}'"
 )
+_ACTIVE_CHILDREN = text(f"SELECT id FROM jobs WHERE parent_id = :id AND {sql_in('state', ACTIVE_STATES)}")
 
 
 def request_cancel(conn: Connection, job_id, by: str | None = None) -> None:
     """Cancel at once if waiting; otherwise raise the flag the running attempt checks. Children follow."""
     _one(conn, _CANCEL_WAITING, {"id": job_id, "event_message": f"cancelled by {by or 'request'}"})
     conn.execute(_REQUEST_CANCEL, {"id": job_id})
-    for (child_id,) in conn.execute(
-        text("SELECT id FROM jobs WHERE parent_id = :id AND state IN ('queued','running','retrying')"),
-        {"id": job_id},
-    ).all():
+    for (child_id,) in conn.execute(_ACTIVE_CHILDREN, {"id": job_id}).all():
         request_cancel(conn, child_id, by=f"parent {job_id}")
 
 
 _MANUAL_RETRY = _transition_sql(
     JobState.RETRYING.value,
-    where="j.state IN ('failed', 'cancelled')",
+    where=sql_in("j.state", RETRYABLE_BY_HAND),
     sets="""max_attempts = GREATEST(j.max_attempts, j.attempt + 1), cancel_requested = false,
             not_before = now(), finished_at = NULL, published_attempt = j.attempt, error = NULL""",
+    returning=select_list("j."),
 )
 
 
-def manual_retry(conn: Connection, job_id, by: str | None = None) -> dict | None:
-    """Give a failed or cancelled job one more attempt; the reconciler publishes it."""
-    return _one(conn, _MANUAL_RETRY, {"id": job_id, "event_message": f"retry requested by {by or 'request'}"})
+def manual_retry(conn: Connection, job_id, by: str | None = None) -> Job | None:
+    """Give a failed or cancelled job one more attempt (the job as it now is); the reconciler publishes it."""
+    row = _one(conn, _MANUAL_RETRY, {"id": job_id, "event_message": f"retry requested by {by or 'request'}"})
+    return Job.from_mapping(row) if row is not None else None
 
 
 def set_progress(conn: Connection, job_id, attempt: int, progress: dict) -> None:
     conn.execute(
-        text("UPDATE jobs SET progress = :p WHERE id = :id AND attempt = :attempt AND state = 'running'").bindparams(
-            bindparam("p", type_=JSONB)
-        ),
+        text("UPDATE jobs SET progress = :p WHERE id = :id AND attempt = :attempt "
+             f"AND state = '{JobState.RUNNING.value}'").bindparams(bindparam("p", type_=JSONB)),
         {"id": job_id, "attempt": attempt, "p": progress},
     )
 

@@ -19,6 +19,7 @@ from sqlalchemy import Engine, text
 
 from nexus.jobs.failures import may_claim
 from nexus.config import Settings
+from nexus.jobs.states import CLAIMABLE_STATES, sql_in
 from nexus.queueing.message import JobMessage
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ _RETRY_CONTEXT = text(
               j.updated_at > now() - make_interval(secs => :window) AS within_window,
               ARRAY(SELECT n.name FROM nodes n WHERE n.state = 'ready' AND j.queue = ANY(n.queues)) AS eligible
        FROM jobs j
-       WHERE j.id = :id AND j.state IN ('queued', 'retrying') AND j.attempt = :attempt - 1"""
+       WHERE j.id = :id AND """ + sql_in("j.state", CLAIMABLE_STATES) + """ AND j.attempt = :attempt - 1"""
 )
 
 

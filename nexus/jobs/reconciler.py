@@ -3,11 +3,30 @@
 Each pass:
 1. expires leases of running jobs whose worker stopped renewing them (dead,
    frozen, partitioned): the attempt counts as failed; `retrying` if attempts
-   remain, else `failed` (or `cancelled` if cancellation was requested);
+   remain, else `failed` (or `cancelled` if cancellation was requested). An
+   unrenewed lease is the node failing, never the job: the event says
+   'infrastructure' and counts toward the node's quarantine (nexus.jobs.failures);
 2. publishes retrying jobs whose backoff has passed;
-3. re-publishes queued jobs whose message is presumed lost: older than
-   `requeue_after_seconds`, or sooner when their queue is empty in the broker
-   (a restarted or emptied Redis).
+3. re-publishes waiting jobs (queued, or retrying with their retry published) whose
+   message is gone, on evidence, never on age alone:
+   - the broker epoch (`nexus:broker-epoch`, set by the reconciler) is missing: the
+     broker lost its data (restarted without persistence, FLUSHALL), so every waiting
+     job older than the grace is re-published, then a new epoch is set. An epoch
+     other than the one remembered was set by another reconciler that recovered; it
+     is adopted. (The very first pass on a new deployment finds no epoch either and
+     re-publishes once.)
+   - a queue holds fewer messages (its priority lists plus those workers hold
+     unacknowledged: prefetched, or delayed by a countdown) than it has waiting jobs
+     older than the grace, in two passes running: the queue is read to find which
+     jobs have no message, and those are re-published, oldest first, no more than
+     the shortfall. This recovers a crashed publisher (row, no message), a lost
+     message, and a message a worker dropped without claiming it.
+   Why not age: a backlog on a queue nobody consumes yet (waiting for GPUs) kept all
+   its messages, and re-publishing each job every interval piled up duplicates (500
+   jobs: 9,000 messages in 2 minutes) until Redis, at noeviction, refused submissions.
+   The count can be masked (a duplicate or a stale message stands in for a lost one)
+   until those are consumed; it never adds a message for a job that has one.
+4. deletes finished work past its retention period, a bounded batch (nexus/jobs/retention.py).
 Duplicates are harmless: a claim succeeds once per attempt. Several
 reconcilers may run; rows are taken with SKIP LOCKED.
 """
@@ -21,18 +40,21 @@ import redis
 from celery import Celery
 from sqlalchemy import Engine, text
 
+from nexus.jobs.retention import retention_pass
 from nexus.nodes.liveness import reconcile_nodes
 from nexus.config import Settings
+from nexus.queueing import broker
+from nexus.queueing.broker import queue_depth  # noqa: F401  (where callers have long found it)
 from nexus.queueing.message import JobMessage, publish_all
-from nexus.queueing.celery_app import PRIORITY_LEVELS, PUBLISH_GIVE_UP_SECONDS
+from nexus.queueing.celery_app import PUBLISH_GIVE_UP_SECONDS
 
 log = logging.getLogger(__name__)
 
 BATCH = 500
-# A queued job younger than this is never presumed lost: its message may be on its way, or its
+# A waiting job younger than this is never presumed lost: its message may be on its way, or its
 # submitter may still be finding the broker down (and about to delete the row again).
-EMPTY_QUEUE_GRACE_SECONDS = 3.0
-assert EMPTY_QUEUE_GRACE_SECONDS > PUBLISH_GIVE_UP_SECONDS
+GRACE_SECONDS = 3.0
+assert GRACE_SECONDS > PUBLISH_GIVE_UP_SECONDS
 
 _EXPIRE_LEASES = text(
     """
@@ -52,8 +74,8 @@ _EXPIRE_LEASES = text(
         RETURNING j.id, j.state, j.attempt, j.node, j.type
     ),
     ev AS (
-        INSERT INTO job_events (job_id, from_state, to_state, attempt, node, message)
-        SELECT id, 'running', state, attempt, node, 'lease expired' FROM upd
+        INSERT INTO job_events (job_id, from_state, to_state, attempt, node, message, failure_kind)
+        SELECT id, 'running', state, attempt, node, 'lease expired', 'infrastructure' FROM upd
     )
     SELECT * FROM upd
     """
@@ -64,7 +86,7 @@ _DUE_RETRIES = text(
     WITH due AS (
         SELECT id FROM jobs
         WHERE state = 'retrying' AND NOT cancel_requested AND coalesce(not_before, now()) <= now()
-          AND (published_attempt <= attempt OR published_at < now() - make_interval(secs => :stale))
+          AND published_attempt <= attempt
         LIMIT :batch FOR UPDATE SKIP LOCKED
     )
     UPDATE jobs j SET published_attempt = j.attempt + 1, published_at = now()
@@ -73,13 +95,14 @@ _DUE_RETRIES = text(
     """
 )
 
-_LOST_QUEUED = text(
-    """
+# A waiting job has a message out for attempt + 1: queued ones since their submission, retrying ones
+# once their retry was published (published_attempt moved past attempt).
+_WAITING = "state IN ('queued', 'retrying') AND published_attempt > attempt AND NOT cancel_requested"
+
+_WAITING_PUBLISHED_BEFORE = text(
+    f"""
     WITH due AS (
-        SELECT id FROM jobs
-        WHERE state = 'queued' AND NOT cancel_requested
-          AND (published_at < now() - make_interval(secs => :stale)
-               OR (queue = ANY(:empty_queues) AND published_at < now() - make_interval(secs => :grace)))
+        SELECT id FROM jobs WHERE {_WAITING} AND published_at < :before - make_interval(secs => :grace)
         LIMIT :batch FOR UPDATE SKIP LOCKED
     )
     UPDATE jobs j SET published_at = now()
@@ -88,14 +111,25 @@ _LOST_QUEUED = text(
     """
 )
 
+_OLD_WAITING_BY_QUEUE = text(
+    f"""SELECT queue, count(*) FROM jobs
+        WHERE {_WAITING} AND published_at < now() - make_interval(secs => :grace) GROUP BY queue"""
+)
 
-def queue_depth(client: redis.Redis, queue: str) -> int:
-    """Messages waiting in a Celery Redis queue, summed over its priority lists."""
-    pipe = client.pipeline(transaction=False)
-    pipe.llen(queue)
-    for level in range(1, PRIORITY_LEVELS):
-        pipe.llen(f"{queue}:{level}")
-    return sum(pipe.execute())
+_OLD_WAITING_OF_QUEUE = text(
+    f"""SELECT id, attempt FROM jobs
+        WHERE {_WAITING} AND queue = :queue AND published_at < now() - make_interval(secs => :grace)
+        ORDER BY published_at"""
+)
+
+_REPUBLISH = text(
+    f"""
+    WITH due AS (SELECT id FROM jobs WHERE id = ANY(CAST(:ids AS uuid[])) AND {_WAITING} FOR UPDATE SKIP LOCKED)
+    UPDATE jobs j SET published_at = now()
+    FROM due WHERE j.id = due.id
+    RETURNING j.id, j.attempt, j.queue, j.priority
+    """
+)
 
 
 class Reconciler:
@@ -104,16 +138,17 @@ class Reconciler:
         self.engine = engine
         self.celery = celery
         self.redis = redis_client
+        self.epoch: str | None = None
+        self._short: dict[str, int] = {}  # queue -> messages it lacked last pass, not yet re-published
 
     def run_once(self) -> dict[str, int]:
-        counts = reconcile_nodes(self.engine, self.settings)  # first: an offline node's leases end this pass
+        counts = reconcile_nodes(self.engine, self.settings)
         counts["leases_expired"] = self._expire_leases()
-        counts["retries_published"] = self._publish(_DUE_RETRIES, {"stale": self.settings.requeue_after_seconds})
-        counts["queued_republished"] = self._publish(_LOST_QUEUED, {
-            "stale": self.settings.requeue_after_seconds,
-            "grace": EMPTY_QUEUE_GRACE_SECONDS,
-            "empty_queues": self._empty_queues_with_waiting_jobs(),
-        })
+        recovered = self._recover_lost_broker()
+        counts["broker_data_lost"] = int(recovered is not None)
+        counts["retries_published"] = self._publish(_DUE_RETRIES, {})
+        counts["queued_republished"] = (recovered or 0) + self._republish_missing()
+        counts.update(retention_pass(self.engine, self.settings))  # last: finished work, old enough to go
         return counts
 
     def run_forever(self, stop: threading.Event) -> None:
@@ -144,8 +179,52 @@ class Reconciler:
                 publish_all(self.celery, [JobMessage(str(r.id), r.attempt + 1, r.queue, r.priority) for r in rows])
         return len(rows)
 
-    def _empty_queues_with_waiting_jobs(self) -> list[str]:
+    def _recover_lost_broker(self) -> int | None:
+        """With no epoch in the broker: re-publish every waiting job, then set one. None if it had one."""
+        current = broker.read_epoch(self.redis)
+        if current is not None:
+            self.epoch = current
+            return None
+        log.warning("broker epoch %s is gone: the broker lost its data; re-publishing waiting jobs", self.epoch)
         with self.engine.connect() as conn:
-            queues = [r[0] for r in conn.execute(text("SELECT DISTINCT queue FROM jobs WHERE state = 'queued'"))]
-        return [q for q in queues if queue_depth(self.redis, q) == 0]
+            began = conn.execute(text("SELECT now()")).scalar()
+        total = 0  # in batches; each re-published row's published_at moves past `began`
+        while n := self._publish(_WAITING_PUBLISHED_BEFORE, {"before": began, "grace": GRACE_SECONDS}):
+            total += n
+        self.epoch = broker.start_epoch(self.redis)
+        self._short = {}
+        return total
 
+    def _republish_missing(self) -> int:
+        """Per queue: re-publish the jobs without a message, when fewer messages than waiting jobs were
+        counted in this pass and the last (one count can catch a message between list and hash)."""
+        # The broker is read before the rows: a job claimed and acknowledged in between then shows
+        # as a message without a waiting row (harmless), not as a waiting row without a message.
+        queues = self._queues_with_waiting_jobs()
+        depths = {queue: broker.queue_depth(self.redis, queue) for queue in queues}
+        held = broker.held_by_queue(self.redis)
+        with self.engine.connect() as conn:
+            waiting = dict(conn.execute(_OLD_WAITING_BY_QUEUE, {"grace": GRACE_SECONDS}).all())
+        short, total = {}, 0
+        for queue, jobs in waiting.items():
+            missing = jobs - depths.get(queue, 0) - held[queue]
+            if missing <= 0:
+                continue
+            confirmed = min(missing, self._short.get(queue, 0))
+            total += self._republish_lost(queue, confirmed) if confirmed else 0
+            short[queue] = missing - confirmed
+        self._short = short
+        return total
+
+    def _queues_with_waiting_jobs(self) -> list[str]:
+        with self.engine.connect() as conn:
+            return [r[0] for r in conn.execute(text(f"SELECT DISTINCT queue FROM jobs WHERE {_WAITING}"))]
+
+    def _republish_lost(self, queue: str, limit: int) -> int:
+        present = broker.job_messages(self.redis, queue)
+        with self.engine.connect() as conn:
+            rows = conn.execute(_OLD_WAITING_OF_QUEUE, {"queue": queue, "grace": GRACE_SECONDS}).all()
+        lost = [str(r.id) for r in rows if (str(r.id), r.attempt + 1) not in present][:limit]
+        if lost:
+            log.warning("queue %s lacks the messages of %d waiting jobs; re-publishing them", queue, len(lost))
+        return self._publish(_REPUBLISH, {"ids": lost}) if lost else 0

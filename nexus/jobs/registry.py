@@ -12,6 +12,7 @@ from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
+    from nexus.config import Settings
     from nexus.jobs.context import JobContext
 
 ENTRY_POINT_GROUP = "nexus.job_types"
@@ -26,13 +27,20 @@ class JobType:
     # Returns the normalised payload or raises ValueError with a message for the client (400).
     validate: Callable[[Any], Any] | None = None
     # Requirements a job of this type always has (e.g. {"gpu": True}); the request's own win.
-    default_requirements: dict = field(default_factory=dict)
+    default_requirements: dict[str, Any] = field(default_factory=dict[str, Any])
     # Whether the job reads an uploaded input object (`input_key`).
     accepts_input: bool = True
     # Whether the handler reads rows through the node's standby (ctx.reads.rows with ctx.read_after_lsn):
     # its messages then carry the master's WAL position after the submission, which costs the submitter
     # one more round trip. Handlers that only read their own job get it from the claim, on the master.
     reads_standby: bool = False
+    # Whether clients may submit it through the API. Internal types are created only by the platform
+    # (a running parent's children, the /v1 routes, proof verification): their payloads name objects
+    # and rows by key, which a client could point at another tenant's data.
+    public: bool = True
+    # How many child jobs a job with this payload will create, when the payload alone says so
+    # (None: not known before it runs). Checked against Settings.max_children_per_job at submit time.
+    fan_out: Callable[[Any, "Settings"], int | None] | None = None
 
 
 class UnknownJobType(KeyError):
@@ -73,3 +81,8 @@ def get_job_type(name: str) -> JobType:
 def job_type_names() -> list[str]:
     _load_entry_points()
     return sorted(_registry)
+
+
+def public_job_type_names() -> list[str]:
+    _load_entry_points()
+    return sorted(name for name, job_type in _registry.items() if job_type.public)

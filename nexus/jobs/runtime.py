@@ -17,7 +17,9 @@ from nexus.config import Settings
 from nexus.db.engine import autocommit
 from nexus.jobs import lifecycle
 from nexus.jobs.context import JobCancelled, JobContext, JobLost
+from nexus.jobs.failures import failure_kind
 from nexus.jobs.notify import Notifier
+from nexus.jobs.records import Claimed, Outcome
 from nexus.jobs.registry import UnknownJobType, get_job_type
 from nexus.jobs.submit import Submitter
 from nexus.storage import ObjectStore
@@ -99,7 +101,7 @@ class JobRunner:
         if job is None:
             return "dropped"
         ctx = JobContext(
-            job_id=job["id"], attempt=job["attempt"], node=self.node, tenant=job["tenant"], input_key=job["input_key"],
+            job_id=job.id, attempt=job.attempt, node=self.node, tenant=job.tenant, input_key=job.input_key,
             settings=self.settings, engine=self.engine, storage=self.storage, submitter=self.submitter,
             read_after_lsn=read_after_lsn, reads=self.reads,
         )
@@ -112,15 +114,15 @@ class JobRunner:
             self.notifier.job_finished(row)
         return outcome
 
-    def _run(self, ctx: JobContext, job: dict) -> tuple[str, dict | None]:
+    def _run(self, ctx: JobContext, job: Claimed) -> tuple[str, Outcome | None]:
         try:
-            job_type = get_job_type(job["type"])
-            result = job_type.run(ctx, job["payload"])
+            job_type = get_job_type(job.type)
+            result = job_type.run(ctx, job.payload)
         except JobCancelled:
             return "cancelled", self._record(lifecycle.mark_cancelled, ctx.job_id, ctx.attempt, self.node)
         except JobLost:
             return "lost", None
-        except Exception as exc:  # the handler's failure is the job's failure, never the worker's
+        except Exception as exc:  # the handler's failure: the job's own unless failure_kind says the node's
             return self._failed(ctx, exc)
         output_key = None
         if isinstance(result, dict) and "_output_key" in result:
@@ -128,17 +130,19 @@ class JobRunner:
         row = self._record(lifecycle.complete, ctx.job_id, ctx.attempt, self.node, _jsonable(result), output_key)
         return ("succeeded" if row else "lost"), row
 
-    def _failed(self, ctx: JobContext, exc: Exception) -> tuple[str, dict | None]:
+    def _failed(self, ctx: JobContext, exc: Exception) -> tuple[str, Outcome | None]:
         retryable = not isinstance(exc, (UnknownJobType, ValueError, TypeError)) or getattr(exc, "retryable", False)
+        kind = failure_kind(exc)  # the job's own unless it is the node failing (nexus.jobs.failures)
         error = f"{type(exc).__name__}: {exc}"
-        log.info("job %s attempt %s failed: %s\n%s", ctx.job_id, ctx.attempt, error, traceback.format_exc())
+        log.info("job %s attempt %s failed (%s): %s\n%s", ctx.job_id, ctx.attempt, kind.value, error,
+                 traceback.format_exc())
         backoff = lifecycle.backoff_seconds(
             ctx.attempt, self.settings.retry_backoff_base_seconds, self.settings.retry_backoff_max_seconds
         )
-        row = self._record(lifecycle.fail, ctx.job_id, ctx.attempt, self.node, error, retryable, backoff)
-        return (row["state"] if row else "lost"), row
+        row = self._record(lifecycle.fail, ctx.job_id, ctx.attempt, self.node, error, retryable, backoff, kind)
+        return (row.state if row else "lost"), row
 
-    def _record(self, write, *args) -> dict | None:
+    def _record(self, write, *args) -> Outcome | None:
         """Write an outcome, riding out a short database outage (the lease covers us meanwhile)."""
         delay = 0.2
         deadline = time.monotonic() + self.settings.job_lease_seconds

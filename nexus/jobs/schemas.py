@@ -40,3 +40,6 @@ class TokenRequest(BaseModel):
     name: str = Field(min_length=1, max_length=200)
     role: str = Field(pattern=r"^(admin|submitter|worker)$")
     tenant: str = Field("default", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
+    expires_in_seconds: int | None = Field(None, ge=1, le=10 * 365 * 24 * 3600,
+                                           description="the token stops working this long after creation; "
+                                                       "omitted: never")

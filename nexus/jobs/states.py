@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from enum import Enum
+from typing import Iterable
 
 
 class JobState(str, Enum):
@@ -19,7 +20,6 @@ class JobState(str, Enum):
 
 
 FINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
-CLAIMABLE_STATES = (JobState.QUEUED, JobState.RETRYING)
 
 # Written down once. A manual retry (POST /jobs/<id>/retry) takes a finished
 # failed or cancelled job back to `retrying`, with one more attempt allowed.
@@ -49,3 +49,18 @@ def check_transition(current: JobState, target: JobState) -> None:
 def sources_of(target: JobState) -> tuple[str, ...]:
     """States from which `target` may be entered, for SQL `state IN (...)` guards."""
     return tuple(s.value for s, targets in TRANSITIONS.items() if target in targets)
+
+
+def sql_in(column: str, states: Iterable[JobState | str]) -> str:
+    """`column IN ('a', 'b')` for a guard, the states in the enum's order so the SQL text is stable."""
+    wanted = {JobState(s) for s in states}
+    if not wanted:
+        raise ValueError("a state guard needs at least one state")
+    return f"{column} IN ({', '.join(repr(s.value) for s in JobState if s in wanted)})"
+
+
+# The guards the SQL uses, read off the table rather than written out again.
+CLAIMABLE_STATES = sources_of(JobState.RUNNING)  # waiting for a worker: queued, retrying
+ACTIVE_STATES = sources_of(JobState.CANCELLED)  # not finished, so still cancellable: queued, running, retrying
+# Final, yet a manual retry may revive them: failed, cancelled.
+RETRYABLE_BY_HAND = tuple(s for s in sources_of(JobState.RETRYING) if JobState(s).is_final)

@@ -8,21 +8,25 @@ row to claim and is dropped).
 
 from __future__ import annotations
 
+import json
 import uuid
 from typing import Any, Iterable
 
 from celery import Celery
 from pydantic import ValidationError
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine
 
 from nexus.config import Settings
 from nexus.db.engine import autocommit
-from nexus.jobs import lifecycle
+from nexus.jobs import lifecycle, queries
+from nexus.jobs.fanout import TooManyChildren, check_fan_out
 from nexus.jobs.lifecycle import JobSpec
-from nexus.jobs.registry import UnknownJobType, get_job_type, job_type_names
+from nexus.jobs.records import Job
+from nexus.jobs.registry import UnknownJobType, get_job_type, job_type_names, public_job_type_names
 from nexus.jobs.schemas import JobRequest
+from nexus.jobs.states import JobState
 from nexus.queueing.message import JobMessage, publish_all
-from nexus.queueing.routing import Requirements, route_for
+from nexus.queueing.routing import Requirements, route_for, vram_thresholds
 from nexus.replicas.lsn import commit_lsn
 
 class SubmissionError(ValueError):
@@ -31,6 +35,10 @@ class SubmissionError(ValueError):
     def __init__(self, message: str, details: dict | None = None):
         super().__init__(message)
         self.details = details or {}
+
+
+class PayloadTooLarge(SubmissionError):
+    """A payload over Settings.max_payload_bytes (413): large data goes to POST /api/v1/inputs."""
 
 
 class PublishError(RuntimeError):
@@ -47,13 +55,23 @@ def parse_request(raw: Any) -> JobRequest:
         raise SubmissionError("invalid job request", {"errors": _pydantic_errors(exc)}) from None
 
 
-def build_spec(raw: Any, settings: Settings, tenant: str, parent_id: uuid.UUID | None = None) -> JobSpec:
-    """Turn one submitted job into a JobSpec, or raise SubmissionError saying what is wrong."""
+def build_spec(raw: Any, settings: Settings, tenant: str, parent_id: uuid.UUID | None = None,
+               allow_internal: bool = False) -> JobSpec:
+    """Turn one submitted job into a JobSpec, or raise SubmissionError saying what is wrong.
+
+    `allow_internal`: the platform itself submits (a running job's children, the /v1 routes);
+    clients may only submit public job types."""
     request = parse_request(raw)
     try:
         job_type = get_job_type(request.type)
     except UnknownJobType:
-        raise SubmissionError(f"unknown job type {request.type!r}", {"known_types": job_type_names()}) from None
+        raise SubmissionError(f"unknown job type {request.type!r}",
+                              {"known_types": job_type_names() if allow_internal else public_job_type_names()}) \
+            from None
+    if not (job_type.public or allow_internal):
+        raise SubmissionError(f"job type {request.type} is internal: only the platform creates it",
+                              {"field": "type", "public_types": public_job_type_names()})
+    _check_payload_size(request.payload, settings)
     payload = request.payload
     if job_type.validate is not None:
         try:
@@ -66,9 +84,14 @@ def build_spec(raw: Any, settings: Settings, tenant: str, parent_id: uuid.UUID |
         raise SubmissionError(str(exc), {"field": "requirements"}) from None
     if request.input_key is not None and not job_type.accepts_input:
         raise SubmissionError(f"job type {request.type} takes no input object", {"field": "input_key"})
+    if job_type.fan_out is not None and (children := job_type.fan_out(payload, settings)) is not None:
+        try:
+            check_fan_out(children, settings)
+        except TooManyChildren as exc:
+            raise SubmissionError(str(exc), {"field": "payload", **exc.details}) from None
     return JobSpec(
         type=request.type,
-        queue=route_for(requirements),
+        queue=route_for(requirements, vram_thresholds(settings)),
         payload=payload,
         input_key=request.input_key,
         requirements=requirements.to_dict(),
@@ -78,6 +101,14 @@ def build_spec(raw: Any, settings: Settings, tenant: str, parent_id: uuid.UUID |
         idempotency_key=request.idempotency_key,
         parent_id=parent_id,
     )
+
+
+def _check_payload_size(payload: Any, settings: Settings) -> None:
+    size = len(json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode())
+    if size > settings.max_payload_bytes:
+        raise PayloadTooLarge(f"payload is {size} bytes; at most {settings.max_payload_bytes} "
+                              "(upload large data with POST /api/v1/inputs and pass its input_key)",
+                              {"field": "payload", "size": size, "max_payload_bytes": settings.max_payload_bytes})
 
 
 def _pydantic_errors(exc: ValidationError) -> list[dict]:
@@ -92,30 +123,31 @@ class Submitter:
         self.celery = celery
 
     def submit_many(
-        self, raws: list[dict], tenant: str, parent_id: uuid.UUID | None = None
-    ) -> list[tuple[dict, bool]]:
+        self, raws: list[dict], tenant: str, parent_id: uuid.UUID | None = None, allow_internal: bool = False
+    ) -> list[tuple[Job, bool]]:
         """Validate all, insert all in one transaction, publish the new ones.
 
-        Returns (job row, created) per input in order; `created` is False for an
+        Returns (job, created) per input in order; `created` is False for an
         idempotent repeat, which returns the existing job and publishes nothing.
+        `allow_internal`: the platform submits, so internal job types are allowed (see build_spec).
         """
         specs = []
         for index, raw in enumerate(raws):
             try:
-                specs.append(build_spec(raw, self.settings, tenant, parent_id))
+                specs.append(build_spec(raw, self.settings, tenant, parent_id, allow_internal))
             except SubmissionError as exc:
                 if len(raws) > 1:
                     exc.details = {"index": index, **exc.details}
                 raise
         return self.submit_specs(specs)
 
-    def submit_specs(self, specs: list[JobSpec]) -> list[tuple[dict, bool]]:
+    def submit_specs(self, specs: list[JobSpec]) -> list[tuple[Job, bool]]:
         _check_unique_keys(specs)
         with self.writes.connect() as conn:
             inserted = lifecycle.insert_jobs(conn, specs)  # all rows or none: one statement
             new_specs = [s for s in specs if s.id in inserted]
             repeats = [s for s in specs if s.id not in inserted]
-            existing = lifecycle.find_by_idempotency(conn, specs[0].tenant, [s.idempotency_key for s in repeats]) \
+            existing = queries.find_by_idempotency(conn, specs[0].tenant, [s.idempotency_key for s in repeats]) \
                 if repeats else {}
             # Read after the commit: a worker's standby that replayed this far has the new rows.
             lsn = commit_lsn(conn) if any(get_job_type(s.type).reads_standby for s in new_specs) else None
@@ -150,19 +182,12 @@ def _check_unique_keys(specs: list[JobSpec]) -> None:
         seen.add(spec.idempotency_key)
 
 
-def _row_from_spec(spec: JobSpec, created_at) -> dict:
-    """The new row as the API returns it, without a read-back query."""
-    return {
-        "id": spec.id, "type": spec.type, "state": "queued", "priority": spec.priority, "tenant": spec.tenant,
-        "attempt": 0, "max_attempts": spec.max_attempts, "requirements": spec.requirements, "queue": spec.queue,
-        "payload": spec.payload, "input_key": spec.input_key, "idempotency_key": spec.idempotency_key,
-        "parent_id": spec.parent_id, "result": None, "output_key": None, "error": None, "progress": None,
-        "node": None, "cancel_requested": False, "created_at": created_at, "started_at": None, "finished_at": None,
-        "updated_at": created_at,
-    }
-
-
-def get_job(engine: Engine, job_id: uuid.UUID) -> dict | None:
-    with engine.connect() as conn:
-        row = conn.execute(text("SELECT * FROM jobs WHERE id = :id"), {"id": job_id}).mappings().first()
-        return dict(row) if row else None
+def _row_from_spec(spec: JobSpec, created_at) -> Job:
+    """The new job as the API returns it, without a read-back query."""
+    return Job(
+        id=spec.id, type=spec.type, state=JobState.QUEUED.value, priority=spec.priority, tenant=spec.tenant,
+        attempt=0, max_attempts=spec.max_attempts, requirements=spec.requirements, queue=spec.queue,
+        payload=spec.payload, input_key=spec.input_key, idempotency_key=spec.idempotency_key,
+        parent_id=spec.parent_id, result=None, output_key=None, error=None, progress=None, node=None,
+        cancel_requested=False, created_at=created_at, started_at=None, finished_at=None, updated_at=created_at,
+    )

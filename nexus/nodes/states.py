@@ -6,7 +6,7 @@ The master owns a node's state; the agent learns it from heartbeat replies.
                      │  ▲                    │
        no heartbeat  │  │ heartbeat          │ no heartbeat
                      ▼  │                    ▼
-                    stale ──────────────► offline   (jobs leased by it are re-queued)
+                    stale ──────────────► offline   (no new work; its jobs run on while their leases are renewed)
     ready/draining ──► quarantined ──► ready          (K failures in a row; an admin clears it)
     any state but removed ──► removed                 (node token revoked; terminal)
 
@@ -27,7 +27,7 @@ class NodeState(str, Enum):
     READY = "ready"  # heartbeating, takes work
     DRAINING = "draining"  # heartbeating, finishes running jobs, takes no new work
     STALE = "stale"  # missed heartbeats for node_stale_after_seconds; may come back
-    OFFLINE = "offline"  # silent for node_offline_after_seconds; its leased jobs were re-queued
+    OFFLINE = "offline"  # silent for node_offline_after_seconds; its jobs end only when their leases do
     QUARANTINED = "quarantined"  # too many consecutive failures; no work until an admin resumes it
     REMOVED = "removed"  # deleted by an admin; its token is revoked. Terminal.
 

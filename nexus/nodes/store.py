@@ -47,14 +47,19 @@ class HeartbeatAnswer:
 
 # A machine that was re-installed comes back under its old name with a new identity: an offline
 # namesake is retired (removed) so the name is free; a live namesake keeps it.
+# A namesake that is offline is a node coming back under a new identity. One still `registering`
+# never heard its answer: the agent's register timed out after the master created the row (a slow,
+# loaded master), and the agent, holding no token for that row, asks again. Both give way to the
+# new registration, so retrying a register is safe.
 _RETIRE_OFFLINE_NAMESAKE = text(
-    "UPDATE nodes SET state = 'removed', state_changed_at = now() WHERE name = :name AND state = 'offline'")
+    "UPDATE nodes SET state = 'removed', state_changed_at = now() "
+    "WHERE name = :name AND state IN ('offline', 'registering')")
 
 _INSERT_NODE = text(
     f"""INSERT INTO nodes (id, name, token_hash, state, tier, gpu_tiers, queues, gpu_count, vram_total_mb,
-                           hardware, labels, agent_version)
+                           hardware, labels, agent_version, join_token_id)
         VALUES (:id, :name, :token_hash, 'registering', :tier, :gpu_tiers, :queues, :gpu_count, :vram_total_mb,
-                :hardware, :labels, :agent_version)
+                :hardware, :labels, :agent_version, :join_token_id)
         ON CONFLICT (name) WHERE state <> 'removed' DO NOTHING
         RETURNING {_SELECT}"""
 ).bindparams(bindparam("gpu_tiers", type_=JSONB), bindparam("hardware", type_=JSONB),
@@ -62,7 +67,7 @@ _INSERT_NODE = text(
 
 
 def register(conn: Connection, request: RegisterRequest, hardware: NodeHardware, thresholds: TierThresholds,
-             node_token: str) -> dict:
+             node_token: str, join_token_id: uuid.UUID | None = None) -> dict:
     """Insert the node in state `registering`; the tier is the master's own classification of the hardware."""
     conn.execute(_RETIRE_OFFLINE_NAMESAKE, {"name": request.name})
     row = conn.execute(_INSERT_NODE, {
@@ -71,7 +76,7 @@ def register(conn: Connection, request: RegisterRequest, hardware: NodeHardware,
         "gpu_tiers": {str(index): tier.value for index, tier in gpu_tiers(hardware, thresholds).items()},
         "queues": list(dict.fromkeys(request.queues)), "gpu_count": len(hardware.gpus),
         "vram_total_mb": hardware.vram_total_mb, "hardware": hardware.to_dict(), "labels": request.labels,
-        "agent_version": request.agent_version,
+        "agent_version": request.agent_version, "join_token_id": join_token_id,
     }).mappings().first()
     if row is None:
         raise NodeNameTaken(request.name)
@@ -213,6 +218,15 @@ def remove(conn: Connection, node_id: uuid.UUID) -> dict | None:
                      {"id": node_id})
         forfeit_leases(conn, [current.name])
     return get_node(conn, node_id)
+
+
+def remove_registered_with(conn: Connection, token_id: uuid.UUID) -> int:
+    """Remove every live node that registered with this (revoked) token; returns how many."""
+    ids = [r[0] for r in conn.execute(text(
+        "SELECT id FROM nodes WHERE join_token_id = :t AND state <> 'removed'"), {"t": token_id})]
+    for node_id in ids:
+        remove(conn, node_id)
+    return len(ids)
 
 
 def patch(conn: Connection, node_id: uuid.UUID, changes: NodePatch) -> dict | None:

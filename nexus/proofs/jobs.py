@@ -34,7 +34,8 @@ from typing import Any
 
 from sqlalchemy import text
 
-from nexus.jobs import lifecycle
+from nexus.jobs import lifecycle, queries
+from nexus.jobs.records import Job
 from nexus.jobs.context import JobCancelled, JobContext
 from nexus.jobs.registry import JobType
 from nexus.proofs.base import ProofRequest, Segment, SegmentResult, Verdict
@@ -131,12 +132,12 @@ def run_proof(ctx: JobContext, payload: dict) -> dict:
     kind = get_kind(request.kind)
     segments = kind.split(request)
     own = _own_row(ctx)
-    _submit_segments(ctx, request, segments, own["priority"])
+    _submit_segments(ctx, request, segments, own.priority)
     if ctx.attempt > 1:
         # Only a retried proof revives stopped segments: on a first attempt a segment stopped
         # already was cancelled by someone just now, and that cancel must stand.
         _retry_stopped_segments(ctx)
-    rows = _wait_for_segments(ctx, segments, own["queue"])
+    rows = _wait_for_segments(ctx, segments, own.queue)
     results = [_load_result(ctx, row) for row in rows]
     receipt = kind.join(request, results)
     key = receipt_key(ctx.job_id)
@@ -150,10 +151,9 @@ def run_proof(ctx: JobContext, payload: dict) -> dict:
     }
 
 
-def _own_row(ctx: JobContext) -> dict:
+def _own_row(ctx: JobContext) -> Job:
     with ctx.engine.connect() as conn:
-        row = conn.execute(text("SELECT priority, queue FROM jobs WHERE id = :id"), {"id": ctx.job_id}).mappings().one()
-    return dict(row)
+        return queries.get(conn, ctx.job_id)
 
 
 def _submit_segments(ctx: JobContext, request: ProofRequest, segments: list[Segment], priority: int) -> None:
@@ -249,28 +249,33 @@ def validate_verify(payload: Any) -> dict:
 def run_verify(ctx: JobContext, payload: dict) -> dict:
     limit_torch_threads(ctx.settings.proof_torch_threads)
     proof = _finished_proof(ctx, payload["proof_id"])
-    receipt = ctx.storage.get_json(ctx.settings.bucket_receipts, proof["result"]["receipt_key"])
-    recorded = proof["result"]["receipt_digest"]
+    receipt = ctx.storage.get_json(ctx.settings.bucket_receipts, proof.result["receipt_key"])
+    recorded = proof.result["receipt_digest"]
     if not isinstance(receipt, dict) or receipt.get("receipt_digest") != recorded:
         # Replaced in the object store after the proof finished: whatever it says, it is not this proof.
-        verdict = Verdict.rejected(proof["result"].get("kind", ""), recorded,
+        verdict = Verdict.rejected(proof.result.get("kind", ""), recorded,
                                    "the stored receipt is not the one the proof job recorded (its digest differs)")
     else:
         verdict = verify_receipt(receipt, salt=payload["salt"])
     return {"proof_id": payload["proof_id"], "verdict": verdict.to_dict()}
 
 
-def _finished_proof(ctx: JobContext, proof_id: str) -> dict:
+def _finished_proof(ctx: JobContext, proof_id: str) -> Job:
     with ctx.engine.connect() as conn:
-        row = conn.execute(text("SELECT tenant, type, state, result FROM jobs WHERE id = :id"),
-                           {"id": uuid.UUID(proof_id)}).mappings().first()
-    if row is None or row["type"] != PROOF_TYPE or row["tenant"] != ctx.tenant:
+        row = queries.get(conn, uuid.UUID(proof_id))
+    if row is None or row.type != PROOF_TYPE or row.tenant != ctx.tenant:
         raise ValueError(f"proof {proof_id} not found")
-    if row["state"] != "succeeded":
-        raise ValueError(f"proof {proof_id} is {row['state']}; only a finished proof has a receipt")
-    return dict(row)
+    if row.state != "succeeded":
+        raise ValueError(f"proof {proof_id} is {row.state}; only a finished proof has a receipt")
+    return row
 
 
-proof = JobType(name=PROOF_TYPE, run=run_proof, validate=validate_proof, accepts_input=False)
-proof_segment = JobType(name=SEGMENT_TYPE, run=run_segment, validate=validate_segment, accepts_input=False)
-proof_verify = JobType(name=VERIFY_TYPE, run=run_verify, validate=validate_verify, accepts_input=False)
+def proof_segments(payload: dict, _settings) -> int:
+    return -(-(payload["nonce_end"] - payload["nonce_start"]) // payload["segment_size"])
+
+
+proof = JobType(name=PROOF_TYPE, run=run_proof, validate=validate_proof, accepts_input=False, fan_out=proof_segments)
+# Internal: segments are the proof's children, verification is started by POST /api/v1/proofs/<id>/verify.
+proof_segment = JobType(name=SEGMENT_TYPE, run=run_segment, validate=validate_segment, accepts_input=False,
+                        public=False)
+proof_verify = JobType(name=VERIFY_TYPE, run=run_verify, validate=validate_verify, accepts_input=False, public=False)

@@ -6,14 +6,19 @@ message carries a job id and the attempt it is meant for, nothing else.
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import Celery
-from kombu import Queue
+from kombu.entity import Queue
 
 from nexus.config import Settings
 from nexus.queueing.tiers import TIER_ORDER
 
 RUN_JOB_TASK = "nexus.run_job"
 PRIORITY_LEVELS = 10  # API priorities 0 (lowest) .. 9 (most urgent)
+# kombu's Redis transport keeps priority step n of queue q in the list `q{sep}n` (step 0 in `q`);
+# nexus.queueing.broker reads those lists, so the separator is named once, here.
+BROKER_KEY_SEP = ":"
 
 
 def broker_priority(priority: int) -> int:
@@ -28,7 +33,7 @@ def broker_priority(priority: int) -> int:
 PUBLISH_GIVE_UP_SECONDS = 2.0
 
 
-def transport_options(settings: Settings) -> dict:
+def transport_options(settings: Settings) -> dict[str, Any]:
     return {
         # Must outlast the longest job, or Redis hands an unacknowledged message to a second
         # worker (celery#7918). Set for the broker and result backend alike.
@@ -38,7 +43,7 @@ def transport_options(settings: Settings) -> dict:
         "max_connections": settings.api_worker_connections,
         "priority_steps": list(range(PRIORITY_LEVELS)),
         "queue_order_strategy": "priority",
-        "sep": ":",
+        "sep": BROKER_KEY_SEP,
         "socket_timeout": 10,
         "socket_connect_timeout": PUBLISH_GIVE_UP_SECONDS / 2,
         # kombu's reconnect loop before a publish (Connection.default_channel); consumers keep their own

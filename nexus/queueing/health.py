@@ -28,6 +28,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import redis
 from celery import Celery
@@ -73,7 +74,8 @@ class _Probe:
 class ConsumptionProbe:
     """The thread inside a worker's main process that sends probes and writes the verdict."""
 
-    def __init__(self, app: Celery, settings: Settings, hostname: str, concurrency: int, active_count):
+    def __init__(self, app: Celery, settings: Settings, hostname: str, concurrency: int,
+                 active_count: Callable[[], int]):
         self.app, self.settings, self.hostname = app, settings, hostname
         self.concurrency = concurrency
         self.active_count = active_count  # () -> jobs the worker runs right now
@@ -143,7 +145,7 @@ class ConsumptionProbe:
         pipe.llen(queue)
         for level in range(1, PRIORITY_LEVELS):
             pipe.llen(f"{queue}:{level}")
-        return sum(pipe.execute()) > 0
+        return bool(sum(pipe.execute()) > 0)
 
     def _send(self, now: float) -> None:
         nonce = uuid.uuid4().hex
@@ -176,7 +178,7 @@ def install_consumption_probe(app: Celery, settings: Settings) -> None:
     probes: list[ConsumptionProbe] = []
 
     @celeryd_after_setup.connect(weak=False)
-    def add_probe_queue(sender=None, instance=None, **_):
+    def add_probe_queue(sender: Any = None, instance: Any = None, **_: Any) -> None:
         if instance is not None and instance.app is app:
             instance.app.amqp.queues.select_add(probe_queue(sender))
             for name in ("celery.worker.strategy", "celery.app.trace"):  # "received" / "succeeded" lines
@@ -184,12 +186,12 @@ def install_consumption_probe(app: Celery, settings: Settings) -> None:
             probes.append(ConsumptionProbe(app, settings, sender, instance.concurrency, _active_count))
 
     @worker_ready.connect(weak=False)
-    def start_probing(sender=None, **_):
+    def start_probing(sender: Any = None, **_: Any) -> None:
         if probes and getattr(sender, "app", None) is app:
             probes[0].start()
 
     @worker_shutdown.connect(weak=False)
-    def stop_probing(**_):
+    def stop_probing(**_: Any) -> None:
         for running in probes:
             running.stop()
 
@@ -208,9 +210,13 @@ def _active_count() -> int:
 # --- reading the records: /healthz and the agent's supervisor -------------------------------
 
 
-def worker_records(client: redis.Redis) -> list[dict]:
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def worker_records(client: redis.Redis) -> list[dict[str, Any]]:
     """Every live worker's record; names whose record expired (dead workers) are forgotten."""
-    names = sorted(n.decode() for n in client.smembers(REGISTRY_KEY))
+    names = sorted(_text(n) for n in client.smembers(REGISTRY_KEY))
     pipe = client.pipeline(transaction=False)
     for name in names:
         pipe.hgetall(record_key(name))
@@ -219,7 +225,7 @@ def worker_records(client: redis.Redis) -> list[dict]:
         if not raw:
             gone.append(name)
             continue
-        record = {k.decode(): v.decode() for k, v in raw.items()}
+        record = {_text(k): _text(v) for k, v in raw.items()}
         records.append({"name": name, "state": record.get("state", UNKNOWN), "pid": int(record.get("pid", 0)),
                         "host": record.get("host"), "seen_at": float(record.get("seen_at", 0)),
                         "active": int(record.get("active", 0)), "concurrency": int(record.get("concurrency", 0))})
@@ -228,7 +234,7 @@ def worker_records(client: redis.Redis) -> list[dict]:
     return records
 
 
-def workers_summary(client: redis.Redis) -> dict:
+def workers_summary(client: redis.Redis) -> dict[str, Any]:
     """For /healthz: ok unless a live worker is known not to consume."""
     records = worker_records(client)
     stuck = [r["name"] for r in records if r["state"] == NOT_CONSUMING]
@@ -241,10 +247,11 @@ class CachedSummary:
 
     def __init__(self, ttl: float = 3.0):
         self.ttl = ttl
-        self._at, self._value = 0.0, None
+        self._at = 0.0
+        self._value: dict[str, Any] | None = None
         self._lock = threading.Lock()
 
-    def get(self, client: redis.Redis) -> dict:
+    def get(self, client: redis.Redis) -> dict[str, Any]:
         with self._lock:
             if self._value is None or time.monotonic() - self._at > self.ttl:
                 self._value, self._at = workers_summary(client), time.monotonic()
@@ -256,7 +263,7 @@ class StuckWorkers:
 
     def __init__(self, client: redis.Redis, every: float = 5.0):
         self.client, self.every = client, every
-        self._at, self._stuck_pids = 0.0, frozenset()
+        self._at, self._stuck_pids = 0.0, frozenset[int]()
 
     @classmethod
     def for_settings(cls, settings: Settings) -> "StuckWorkers":

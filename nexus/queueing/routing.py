@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
+from nexus.config import Settings
 from nexus.queueing.tiers import Tier
 
 MODEL_QUEUE_PREFIX = "model."
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
-
-# Minimum VRAM a GPU of each tier has; a job needing more than a tier offers goes up.
-DEFAULT_TIER_MIN_VRAM_MB = {Tier.AI_FACTORY: 40_000, Tier.GPU_PEER: 20_000, Tier.GPU_INFRA: 1}
 
 REQUIREMENT_FIELDS = {"tier", "gpu", "min_vram_mb", "model", "labels"}
 
@@ -29,7 +28,7 @@ class Requirements:
     labels: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def parse(cls, raw: dict | None) -> "Requirements":
+    def parse(cls, raw: dict[str, Any] | None) -> "Requirements":
         """Validate a requirements object from a request; ValueError says what is wrong."""
         raw = raw or {}
         if not isinstance(raw, dict):
@@ -54,8 +53,8 @@ class Requirements:
             raise ValueError("requirements ask for a GPU but tier cpu_only has none")
         return cls(tier=tier, gpu=gpu, min_vram_mb=vram, model=model, labels=labels)
 
-    def to_dict(self) -> dict:
-        out: dict = {}
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
         if self.tier is not None:
             out["tier"] = self.tier.value
         if self.gpu:
@@ -69,7 +68,14 @@ class Requirements:
         return out
 
 
-def tier_for_vram(min_vram_mb: int, thresholds: dict[Tier, int] = DEFAULT_TIER_MIN_VRAM_MB) -> Tier:
+def vram_thresholds(settings: Settings) -> dict[Tier, int]:
+    """Minimum VRAM a GPU of each tier has (NEXUS_TIER_*_MIN_VRAM_MB): the same numbers the nodes
+    are tiered by (nexus.nodes.tiers), so a job goes to the tier whose GPUs can hold it."""
+    return {Tier.AI_FACTORY: settings.tier_ai_factory_min_vram_mb, Tier.GPU_PEER: settings.tier_gpu_peer_min_vram_mb,
+            Tier.GPU_INFRA: settings.tier_gpu_infra_min_vram_mb}
+
+
+def tier_for_vram(min_vram_mb: int, thresholds: dict[Tier, int]) -> Tier:
     """The least capable GPU tier whose GPUs have at least `min_vram_mb`."""
     for tier in (Tier.GPU_INFRA, Tier.GPU_PEER, Tier.AI_FACTORY):
         next_up = {Tier.GPU_INFRA: Tier.GPU_PEER, Tier.GPU_PEER: Tier.AI_FACTORY}.get(tier)
@@ -78,8 +84,8 @@ def tier_for_vram(min_vram_mb: int, thresholds: dict[Tier, int] = DEFAULT_TIER_M
     return Tier.AI_FACTORY
 
 
-def route_for(req: Requirements, thresholds: dict[Tier, int] = DEFAULT_TIER_MIN_VRAM_MB) -> str:
-    """The queue a job with these requirements goes to."""
+def route_for(req: Requirements, thresholds: dict[Tier, int]) -> str:
+    """The queue a job with these requirements goes to; `thresholds` from `vram_thresholds(settings)`."""
     if req.model:
         return model_queue(req.model)
     if req.tier is not None:

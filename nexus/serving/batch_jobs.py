@@ -19,14 +19,14 @@ import re
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
 
-from sqlalchemy import text
-
 from nexus.serving import host as serving
 from nexus.serving.batch import (BatchLine, chunk_ranges, error_line, failed_chunk_lines, parse_line, split_lines,
                                    success_line, to_jsonl)
 from nexus.models.catalog import MODEL_NAME_PATTERN
 from nexus.inference.openai_shapes import OpenAIError, build_response
 from nexus.jobs.context import JobContext
+from nexus.jobs.fanout import check_fan_out
+from nexus.jobs.records import Job
 from nexus.jobs.registry import JobType
 
 RESULTS_NAME = "results.jsonl"
@@ -57,10 +57,24 @@ def validate_batch(payload: Any) -> dict:
     return {**payload, "model": model}
 
 
+def batch_chunks(payload: dict, settings) -> int | None:
+    """The number of chunk jobs, when the requests are inline (an input file is counted when it runs)."""
+    requests = payload.get("requests")
+    return -(-len(requests) // _chunk_lines(payload, settings)) if requests else None
+
+
+def _chunk_lines(payload: dict, settings) -> int:
+    return payload.get("chunk_lines") or settings.inference_batch_chunk_lines
+
+
 def run_batch(ctx: JobContext, payload: dict) -> dict:
     model = payload["model"]
     lines = _request_lines(ctx, payload)
-    ranges = chunk_ranges(len(lines), payload.get("chunk_lines") or ctx.settings.inference_batch_chunk_lines)
+    chunk_lines = _chunk_lines(payload, ctx.settings)
+    ranges = chunk_ranges(len(lines), chunk_lines)
+    # Before any chunk is written: a refused batch leaves no objects behind.
+    check_fan_out(len(ranges), ctx.settings, f"{len(lines)} lines in chunks of {chunk_lines}; raise chunk_lines to "
+                                             f"at least {-(-len(lines) // ctx.settings.max_children_per_job)}")
     specs = []
     for number, (start, end) in enumerate(ranges):
         key = ctx.write_output(to_text(lines[start:end]), name=f"chunks/{number:05d}.jsonl",
@@ -71,11 +85,11 @@ def run_batch(ctx: JobContext, payload: dict) -> dict:
     children = _wait_for_children(ctx, len(ranges), len(lines))
     merged, failed = [], 0
     for (start, end), child in zip(ranges, children):
-        if child["state"] == "succeeded":
+        if child.state == "succeeded":
             part = [json.loads(line) for line in split_lines(ctx.storage.get_bytes(ctx.settings.bucket_outputs,
-                                                                                   child["output_key"]))]
+                                                                                   child.output_key))]
         else:
-            part = failed_chunk_lines(lines[start:end], start, child["error"] or child["state"])
+            part = failed_chunk_lines(lines[start:end], start, child.error or child.state)
         failed += sum(1 for line in part if line["error"])
         merged.extend(part)
     key = ctx.write_output(to_jsonl(merged), name=RESULTS_NAME, content_type="application/jsonl")
@@ -102,25 +116,22 @@ def _request_lines(ctx: JobContext, payload: dict) -> list[str]:
     return lines
 
 
-def _wait_for_children(ctx: JobContext, chunks: int, total_lines: int) -> list[dict]:
+def _wait_for_children(ctx: JobContext, chunks: int, total_lines: int) -> list[Job]:
     """The chunk jobs in chunk order once all are final; progress = lines finished so far."""
     while True:
-        with ctx.engine.connect() as conn:
-            rows = [dict(r) for r in conn.execute(text(
-                "SELECT idempotency_key, state, progress, result, error, output_key FROM jobs "
-                "WHERE parent_id = :id"), {"id": ctx.job_id}).mappings()]
-        by_chunk = {int(r["idempotency_key"].rsplit("chunk-", 1)[1]): r for r in rows}
+        rows = ctx.children()
+        by_chunk = {int(r.idempotency_key.rsplit("chunk-", 1)[1]): r for r in rows}
         done = sum(_lines_done(r) for r in rows)
-        if len(by_chunk) == chunks and all(r["state"] in FINAL for r in rows):
+        if len(by_chunk) == chunks and all(r.state in FINAL for r in rows):
             return [by_chunk[n] for n in range(chunks)]
-        ctx.progress(min(done, total_lines), total_lines, f"{sum(r['state'] in FINAL for r in rows)}/{chunks} chunks")
+        ctx.progress(min(done, total_lines), total_lines, f"{sum(r.state in FINAL for r in rows)}/{chunks} chunks")
         ctx.sleep(POLL_SECONDS)
 
 
-def _lines_done(row: dict) -> int:
-    if row["state"] == "succeeded" and row["result"]:
-        return int(row["result"].get("lines", 0))
-    return int((row["progress"] or {}).get("done", 0))
+def _lines_done(row: Job) -> int:
+    if row.state == "succeeded" and row.result:
+        return int(row.result.get("lines", 0))
+    return int((row.progress or {}).get("done", 0))
 
 
 # --- one chunk -----------------------------------------------------------------------
@@ -165,5 +176,7 @@ def _generate(backend, line: BatchLine) -> dict:
         return error_line(line.number, line.custom_id, exc)
 
 
-inference = JobType(name="inference", run=run_batch, validate=validate_batch)
-inference_chunk = JobType(name="inference_chunk", run=run_chunk, validate=validate_chunk, accepts_input=False)
+inference = JobType(name="inference", run=run_batch, validate=validate_batch, fan_out=batch_chunks)
+# Internal: its payload.key names any object in the outputs bucket.
+inference_chunk = JobType(name="inference_chunk", run=run_chunk, validate=validate_chunk, accepts_input=False,
+                          public=False)

@@ -35,6 +35,7 @@ from sqlalchemy import Engine
 
 from nexus.activity import ActivityBoard
 from nexus.config import Settings
+from nexus.jobs.failures import FailureKind
 from nexus.models import catalog, liveness
 from nexus.serving.backends import BackendRequest, make_backend
 from nexus.serving.backends.base import InferenceBackend
@@ -50,7 +51,9 @@ log = logging.getLogger(__name__)
 
 
 class ModelNotServedHere(RuntimeError):
-    """A request reached a worker that does not (or no longer) serve its model."""
+    """A request reached a worker that does not (or no longer) serve its model: the node's failure."""
+
+    failure_kind = FailureKind.INFRASTRUCTURE  # nexus.jobs.failures
 
 
 class ServingStartError(RuntimeError):

@@ -5,7 +5,8 @@ the backend and writes the events the API relays (deltas and usage when
 streaming, one result otherwise) to the job's Redis stream: the first delta at
 once, then the text of each `inference_stream_interval_ms` as one entry. A request the
 backend rejects (too long, bad parameters) becomes an error event and a
-failed job that is not retried.
+failed job that is not retried; it counts against the node only when the
+backend itself failed (RequestRejected.failure_kind).
 """
 
 from __future__ import annotations
@@ -17,11 +18,21 @@ from nexus.inference.openai_shapes import ApiCall, Endpoint, OpenAIError, parse_
 from nexus.inference.streams import EventWriter
 from nexus.inference.types import StreamDelta, Usage
 from nexus.jobs.context import JobContext
+from nexus.jobs.failures import FailureKind
 from nexus.jobs.registry import JobType
 
 
 class RequestRejected(ValueError):
-    """The backend refused the request; ValueError so the job is not retried."""
+    """The backend refused or failed the request; ValueError so the job is not retried (its client
+    already has the error event).
+
+    `failure_kind` (nexus.jobs.failures): a 4xx (too long, bad parameters) is the request's own failure;
+    a 5xx (model server crashed, unreachable, engine down) is the node's and counts toward its quarantine.
+    """
+
+    def __init__(self, error: OpenAIError) -> None:
+        super().__init__(f"{error.code or error.type}: {error.message}")
+        self.failure_kind = FailureKind.INFRASTRUCTURE if error.status >= 500 else FailureKind.JOB
 
 
 def parse_payload(payload: Any) -> ApiCall:
@@ -54,7 +65,7 @@ def run_completion(ctx: JobContext, payload: dict) -> dict:
         result = backend.generate(call.request)
     except OpenAIError as exc:
         events.error(exc)
-        raise RequestRejected(f"{exc.code or exc.type}: {exc.message}") from None
+        raise RequestRejected(exc) from None
     events.result(result)
     return {"usage": result.usage.as_dict(), "choices": len(result.choices)}
 
@@ -74,4 +85,6 @@ def _stream(ctx: JobContext, stream, events: EventWriter) -> dict:
     return {"usage": usage.as_dict() if usage else None}
 
 
-completion = JobType(name="completion", run=run_completion, validate=validate_completion, accepts_input=False)
+# Internal: the /v1 routes create it and relay its stream; submitted directly, nobody would read it.
+completion = JobType(name="completion", run=run_completion, validate=validate_completion, accepts_input=False,
+                     public=False)

@@ -88,6 +88,18 @@ class ObjectStore:
                 return None
             raise
 
+    def remove_many(self, bucket: str, keys: list[str]) -> int:
+        """Delete these objects in bulk requests (a missing one is no error); returns how many were asked."""
+        from minio.deleteobjects import DeleteObject
+
+        for start in range(0, len(keys), 1000):  # S3 takes at most 1,000 keys per DeleteObjects request
+            errors = self.client.remove_objects(
+                bucket_name=bucket, delete_object_list=[DeleteObject(k) for k in keys[start:start + 1000]])
+            failed = [e for e in errors if e.code not in ("NoSuchKey", "NoSuchBucket")]
+            if failed:
+                raise RuntimeError(f"could not delete {bucket}/{failed[0].name}: {failed[0].code} {failed[0].message}")
+        return len(keys)
+
     def presigned_get(self, bucket: str, key: str, expires: timedelta | None = None) -> str:
         return self.client.presigned_get_object(
             bucket_name=bucket, object_name=key, expires=expires or self.presign_expiry

@@ -30,7 +30,7 @@ def run_worker(settings: Settings, queues: Sequence[str] | None = None, name: st
     hostname = name or f"{node_name(settings)}-{os.getpid()}@{socket.gethostname()}"
     concurrency = settings.worker_concurrency
     serving = None
-    served = model_names(settings, models)
+    served = model_names(settings, tuple(models))
     if served:
         # Loaded before the pool starts, in the process that uses them.
         if settings.worker_pool == "prefork":

@@ -10,7 +10,7 @@ workers: one per model instance placed here, on that instance's GPUs.
 from __future__ import annotations
 
 import sys
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from nexus.config import Settings
 from nexus.models.instances import child_name
@@ -82,7 +82,7 @@ def worker_specs(plans: Sequence[WorkerPlan], node_id: str, node_name: str, sett
 # --- model-instance workers -------------------------------------------------------------------------
 
 
-def instance_child(instance: dict, node_id: str, node_name: str, settings: Settings,
+def instance_child(instance: dict[str, Any], node_id: str, node_name: str, settings: Settings,
                    base_env: Mapping[str, str], concurrency: int | None = None) -> ChildSpec:
     """The serving worker of one instance, on the instance's GPUs of this node.
 

@@ -7,7 +7,7 @@ import socket
 from contextlib import nullcontext
 
 import redis
-from celery import Celery
+from celery import Celery, Task
 from sqlalchemy.exc import OperationalError
 
 from nexus.activity import ActivityBoard
@@ -46,7 +46,7 @@ def register_tasks(app: Celery, settings: Settings) -> None:
         return runner[0]
 
     @app.task(name=RUN_JOB_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
-    def run_job(self, job_id: str, attempt: int, read_after_lsn: str | None = None) -> str:
+    def run_job(self: Task, job_id: str, attempt: int, read_after_lsn: str | None = None) -> str:
         # The arguments are JobMessage.task_args(); older messages lack read_after_lsn.
         message = JobMessage(str(job_id), int(attempt), queue="", read_after_lsn=read_after_lsn)
         try:

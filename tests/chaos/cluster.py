@@ -52,9 +52,9 @@ class ChaosCluster:
         self.settings = Settings(
             database_url=self.postgres.url_for("nexus"), redis_url=self.redis.url, s3_endpoint=self.s3.endpoint,
             s3_access_key=S3_ACCESS, s3_secret_key=S3_SECRET, admin_token=ADMIN_TOKEN, join_token=JOIN_TOKEN,
-            api_port=free_port(), data_dir=self.root / "data", cluster_file=self.root / "cluster.json",
+            api_port=free_port(), node_api_port=free_port(), data_dir=self.root / "data", cluster_file=self.root / "cluster.json",
             job_lease_seconds=3.0, job_heartbeat_seconds=0.5, retry_backoff_base_seconds=0.2,
-            retry_backoff_max_seconds=1.0, reconcile_interval_seconds=0.5, requeue_after_seconds=10.0,
+            retry_backoff_max_seconds=1.0, reconcile_interval_seconds=0.5,
             worker_send_events=False, worker_tier=TIER, worker_concurrency=4,
             worker_probe_interval_seconds=1.0, worker_probe_timeout_seconds=4.0,
         )
@@ -84,7 +84,7 @@ class ChaosCluster:
         return NexusProcess(self.settings, args, self.logs, name, extra_env)
 
     def start_api(self) -> None:
-        self.api = self.process(["master", "--workers", "1", "--threads", "16"], "api").start()
+        self.api = self.process(["master", "--workers", "1"], "api").start()
         wait_for(lambda: self.api_healthy() or self._exited(self.api), timeout=60, interval=0.2, what="API healthy")
         self._check_alive(self.api)
 

@@ -91,7 +91,7 @@ def test_broker_replaced_by_an_empty_one(cluster, profile, report):
     assert_every_worker_consumes_after(cluster, run["tenant"], run["last_restart"])
     republished = sum(int(n) for n in re.findall(r"'queued_republished': (\d+)",
                                                       cluster.reconciler.log_text()[log_start:]))
-    # (Lost messages of `retrying` jobs come back as retries_published, after requeue_after_seconds.)
+    # (Lost messages of published `retrying` jobs are counted here too: they wait like queued ones.)
     assert republished > 0, "the reconciler did not re-publish the lost queued jobs"
 
 

@@ -138,8 +138,8 @@ def _running_job_on(services, node_name: str, queue_tier: str = "gpu_peer") -> s
     [(row, _)] = services.submitter.submit_many([{"type": "noop", "requirements": {"tier": queue_tier}}],
                                                 tenant="default")
     with services.engine.begin() as conn:
-        assert lifecycle.claim(conn, row["id"], 1, node_name, 60) is not None
-    return str(row["id"])
+        assert lifecycle.claim(conn, row.id, 1, node_name, 60) is not None
+    return str(row.id)
 
 
 # --- admin: drain, resume, patch, list --------------------------------------------------------------

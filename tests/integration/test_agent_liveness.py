@@ -1,4 +1,4 @@
-"""Stale/offline transitions, re-queue of an offline node's jobs, quarantine and the decline of retries,
+"""Stale/offline transitions, leases that outlive a silent node's heartbeats, quarantine and the decline of retries,
 with the real reconciler pass over real PostgreSQL and Redis."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from sqlalchemy import text
 from nexus.jobs.placement import decline_retry
 from nexus.nodes.states import NodeState, liveness_state, state_on_heartbeat
 from nexus.jobs import lifecycle
+from nexus.jobs.failures import FailureKind
 from nexus.jobs.reconciler import Reconciler, queue_depth
 from tests.agent_support import beat, registered
 from tests.conftest import auth
@@ -37,7 +38,7 @@ def submit(services, tier: str = "gpu_peer", **fields) -> str:
     """A job on a queue no test worker consumes, so only this test's claims touch it."""
     [(row, _)] = services.submitter.submit_many([{"type": "noop", "requirements": {"tier": tier}, **fields}],
                                                 tenant="default")
-    return str(row["id"])
+    return str(row.id)
 
 
 def claim(services, job_id: str, attempt: int, node: str) -> None:
@@ -57,18 +58,62 @@ def test_silent_nodes_go_stale_then_offline_and_come_back(api, services):
     assert beat(api, node).json["state"] == "ready"  # a node that comes back is ready again
 
 
-def test_an_offline_nodes_running_jobs_are_requeued_in_the_same_pass(api, services):
+def runner_for(services, node: str, settings=None):
+    from nexus.jobs.notify import Notifier
+    from nexus.jobs.runtime import JobRunner
+
+    return JobRunner(settings or services.settings, services.engine, services.store, services.submitter,
+                     Notifier(services.redis), node)
+
+
+def events_of(services, job_id: str) -> list[str]:
+    with services.engine.connect() as conn:
+        return list(conn.execute(text("SELECT message FROM job_events WHERE job_id = :id ORDER BY id"),
+                                 {"id": job_id}).scalars())
+
+
+def test_a_node_cut_off_from_the_api_keeps_a_job_whose_worker_renews_its_lease(api, services):
+    """Heartbeats stop (the API is stalled or down), the worker goes on renewing in PostgreSQL:
+    the node goes offline, yet its job is not forfeited and finishes in its first attempt."""
+    import threading
+
+    node = registered(api, "cut-off", "rtx4090")
+    beat(api, node, "rtx4090")  # its last beat: from now on the node is silent
+    job_id = submit(services, type="sleep", payload={"seconds": 4.0})
+    # The test settings lease for 3 s, renewed every 0.5 s by the runner's LeaseRenewer.
+    outcome: list[str] = []
+    worker = threading.Thread(target=lambda: outcome.append(runner_for(services, "cut-off").execute(job_id, 1)))
+    worker.start()
+    reconciler = reconciler_for(services, node_stale_after_seconds=0.3, node_offline_after_seconds=0.6)
+    went_offline = False
+    while worker.is_alive():
+        went_offline |= reconciler.run_once()["nodes_offline"] == 1
+        time.sleep(0.2)
+    worker.join()
+    assert went_offline and state_of(services, node["node_id"]) == "offline"
+    finished = job(services, job_id)
+    assert outcome == ["succeeded"] and finished["state"] == "succeeded" and finished["attempt"] == 1
+    assert finished["failed_nodes"] == [] and "lease expired" not in events_of(services, job_id)
+
+
+def test_an_offline_nodes_job_whose_worker_died_is_requeued_when_its_lease_expires(api, services):
     node = registered(api, "vanishing", "rtx4090")
     beat(api, node, "rtx4090")
     job_id = submit(services)
-    claim(services, job_id, 1, "vanishing")  # its lease (60 s) is far from expiring on its own
-    time.sleep(1.2)
-    counts = reconciler_for(services, node_stale_after_seconds=0.5, node_offline_after_seconds=1.0).run_once()
-    assert counts["nodes_offline"] == 1 and counts["offline_leases_forfeited"] == 1
+    with services.engine.begin() as conn:  # claimed by a worker that dies at once: nobody renews the lease
+        # A lease long enough that a slow (loaded) first pass still runs before it expires.
+        assert lifecycle.claim(conn, job_id, 1, "vanishing", 4.0) is not None
+    reconciler = reconciler_for(services, node_stale_after_seconds=0.3, node_offline_after_seconds=0.6)
+    time.sleep(0.8)
+    counts = reconciler.run_once()
+    assert counts["nodes_offline"] == 1 and counts["leases_expired"] == 0  # offline alone ends no lease
+    assert job(services, job_id)["state"] == "running"
+    time.sleep(3.3)
+    counts = reconciler.run_once()
     assert counts["leases_expired"] == 1 and counts["retries_published"] == 1
     requeued = job(services, job_id)
     assert requeued["state"] == "retrying" and requeued["failed_nodes"] == ["vanishing"]
-    assert "vanishing" in requeued["error"]
+    assert "vanishing" in requeued["error"] and "lease expired" in events_of(services, job_id)
     assert queue_depth(services.redis, "gpu_peer") >= 1  # a message for attempt 2 is waiting
 
 
@@ -85,7 +130,8 @@ def test_a_node_failing_k_jobs_in_a_row_is_quarantined_until_resumed(api, servic
             if succeed:
                 lifecycle.complete(conn, job_id, 1, "flaky", {"ok": True}, None)
             else:
-                lifecycle.fail(conn, job_id, 1, "flaky", "boom", retry=False, backoff=0)
+                lifecycle.fail(conn, job_id, 1, "flaky", "CUDA error: boom", retry=False, backoff=0,
+                               kind=FailureKind.INFRASTRUCTURE)
 
     for _ in range(threshold - 1):
         fail_one()
@@ -101,6 +147,67 @@ def test_a_node_failing_k_jobs_in_a_row_is_quarantined_until_resumed(api, servic
     assert [n["consecutive_failures"] for n in listed] == [threshold]
     resumed = api.post(f"/api/v1/nodes/{node['node_id']}/resume", headers=auth()).json
     assert resumed["state"] == "ready" and resumed["consecutive_failures"] == 0
+
+
+def runner_on(services, node: str):
+    from nexus.jobs.notify import Notifier
+    from nexus.jobs.runtime import JobRunner
+
+    return JobRunner(services.settings, services.engine, services.store, services.submitter,
+                     Notifier(services.redis), node)
+
+
+def node_row(services, node_id: str) -> dict:
+    with services.engine.connect() as conn:
+        return dict(conn.execute(text("SELECT state, consecutive_failures FROM nodes WHERE id = :id"),
+                                 {"id": node_id}).mappings().one())
+
+
+def failure_kinds(services, job_ids: list[str]) -> list[str]:
+    with services.engine.connect() as conn:
+        return [r[0] for r in conn.execute(text(
+            "SELECT failure_kind FROM job_events WHERE job_id = ANY(CAST(:ids AS uuid[])) "
+            "AND from_state = 'running' AND to_state IN ('retrying', 'failed') ORDER BY id"), {"ids": job_ids})]
+
+
+def test_a_flood_of_one_tenants_failing_jobs_does_not_quarantine_the_node(api, services):
+    """30 `noop` jobs with `fail_attempts` through the real JobRunner: their handlers raise, the jobs fail,
+    the node that ran them is not at fault (this quarantined a node within 20 s)."""
+    node = registered(api, "shared", "rtx4090")
+    beat(api, node, "rtx4090")
+    runner = runner_on(services, "shared")
+    job_ids = [submit(services, payload={"fail_attempts": 100}, max_attempts=1) for _ in range(30)]
+    assert [runner.execute(job_id, 1) for job_id in job_ids] == ["failed"] * 30
+    assert reconciler_for(services).run_once()["nodes_quarantined"] == 0
+    assert node_row(services, node["node_id"]) == {"state": "ready", "consecutive_failures": 0}
+    assert failure_kinds(services, job_ids) == ["job"] * 30
+
+
+def test_a_node_whose_workers_keep_dying_is_still_quarantined(api, services):
+    """Leases nobody renews (the worker was killed or lost mid-job) are the node failing; jobs failing
+    on their own in between neither count nor end that streak."""
+    threshold = services.settings.node_quarantine_after_failures
+    node = registered(api, "dying", "rtx4090")
+    beat(api, node, "rtx4090")
+    reconciler = reconciler_for(services)
+
+    def lose(count: int) -> list[str]:
+        job_ids = [submit(services, max_attempts=1) for _ in range(count)]
+        for job_id in job_ids:
+            with services.engine.begin() as conn:
+                assert lifecycle.claim(conn, job_id, 1, "dying", 0.01) is not None  # then nobody renews it
+        time.sleep(0.05)
+        assert reconciler.run_once()["leases_expired"] == count
+        return job_ids
+
+    lost = lose(threshold - 1)
+    own = [submit(services, payload={"fail_attempts": 100}, max_attempts=1) for _ in range(3)]
+    assert [runner_on(services, "dying").execute(job_id, 1) for job_id in own] == ["failed"] * 3
+    assert node_row(services, node["node_id"]) == {"state": "ready", "consecutive_failures": threshold - 1}
+    lost += lose(1)
+    assert failure_kinds(services, lost) == ["infrastructure"] * threshold
+    assert reconciler.run_once()["nodes_quarantined"] == 1
+    assert node_row(services, node["node_id"]) == {"state": "quarantined", "consecutive_failures": threshold}
 
 
 def test_a_retry_declines_the_node_where_it_failed_while_another_can_take_it(api, services):

@@ -8,6 +8,7 @@ import openai
 import pytest
 
 from nexus.inference.types import GenerationRequest, SamplingParams
+from tests.support import wait_for
 from tests.inference_support import TINY, declare, model_worker, tiny_model_dir, tiny_served, tiny_spec  # noqa: F401
 
 pytestmark = pytest.mark.timeout(120)
@@ -100,7 +101,7 @@ def test_bad_parameters_are_400(sdk, params, param):
     assert caught.value.param == param
 
 
-def test_too_many_tokens_is_400(sdk):
+def test_too_many_tokens_is_400(sdk, services):
     with pytest.raises(openai.BadRequestError) as caught:  # refused by the API from the catalog's max_model_len
         sdk.completions.create(model=TINY, prompt="x", max_tokens=100_000)
     assert caught.value.code == "context_length_exceeded"
@@ -110,6 +111,16 @@ def test_too_many_tokens_is_400(sdk):
     with pytest.raises(openai.BadRequestError) as caught:  # the same when streaming: an error, not a broken stream
         sdk.completions.create(model=TINY, prompt="word " * 500, max_tokens=100, stream=True)
     assert caught.value.code == "context_length_exceeded"
+    # The worker's two refusals are the requests' own failures, never its node's (nexus.jobs.failures).
+    wait_for(lambda: failed_attempt_kinds(services) == ["job", "job"], timeout=10, what="two failures of kind job")
+
+
+def failed_attempt_kinds(services) -> list[str]:
+    from sqlalchemy import text
+
+    with services.engine.connect() as conn:
+        return [row[0] for row in conn.execute(text(
+            "SELECT failure_kind FROM job_events WHERE from_state = 'running' AND to_state IN ('retrying', 'failed')"))]
 
 
 def test_a_bad_api_key_is_401(live_api, tiny_served):
@@ -139,7 +150,7 @@ def test_streamed_text_comes_in_multi_token_deltas_and_equals_the_whole_answer(s
     assert "".join(texts) == whole.choices[0].text
     tokens = chunks[-1].usage.completion_tokens
     assert tokens == whole.usage.completion_tokens
-    # The worker writes a request's new text per stream interval (60 ms here), not per token: the first
+    # The worker writes a request's new text per stream interval (150 ms here), not per token: the first
     # delta alone, then several tokens a chunk. One entry per token gave about one chunk per token.
     assert tokens > 16 and len(texts) <= tokens / 2, (len(texts), tokens)
 

@@ -31,7 +31,7 @@ def events(services, job_id) -> list[tuple]:
 
 def submit(services, raw: dict) -> uuid.UUID:
     [(row, _)] = services.submitter.submit_many([raw], tenant="default")
-    return row["id"]
+    return row.id
 
 
 def reconciler_for(services) -> Reconciler:
@@ -81,7 +81,7 @@ def test_claims_respect_max_attempts(services):
     job_id = submit(services, {"type": "noop", "max_attempts": 1, "requirements": {"tier": "gpu_peer"}})
     with services.engine.begin() as conn:
         assert lifecycle.claim(conn, job_id, 1, "a", 30)
-        assert lifecycle.fail(conn, job_id, 1, "a", "boom", True, 0)["state"] == "failed"
+        assert lifecycle.fail(conn, job_id, 1, "a", "boom", True, 0).state == "failed"
         assert lifecycle.claim(conn, job_id, 2, "a", 30) is None
 
 
@@ -95,6 +95,7 @@ def test_a_claim_reads_one_row_however_long_the_backlog(services):
         lifecycle.claim(conn, uuid.uuid4(), 1, "warm", 30)  # prepares the statement on this connection
         [plan] = conn.exec_driver_sql(f"EXPLAIN (ANALYZE, FORMAT JSON) {claim_sql}", {
             "id": job_id, "attempt": 1, "node": "a", "lease": 30.0, "event_node": "a", "event_message": None,
+            "event_failure_kind": None,
         }).scalar_one()
 
     def rows_seen(node: dict):

@@ -55,7 +55,7 @@ def test_stuck_worker_is_reported_and_restarted_by_the_supervisor(services, api,
         poll_until(lambda: (r := record_of(services, second_pid)) and r["state"] == CONSUMING,
                    "the restarted worker consumes")
         job = services.submitter.submit_many([{"type": "noop", "requirements": {"tier": QUEUE}}], "default")[0][0]
-        poll_until(lambda: _state(services, job["id"]) == "succeeded", "a job on the restarted worker")
+        poll_until(lambda: _state(services, job.id) == "succeeded", "a job on the restarted worker")
     finally:
         supervisor.stop(grace_seconds=10)
 
@@ -84,6 +84,6 @@ def test_healthz_names_a_worker_that_does_not_consume(services, app, session_dir
 
 
 def _state(services, job_id) -> str:
-    from nexus.jobs.submit import get_job
+    from nexus.jobs.queries import get_job
 
-    return get_job(services.engine, job_id)["state"]
+    return get_job(services.engine, job_id).state

@@ -11,7 +11,9 @@ import redis
 from sqlalchemy import text
 
 from nexus.db.engine import get_engine
-from nexus.jobs.submit import Submitter, get_job
+from nexus.jobs.queries import get_job
+from nexus.jobs.records import Job
+from nexus.jobs.submit import Submitter
 from nexus.localservers import free_port
 from nexus.queueing.celery_app import make_celery
 from nexus.replicas import make_node_reads, master_commit_lsn
@@ -140,11 +142,11 @@ def _submit_digest(settings, data: bytes) -> str:
     store.put_bytes(settings.bucket_inputs, key, data)
     submitter = Submitter(settings, get_engine(settings), make_celery(settings))
     [(job, _created)] = submitter.submit_many([{"type": "digest", "input_key": key}], tenant="default")
-    return job["id"]
+    return job.id
 
 
-def _finished(settings, job_id) -> dict:
-    return wait_for(lambda: (j := get_job(get_engine(settings), job_id)) and j["state"] in
+def _finished(settings, job_id) -> Job:
+    return wait_for(lambda: (j := get_job(get_engine(settings), job_id)) and j.state in
                     ("succeeded", "failed") and j, timeout=60, what=f"job {job_id} finished")
 
 
@@ -157,13 +159,13 @@ def test_a_worker_reads_its_job_spec_and_input_through_its_replicas(cluster, tmp
     finally:
         worker.stop()
     for job in results:
-        assert job["state"] == "succeeded", job["error"]
-        assert job["result"]["sha256"] == hashlib.sha256(data).hexdigest()
-        assert job["result"]["spec_source"] == "replica"  # the message carried the commit LSN
-    assert [j["result"]["object_source"] for j in results] == ["master", "master"]  # two keys: both fills
+        assert job.state == "succeeded", job.error
+        assert job.result["sha256"] == hashlib.sha256(data).hexdigest()
+        assert job.result["spec_source"] == "replica"  # the message carried the commit LSN
+    assert [j.result["object_source"] for j in results] == ["master", "master"]  # two keys: both fills
     # Each input is now local: reading it again on this node needs only the master's ETag.
     reads = make_node_reads(cluster.settings, get_engine(cluster.settings))
-    assert reads.object_with_source(cluster.settings.bucket_inputs, results[0]["input_key"])[1] == "local"
+    assert reads.object_with_source(cluster.settings.bucket_inputs, results[0].input_key)[1] == "local"
 
 
 def test_a_job_completes_when_every_replica_is_down(cluster, tmp_path):
@@ -177,6 +179,6 @@ def test_a_job_completes_when_every_replica_is_down(cluster, tmp_path):
         job = _finished(down, _submit_digest(down, b"still served"))
     finally:
         worker.stop()
-    assert job["state"] == "succeeded", job["error"]
-    assert job["result"]["sha256"] == hashlib.sha256(b"still served").hexdigest()
-    assert (job["result"]["spec_source"], job["result"]["object_source"]) == ("master", "master")
+    assert job.state == "succeeded", job.error
+    assert job.result["sha256"] == hashlib.sha256(b"still served").hexdigest()
+    assert (job.result["spec_source"], job.result["object_source"]) == ("master", "master")

@@ -68,7 +68,7 @@ class JobLifecycle(RuleBasedStateMachine):
     @rule()
     def complete(self):
         row = self._write(lifecycle.complete, self.job_id, self.attempt, self._owner(), {"done": True}, None)
-        assert row is not None and row["state"] == "succeeded"
+        assert row is not None and row.state == "succeeded"
         self.state = "succeeded"
 
     @precondition(lambda self: self.state == "running")
@@ -77,7 +77,7 @@ class JobLifecycle(RuleBasedStateMachine):
         row = self._write(lifecycle.fail, self.job_id, self.attempt, self._owner(), "boom", retry, 0.0)
         again = retry and self.attempt < self.max_attempts and not self.cancel_requested
         self.state = "retrying" if again else "failed"
-        assert row is not None and row["state"] == self.state
+        assert row is not None and row.state == self.state
 
     @precondition(lambda self: self.state == "running" and self.cancel_requested)
     @rule()

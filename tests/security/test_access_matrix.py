@@ -27,7 +27,7 @@ POLICY = {
     "static": PUBLIC,
     "openapi.swagger_ui_oauth_redirect": ANY,  # Swagger UI's OAuth helper page: no data, but not exempted
     "health.metrics": ADMIN,
-    "tokens.create": ADMIN, "tokens.list_tokens": ADMIN, "tokens.revoke": ADMIN,
+    "tokens.create": ADMIN, "tokens.list_tokens": ADMIN, "tokens.revoke": ADMIN, "tokens.rotate_join": ADMIN,
     "jobs.submit": SUBMITTER, "jobs.submit_bulk": SUBMITTER, "jobs.cancel": SUBMITTER, "jobs.retry": SUBMITTER,
     "jobs.get_job": ANY, "jobs.list_jobs": ANY, "jobs.job_events": ANY,
     "inputs.upload": SUBMITTER,

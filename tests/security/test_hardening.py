@@ -64,7 +64,7 @@ def test_pickled_and_yaml_messages_are_refused_without_running(services, worker,
     assert not marker.exists(), "a hostile message was deserialized and ran"
     # The worker goes on consuming after refusing them.
     [(job, _)] = services.submitter.submit_many([{"type": "noop"}], "default")
-    wait_for(lambda: _state(services, job["id"]) == "succeeded", timeout=30, what="a job after the refusals")
+    wait_for(lambda: _state(services, job.id) == "succeeded", timeout=30, what="a job after the refusals")
 
 
 def _state(services, job_id) -> str:

@@ -99,7 +99,7 @@ def published(service: dict) -> list[tuple[str, int, int]]:
 
 def test_master_ports_are_those_of_seed_004_on_the_internal_address_only():
     services, master_ip = master_services(), load_env("master")["MASTER_HOST_IP"]
-    expected = {"redis": [6379], "postgres": [5432], "minio": [9000, 9001], "api": [8000], "flower": [5555],
+    expected = {"redis": [6379], "postgres": [5432], "minio": [9000, 9001], "api": [8000, 8001], "flower": [5555],
                 "grafana": [3000], "prometheus": [9090]}
     for name, ports in expected.items():
         mappings = published(services[name])
@@ -120,6 +120,12 @@ def test_master_services_reach_each_other_by_service_name():
     assert env["NEXUS_S3_ENDPOINT"] == f"minio:{published(services['minio'])[0][2]}"
     assert int(env["NEXUS_API_PORT"]) == published(services["api"])[0][2]
     assert env["NEXUS_API_URL"] == f"http://{load_env('master')['MASTER_HOST_IP']}:8000"
+    # Agents beat on the node API, a listener of its own that the api service runs and publishes.
+    assert int(env["NEXUS_NODE_API_PORT"]) == published(services["api"])[1][2]
+    agent = yaml.safe_load((ROOT / "worker-compose.yml").read_text())["x-agent"]["environment"]
+    assert agent["NEXUS_NODE_API_URL"] == "http://${MASTER_HOST_IP}:" + env["NEXUS_NODE_API_PORT"]
+    assert all(f":{port}/healthz" in " ".join(services["api"]["healthcheck"]["test"])
+               for port in (env["NEXUS_API_PORT"], env["NEXUS_NODE_API_PORT"]))
     for name in ("api", "reconciler", "flower"):
         assert environment_of(services[name])["NEXUS_DATABASE_URL"] == env["NEXUS_DATABASE_URL"], name
     prometheus = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())

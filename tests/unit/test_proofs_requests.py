@@ -14,7 +14,8 @@ from nexus.proofs.jobs import validate_segment, validate_verify
 from nexus.proofs.placement import segment_requirements
 from nexus.proofs.receipts import split_range
 from nexus.proofs.requests import MAX_NONCES_PER_REQUEST, parse_proof_request, validate_proof_request
-from nexus.queueing.routing import Requirements, route_for
+from nexus.config import Settings
+from nexus.queueing.routing import Requirements, route_for, vram_thresholds
 
 TINY = {"kind": "poc", "nonce_end": 1000, "options": {"preset": "tiny"}}
 
@@ -80,7 +81,7 @@ def test_split_tiles_the_range_with_a_short_last_segment():
     (True, "cpu_only", "cpu_only"),
 ])
 def test_segments_prefer_gpus_unless_cpu_is_allowed(allow_cpu, tier, queue):
-    assert route_for(Requirements.parse(segment_requirements(allow_cpu, tier))) == queue
+    assert route_for(Requirements.parse(segment_requirements(allow_cpu, tier)), vram_thresholds(Settings())) == queue
 
 
 def test_segment_and_verify_payloads_are_checked():

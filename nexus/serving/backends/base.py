@@ -6,6 +6,14 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 
 from nexus.inference.types import Choice, GenerationRequest, GenerationResult, StreamDelta, Usage
+from nexus.jobs.failures import FailureKind
+
+
+class EngineFailed(RuntimeError):
+    """The engine failed a step (CUDA, the model, the batch): every request in that step gets this.
+    The node's failure, not the request's (nexus.jobs.failures); raised from the engine's own error."""
+
+    failure_kind = FailureKind.INFRASTRUCTURE
 
 
 class InferenceBackend(ABC):

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nexus.serving.backends.base import InferenceBackend, collect_stream
+from nexus.serving.backends.base import EngineFailed, InferenceBackend, collect_stream
 from nexus.serving.decoding import IncrementalDecoder, StopTracker, next_tokens
 from nexus.serving.kv_batch import RunningBatch, mergeable
 from nexus.inference.openai_shapes import ContextLengthExceededError
@@ -180,9 +180,11 @@ class TransformersBackend(InferenceBackend):
                 if running:
                     running = self._step(batch, running)
             except BaseException as error:  # the engine must survive any step; each waiter gets the error
+                failed = EngineFailed(f"the engine failed a step: {type(error).__name__}: {error}")
+                failed.__cause__ = error
                 for row in [*running, *joining]:
                     if not row.finished:
-                        row.fail(error)
+                        row.fail(failed)
                 batch, running = RunningBatch(), []
             if self._closing and not running:
                 self._fail_waiting()
