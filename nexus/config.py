@@ -68,6 +68,10 @@ class Settings(BaseSettings):
     max_streams_per_token: int = Field(128, ge=1)  # concurrent /v1 completions (streamed or not)
     # Open connections one API process holds (gevent greenlets: streams, long-polls, plain requests).
     api_worker_connections: int = Field(4096, ge=16, le=100_000)
+    # An API process remembers a token it resolved this long (by its hash), so thousands of requests
+    # opened at once do not each queue for a database connection to look it up. A revocation through
+    # this process takes effect at once; through another, within this TTL. 0: look up every request.
+    auth_cache_seconds: float = Field(5.0, ge=0, le=300)
 
     # --- clients (CLI, NexusClient): where the API is and which token to use ---
     url: str = ""  # NEXUS_URL; else the local cluster's cluster.json, else public_api_url
