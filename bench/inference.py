@@ -164,7 +164,9 @@ def main() -> None:
         return inference_streams.idle_streams(args.idle_streams, args.idle_seconds, args.idle_gap)
     items = prompts(args.prompts)
     # Requests beyond the serving slots wait for one at the API: long enough for the deepest sweep level.
-    with bench_cluster(inference_admission_wait_seconds=900) as (settings, folder):
+    # One token sends every request: the per-token /v1 slots (128) must not cap the 256 level.
+    with bench_cluster(inference_admission_wait_seconds=900, max_streams_per_token=1024,
+                       ) as (settings, folder):
         from nexus.serving.backends.transformers_backend import TransformersBackend
         from nexus.serving.tiny import make_tiny_model
 

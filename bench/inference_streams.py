@@ -111,8 +111,10 @@ def idle_streams(count: int, seconds: float, gap: float) -> None:
     from tests.support import start_api, start_worker, wait_for
 
     model, upstream_port = "trickle", free_port()
+    # One token opens all the streams: its per-token /v1 slots must not be what is measured.
     with bench_cluster(inference_admission_wait_seconds=120, inference_request_timeout_seconds=seconds + 120,
-                       inference_stream_interval_ms=50) as (settings, folder):
+                       inference_stream_interval_ms=50, max_streams_per_token=count + 16,
+                       ) as (settings, folder):
         upstream = _start_upstream(upstream_port, gap, seconds)
         with Services(settings).engine.begin() as conn:
             catalog.insert_model(conn, ModelSpec(model, "", BackendKind.OPENAI,

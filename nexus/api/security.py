@@ -61,6 +61,7 @@ class TokenCache:
     def __init__(self, ttl: float) -> None:
         self.ttl = ttl
         self._entries: dict[str, tuple[float, Principal]] = {}
+        self._lookups: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
 
     def get(self, token_hash: str) -> Principal | None:
@@ -78,6 +79,13 @@ class TokenCache:
                 self._entries.clear()
             self._entries[token_hash] = (time.monotonic() + self.ttl, principal)
 
+    def lookup_lock(self, token_hash: str) -> threading.Lock:
+        """The lock that lets one request look this token up while the others of a crowd wait for it."""
+        with self._lock:
+            if len(self._lookups) >= self.MAX_ENTRIES:
+                self._lookups.clear()
+            return self._lookups.setdefault(token_hash, threading.Lock())
+
     def forget(self, token_id: uuid.UUID) -> None:
         """A token revoked through this process: refused here from now on, not after the TTL."""
         with self._lock:
@@ -91,11 +99,18 @@ def token_cache() -> TokenCache:
 def _resolve(token: str) -> Principal | None:
     cache, token_hash = token_cache(), hash_token(token)
     principal = cache.get(token_hash)
-    if principal is None:
+    if principal is not None:
+        return principal
+    if cache.ttl <= 0:  # no cache: nothing for a crowd to wait for
         with services().statements.connect() as conn:
-            principal = authenticate(conn, token)
-        if principal is not None:
-            cache.put(token_hash, principal)
+            return authenticate(conn, token)
+    with cache.lookup_lock(token_hash):  # one lookup per token at a time: a crowd arriving at once waits for it
+        principal = cache.get(token_hash)
+        if principal is None:
+            with services().statements.connect() as conn:
+                principal = authenticate(conn, token)
+            if principal is not None:
+                cache.put(token_hash, principal)
     return principal
 
 
