@@ -20,9 +20,8 @@ Measured on the shared 2-core dev machine (load 2-7), one API process,
 - After it and the token cache (nexus.api.security): 1,368 of 2,000 finished;
   the 632 others waited 30 s for one of the database pool's 30 connections
   (catalog read and job insert per request) and got 503. Likely cause, not yet
-  measured: a checkout is held
-  until the hub has passed over every runnable greenlet, so a crowd opened at once
-  still outruns the pool; /healthz p50 31 ms, max 10 s during the opening burst.
+  measured: a checkout is held until the hub has passed over every runnable
+  greenlet, so a crowd opened at once still outruns the pool; /healthz p50 31 ms, max 10 s during the opening burst.
 gthread's 16 threads capped a process at 16 streams (64 with four workers),
 and each thread held 8 MiB of virtual stack.
 
