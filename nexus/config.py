@@ -199,6 +199,9 @@ class Settings(BaseSettings):
     inference_stream_interval_ms: float = Field(20.0, ge=0, le=1000)
     # Every instance of the model at its max_concurrent: a /v1 request waits this long for a slot, then 429.
     inference_admission_wait_seconds: float = Field(30.0, ge=0, le=3600)
+    # An API process reuses a model's catalog entry this long for /v1 requests (one database checkout
+    # fewer per request, where a crowd of them queued on the pool); a change shows within it. 0: read each time.
+    inference_catalog_cache_seconds: float = Field(2.0, ge=0, le=60)
     inference_batch_chunk_lines: int = Field(64, ge=1, le=100_000)  # lines per child job of a batch
     vllm_executable: str = "vllm"
     vllm_startup_timeout_seconds: float = Field(900.0, gt=0)

@@ -13,15 +13,17 @@ on the hub instead of blocking every greenlet of the process.
 Measured on the shared 2-core dev machine (load 2-7), one API process,
 `python bench/inference.py --idle-streams 2000 --idle-seconds 20 --idle-gap 5`
 (one token per stream every 5 s for 20 s, all 2,000 opened at once):
-- RSS 341 MiB at rest, 425 MiB peak: about 43 KiB per open stream; ~52% of a core.
 - Before the process's Redis pool was a blocking one sized for every request,
   redis-py's default pool (100) refused the 101st XREAD: 100 of 2,000 finished,
   the rest 503, /healthz max 8.2 s with 20 of 35 probes failing.
-- After it and the token cache (nexus.api.security): 1,368 of 2,000 finished;
-  the 632 others waited 30 s for one of the database pool's 30 connections
-  (catalog read and job insert per request) and got 503. Likely cause, not yet
-  measured: a checkout is held until the hub has passed over every runnable
-  greenlet, so a crowd opened at once still outruns the pool; /healthz p50 31 ms, max 10 s during the opening burst.
+- With it and the token cache (nexus.api.security): 1,368 of 2,000; the 632
+  others waited 30 s for one of the database pool's 30 connections (catalog
+  read and job insert per request); /healthz p50 31 ms, max 10 s.
+- With the /v1 catalog entry cached as well (one checkout per request, the
+  insert): 2,000 of 2,000, no errors; RSS 341 MiB at rest, 431 MiB peak, about
+  46 KiB per open stream; 54% of a core over 76 s; /healthz p50 40 ms, max
+  4.7 s (the opening burst), 53 probes all 200. The load was lower in this run
+  (1.2 against 2.2), so part of the gain may be the machine's.
 gthread's 16 threads capped a process at 16 streams (64 with four workers),
 and each thread held 8 MiB of virtual stack.
 

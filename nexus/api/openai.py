@@ -168,9 +168,26 @@ def _hold_stream_slot() -> None:
         return response
 
 
-def _check_servable(call: ApiCall) -> None:
+_specs: dict[str, tuple[float, object]] = {}  # model name -> (read at, its catalog entry or None)
+
+
+def _model_spec(name: str):
+    """The model's catalog entry, reused for Settings.inference_catalog_cache_seconds."""
+    ttl = services().settings.inference_catalog_cache_seconds
+    cached = _specs.get(name)
+    if ttl > 0 and cached is not None and time.monotonic() - cached[0] < ttl:
+        return cached[1]
     with services().statements.connect() as conn:
-        spec = catalog.get_model(conn, call.model)
+        spec = catalog.get_model(conn, name)
+    if ttl > 0:
+        if len(_specs) > 10_000:  # names are the caller's input: bounded
+            _specs.clear()
+        _specs[name] = (time.monotonic(), spec)
+    return spec
+
+
+def _check_servable(call: ApiCall) -> None:
+    spec = _model_spec(call.model)
     if spec is None:
         raise ModelNotFoundError(f"The model '{call.model}' does not exist; GET /v1/models lists the models",
                                  param="model")

@@ -1,4 +1,4 @@
-"""The API's token cache: one database lookup per token and TTL, not one per request (the gevent API
+"""The API's token and model caches: one database lookup per token (model) and TTL, not one per request (the gevent API
 opens thousands of requests at once), and a revocation through the API refuses the token at once."""
 
 from __future__ import annotations
@@ -42,3 +42,26 @@ def test_an_unknown_token_is_looked_up_every_time(services, lookups):
     for _ in range(3):
         assert api.get("/api/v1/jobs", headers=auth("nx_unknown-token-0123456789")).status_code == 401
     assert len(lookups) == 3
+
+
+def test_v1_requests_read_a_models_catalog_entry_once_per_ttl(services, tmp_path):
+    from nexus.models import catalog
+    from nexus.models.catalog import ModelSpec
+
+    with services.engine.begin() as conn:
+        catalog.insert_model(conn, ModelSpec(name="cached-model", source=str(tmp_path), max_model_len=64))
+    reads = []
+
+    def count(conn, cursor, statement, *_):
+        if "FROM models WHERE name" in statement:
+            reads.append(statement)
+
+    event.listen(services.statements, "before_cursor_execute", count)
+    try:
+        _, api = limited(services, inference_catalog_cache_seconds=30)
+        for _ in range(5):  # nobody serves it: 503 at once, after the catalog check
+            answer = api.post("/v1/completions", json={"model": "cached-model", "prompt": "x"}, headers=auth())
+            assert answer.status_code == 503, answer.json
+        assert len(reads) == 1
+    finally:
+        event.remove(services.statements, "before_cursor_execute", count)
