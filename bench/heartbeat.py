@@ -64,7 +64,7 @@ class Connection:
 def start_api(settings, folder: Path, workers: int) -> NexusProcess:
     import requests
 
-    api = NexusProcess(settings, ["master", "--workers", str(workers), "--threads", "16"], folder, "api",
+    api = NexusProcess(settings, ["master", "--workers", str(workers)], folder, "api",
                        {"NEXUS_JOIN_TOKEN": "nxj_bench-join-token"}).start()
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

@@ -1,6 +1,8 @@
 """Inference overhead: the same prompts through the bare transformers backend and through Nexus.
 
     python bench/inference.py [--prompts 24] [--max-tokens 256] [--concurrency 8]
+    python bench/inference.py --sweep 1,8,64,256 [--max-tokens 128]   streams in flight: tok/s and TTFT
+    python bench/inference.py --idle-streams 2000 [--idle-seconds 30]  open, mostly idle streams
 
 Starts its own Redis, S3 and PostgreSQL database (bench/common.py), writes the
 tiny model, then measures, on the same greedy prompts:
@@ -12,6 +14,14 @@ tiny model, then measures, on the same greedy prompts:
                 jobs) versus the bare backend with as many in flight as a chunk keeps (16)
 
 and prints completion tokens/s for each path and Nexus / bare (target >= 0.95).
+
+`--sweep` instead streams at each level of requests in flight (max(level, --prompts)
+requests per level): the bare backend's stream() in this process versus streaming
+/v1/completions, tok/s with the ratio and time to first token p50/p99 for both.
+`--idle-streams N` holds N streams open through one API process against an
+OpenAI-compatible upstream that sends a token every --idle-gap seconds (two
+serving workers relay it), and reports the API's memory and CPU, the streams
+answered, and /healthz latency meanwhile.
 Bare and Nexus runs alternate, path by path, and each keeps its best of
 `--rounds`, so load from elsewhere on the machine does not favour one side.
 """
@@ -30,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import requests  # noqa: E402
 
 from bench.common import bench_cluster  # noqa: E402
+from bench import inference_streams  # noqa: E402
 from nexus.models import catalog, liveness  # noqa: E402
 from nexus.models.catalog import ModelSpec  # noqa: E402
 from nexus.inference.types import GenerationRequest, SamplingParams  # noqa: E402
@@ -144,9 +155,18 @@ def main() -> None:
     parser.add_argument("--batch-lines", type=int, default=96, help="lines of the batch path")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--torch-threads", type=int, default=1, help="torch threads on both sides")
+    parser.add_argument("--sweep", default="", help="comma-separated levels of streams in flight, e.g. 1,8,64,256")
+    parser.add_argument("--idle-streams", type=int, default=0, help="hold this many mostly idle streams open")
+    parser.add_argument("--idle-seconds", type=float, default=30, help="how long each idle stream lasts")
+    parser.add_argument("--idle-gap", type=float, default=5, help="seconds between an idle stream's tokens")
     args = parser.parse_args()
+    if args.idle_streams:
+        return inference_streams.idle_streams(args.idle_streams, args.idle_seconds, args.idle_gap)
     items = prompts(args.prompts)
-    with bench_cluster() as (settings, folder):
+    # Requests beyond the serving slots wait for one at the API: long enough for the deepest sweep level.
+    # One token sends every request: the per-token /v1 slots (128) must not cap the 256 level.
+    with bench_cluster(inference_admission_wait_seconds=900, max_streams_per_token=1024,
+                       ) as (settings, folder):
         from nexus.serving.backends.transformers_backend import TransformersBackend
         from nexus.serving.tiny import make_tiny_model
 
@@ -168,6 +188,14 @@ def main() -> None:
             nexus = nexus_paths(url, settings.admin_token, args.max_tokens, args.concurrency)
             for paths in (bare, nexus):  # warm up both
                 paths["single"](items[:1])
+            if args.sweep:
+                levels = [int(x) for x in args.sweep.split(",") if x.strip()]
+                results = inference_streams.sweep(backend, url, settings.admin_token, MODEL, levels, args.prompts,
+                                                  args.max_tokens, args.rounds, prompts)
+                print(f"streaming sweep, max_tokens {args.max_tokens}, greedy, torch threads {args.torch_threads}, "
+                      f"best of {args.rounds}")
+                inference_streams.report_sweep(results)
+                return
             best_bare, best_nexus = best_of(args.rounds, bare, nexus, items, prompts(args.batch_lines))
         finally:
             backend.close()

@@ -66,6 +66,12 @@ class Settings(BaseSettings):
     rate_limit: str = "6000/minute"  # Flask-Limiter syntax ("100/second;6000/minute"); empty: no rate limit
     max_long_polls_per_token: int = Field(8, ge=1)  # concurrent ?wait= requests
     max_streams_per_token: int = Field(128, ge=1)  # concurrent /v1 completions (streamed or not)
+    # Open connections one API process holds (gevent greenlets: streams, long-polls, plain requests).
+    api_worker_connections: int = Field(4096, ge=16, le=100_000)
+    # An API process remembers a token it resolved this long (by its hash), so thousands of requests
+    # opened at once do not each queue for a database connection to look it up. A revocation through
+    # this process takes effect at once; through another, within this TTL. 0: look up every request.
+    auth_cache_seconds: float = Field(5.0, ge=0, le=300)
 
     # --- clients (CLI, NexusClient): where the API is and which token to use ---
     url: str = ""  # NEXUS_URL; else the local cluster's cluster.json, else public_api_url
@@ -188,6 +194,14 @@ class Settings(BaseSettings):
     inference_heartbeat_seconds: float = Field(2.0, gt=0)  # a serving worker re-announces its instances
     inference_request_timeout_seconds: float = Field(300.0, gt=0)  # /v1 requests give up after this
     inference_stream_ttl_seconds: int = Field(600, ge=10)  # Redis keeps a request's events this long
+    # A serving worker writes each request's new text this often (the first delta at once): one hop per
+    # interval instead of one per token. vLLM's --stream-interval does the same for its own server.
+    inference_stream_interval_ms: float = Field(20.0, ge=0, le=1000)
+    # Every instance of the model at its max_concurrent: a /v1 request waits this long for a slot, then 429.
+    inference_admission_wait_seconds: float = Field(30.0, ge=0, le=3600)
+    # An API process reuses a model's catalog entry this long for /v1 requests (one database checkout
+    # fewer per request, where a crowd of them queued on the pool); a change shows within it. 0: read each time.
+    inference_catalog_cache_seconds: float = Field(2.0, ge=0, le=60)
     inference_batch_chunk_lines: int = Field(64, ge=1, le=100_000)  # lines per child job of a batch
     vllm_executable: str = "vllm"
     vllm_startup_timeout_seconds: float = Field(900.0, gt=0)

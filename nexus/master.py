@@ -38,42 +38,54 @@ NODE_API_WORKERS = 1
 NODE_API_THREADS = 8
 
 
-def gunicorn_argv(app: str, host: str, port: int, workers: int, threads: int) -> list[str]:
-    """A production WSGI server: threads, not processes, carry the load (requests mostly wait on
-    PostgreSQL and Redis, and server-sent-event streams hold a thread each)."""
+def _gunicorn_argv(app: str, host: str, port: int, workers: int, worker_args: list[str]) -> list[str]:
     gunicorn = shutil.which("gunicorn") or os.path.join(os.path.dirname(sys.executable), "gunicorn")
-    return [gunicorn, "--bind", f"{host}:{port}", "--workers", str(workers), "--threads", str(threads),
-            "--worker-class", "gthread", "--timeout", "120", "--graceful-timeout", "10",
+    return [gunicorn, "--bind", f"{host}:{port}", "--workers", str(workers), *worker_args,
+            "--timeout", "120", "--graceful-timeout", "10",
             "--access-logfile", "-", "--access-logformat", '%(h)s "%(r)s" %(s)s %(b)s %(M)sms',
             "--no-control-socket",  # unused; its default path is one per user, so two servers would share it
             app]
 
 
-def api_servers(settings: Settings, workers: int, threads: int) -> list[list[str]]:
+def user_api_argv(settings: Settings, workers: int) -> list[str]:
+    """The user API on gunicorn's gevent worker (see nexus/api/green.py).
+
+    A streaming /v1 request or a long-poll waits on Redis or PostgreSQL for its whole life; on
+    gevent each is a greenlet (tens of KiB) instead of an OS thread, so one process holds thousands.
+    """
+    return _gunicorn_argv("nexus.api.green:create_green_wsgi_app()", settings.api_host, settings.api_port, workers,
+                          ["--worker-class", "gevent", "--worker-connections", str(settings.api_worker_connections)])
+
+
+def node_api_argv(settings: Settings) -> list[str]:
+    """The node API on threads: its requests answer in milliseconds and none of them waits long."""
+    return _gunicorn_argv("nexus.api:create_node_wsgi_app()", settings.api_host, settings.node_api_port,
+                          NODE_API_WORKERS, ["--worker-class", "gthread", "--threads", str(NODE_API_THREADS)])
+
+
+def api_servers(settings: Settings, workers: int) -> list[list[str]]:
     """The user API, and the node API beside it on a listener and process of its own.
 
-    Why a second gunicorn: a request thread is held for the whole of a long-poll
-    (`?wait=30`) or a stream, so one token with 64 long-polls held all 16 threads,
-    /healthz and every heartbeat queued behind them for 100 s, and nodes went
-    offline. A separate process gives the beats their own threads, their own
-    database pool and their own GIL (token streaming is CPU work in the API
-    process), and its routes are only register and heartbeat, which answer in
-    milliseconds, so no user request can hold them. Alternatives weighed: a
-    second listener in the same gunicorn shares its thread pool (gthread queues
-    every accepted connection on one executor, before the path is known); a
-    custom worker routing by listener depends on gunicorn's internals and still
+    Why a second gunicorn: on the threaded server a request thread was held for the
+    whole of a long-poll (`?wait=30`) or a stream, so one token with 64 long-polls
+    held all 16 threads, /healthz and every heartbeat queued behind them for 100 s,
+    and nodes went offline. The user API now waits on greenlets, but a separate
+    process still gives the beats their own database pool and their own GIL (token
+    streaming is CPU work in the API process), and its routes are only register and
+    heartbeat, which answer in milliseconds, so no user request can hold them.
+    Alternatives weighed: a second listener in the same gunicorn shares its workers;
+    a custom worker routing by listener depends on gunicorn's internals and still
     shares the GIL and the pool; heartbeats as direct database writes would give
-    every agent a database login (docs/ARCHITECTURE.md, "Roles hold only what they need"). Cost: one more process
-    (~60 MB).
+    every agent a database login (docs/ARCHITECTURE.md, "Roles hold only what they
+    need"). Cost: one more process (~60 MB).
     """
-    servers = [gunicorn_argv("nexus.api:create_wsgi_app()", settings.api_host, settings.api_port, workers, threads)]
+    servers = [user_api_argv(settings, workers)]
     if settings.node_api_port:
-        servers.append(gunicorn_argv("nexus.api:create_node_wsgi_app()", settings.api_host, settings.node_api_port,
-                                     NODE_API_WORKERS, NODE_API_THREADS))
+        servers.append(node_api_argv(settings))
     return servers
 
 
-def serve_api(settings: Settings, workers: int, threads: int) -> int:
+def serve_api(settings: Settings, workers: int) -> int:
     """Run both servers until asked to stop or until either exits; then stop the other and return.
 
     Either one gone is the master gone: the exit lets the container's restart
@@ -81,7 +93,7 @@ def serve_api(settings: Settings, workers: int, threads: int) -> int:
     half a master. Each server gets SIGTERM if this process dies (orphan_guard).
     """
     children = [subprocess.Popen([sys.executable, "-m", "nexus.agent.orphan_guard", *argv])
-                for argv in api_servers(settings, workers, threads)]
+                for argv in api_servers(settings, workers)]
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -15,6 +15,17 @@ from nexus.queueing.celery_app import make_celery
 from nexus.storage import ObjectStore, make_object_store
 
 
+REDIS_POOL_MARGIN = 64  # background threads: stream flusher, ended-jobs watcher, heartbeats, admission wake-ups
+REDIS_POOL_WAIT_SECONDS = 10.0  # longer than a stream's XREAD block (1 s), so a waiter gets a connection
+
+
+def redis_pool(settings: Settings, **options) -> redis.BlockingConnectionPool:
+    """A blocking pool sized for every open request of an API process (or a worker's request threads)."""
+    return redis.BlockingConnectionPool.from_url(
+        settings.redis_url, max_connections=settings.api_worker_connections + REDIS_POOL_MARGIN,
+        timeout=REDIS_POOL_WAIT_SECONDS, **options)
+
+
 @dataclass
 class Services:
     settings: Settings
@@ -36,7 +47,22 @@ class Services:
 
     @cached_property
     def redis(self) -> redis.Redis:
-        return redis.Redis.from_url(self.settings.redis_url, socket_timeout=5, socket_connect_timeout=3)
+        """One pool per process that waits for a free connection instead of refusing.
+
+        redis-py's ConnectionPool allows 100 connections and raises "Too many connections" at the
+        101st. On the gevent API every open /v1 stream holds one in its blocking XREAD, so 2,000 idle
+        streams got 1,900 answers of 503. The pool holds as many as the process holds requests
+        (Settings.api_worker_connections, plus its background threads), and past that a caller
+        waits up to REDIS_POOL_WAIT_SECONDS for one to come back.
+        """
+        return redis.Redis(connection_pool=redis_pool(self.settings), socket_timeout=5, socket_connect_timeout=3)
+
+    @cached_property
+    def admission(self):
+        """Slots of the models' serving instances, taken by /v1 requests (nexus/models/admission.py)."""
+        from nexus.models.admission import Admission
+
+        return Admission(self.redis, default_slots=self.settings.inference_concurrency)
 
     @cached_property
     def store(self) -> ObjectStore:

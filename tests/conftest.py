@@ -79,6 +79,8 @@ def settings(postgres_url, redis_server, s3_server, session_dir) -> Settings:
         job_lease_seconds=3.0, job_heartbeat_seconds=0.5, retry_backoff_base_seconds=0.2,
         retry_backoff_max_seconds=1.0, reconcile_interval_seconds=0.5,
         worker_send_events=False, cluster_file=session_dir / "cluster.json",
+        # Tests change tokens in the database and expect the next request to see it; the cache has its own test.
+        auth_cache_seconds=0, inference_catalog_cache_seconds=0,
     )
     prepare_master(settings)
     return settings

@@ -20,7 +20,9 @@ TINY = "tiny"
 # this holds the one model folder and the one worker they all share.
 _SHARED: dict = {}
 MODEL_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "NEXUS_INFERENCE_HEARTBEAT_SECONDS": "0.5",
-             "NEXUS_INFERENCE_BATCH_CHUNK_LINES": "50"}
+             "NEXUS_INFERENCE_BATCH_CHUNK_LINES": "50",
+             # Several tokens long even on a loaded 2-core machine (~30 ms a token there): entries hold several tokens.
+             "NEXUS_INFERENCE_STREAM_INTERVAL_MS": "150"}
 
 
 @pytest.fixture(scope="session")

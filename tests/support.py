@@ -98,7 +98,7 @@ def start_worker(settings: Settings, log_dir: Path, name: str | None = None, ext
 
 
 def start_api(settings: Settings, log_dir: Path, name: str = "api") -> tuple[NexusProcess, str]:
-    api = NexusProcess(settings, ["master", "--workers", "1", "--threads", "16"], log_dir, name).start()
+    api = NexusProcess(settings, ["master", "--workers", "1"], log_dir, name).start()
     url = settings.public_api_url
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

@@ -13,13 +13,13 @@ from apiflask import APIFlask
 import nexus
 from nexus.api.errors import install_error_handlers
 from nexus.api.limits import Slots, install_rate_limit
-from nexus.api.security import authenticate_request
+from nexus.api.security import TokenCache, authenticate_request
 from nexus.config import Settings, load_settings
 from nexus.services import Services
 
 
 def create_app(settings: Settings | None = None, services: Services | None = None,
-               blueprints=None) -> APIFlask:
+               blueprints=None, auth_cache_seconds: float | None = None) -> APIFlask:
     settings = settings or load_settings()
     app = APIFlask("nexus", title="Nexus API", version=nexus.__version__, docs_path="/docs")
     app.config.update(
@@ -32,6 +32,8 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.extensions["nexus_settings"] = settings
     install_error_handlers(app)
     app.before_request(authenticate_request)
+    app.extensions["nexus_token_cache"] = TokenCache(
+        settings.auth_cache_seconds if auth_cache_seconds is None else auth_cache_seconds)
     install_rate_limit(app, settings)  # after authentication: it counts per token
     redis = app.extensions["nexus"].redis
     app.extensions["nexus_slots"] = {kind: Slots(redis, kind) for kind in ("long_poll", "stream")}
@@ -61,4 +63,6 @@ def create_node_wsgi_app() -> APIFlask:
     from nexus.api import health, nodes
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return create_app(blueprints=[health.bp, nodes.bp])
+    # No token cache: a node's token revoked stops its heartbeats at once, and a beat per node every
+    # few seconds is no crowd for the database pool.
+    return create_app(blueprints=[health.bp, nodes.bp], auth_cache_seconds=0)

@@ -12,7 +12,7 @@ import redis
 from apiflask import APIFlask, HTTPError
 from flask import request
 from kombu.exceptions import OperationalError as BrokerError
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout, DBAPIError, OperationalError
 from urllib3.exceptions import HTTPError as StorageConnectionError
 
 from nexus.jobs.submit import PayloadTooLarge, PublishError, SubmissionError
@@ -72,6 +72,13 @@ def install_error_handlers(app: APIFlask) -> None:
             return error_body(500, "internal error"), 500
         log.warning("database unavailable: %s", exc)
         return error_body(503, "the database is unavailable", {"dependency": "database"}), 503
+
+    @app.errorhandler(PoolTimeout)
+    def database_busy(exc):
+        # Every connection of this process's pool was out for the whole pool timeout: an overload, not a bug.
+        log.warning("database pool exhausted: %s", exc)
+        return error_body(503, "the API is busy: no database connection came free in time; retry shortly",
+                          {"dependency": "database"}), 503, {"Retry-After": "1"}
 
     @app.errorhandler(redis.RedisError)
     @app.errorhandler(BrokerError)

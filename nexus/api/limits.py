@@ -100,6 +100,9 @@ def install_rate_limit(app: Flask, settings: Settings) -> Limiter | None:
         return None
     limiter = Limiter(
         key_func=_token_key, app=app, storage_uri=settings.redis_url,
+        # The process's blocking pool (nexus.services): limits' own would be redis-py's default of 100
+        # connections, which raises "Too many connections" when more requests than that hit it at once.
+        storage_options={"connection_pool": app.extensions["nexus"].redis.connection_pool},
         # Application limits: one budget per token across every route (default limits count per route).
         application_limits=[settings.rate_limit], application_limits_exempt_when=_exempt, strategy="fixed-window",
         # No X-RateLimit headers on every answer: each would cost one more Redis read per request.

@@ -10,9 +10,10 @@ so the official SDK raises its usual exceptions.
 
 from __future__ import annotations
 
-import itertools
 import logging
+import threading
 import time
+import uuid
 
 from apiflask import APIBlueprint, HTTPError
 from flask import Response, after_this_request, jsonify, request, stream_with_context
@@ -22,12 +23,14 @@ from sqlalchemy import text
 from nexus.api.limits import rate_limit_headers, slots
 from nexus.api.security import caller, services
 from nexus.auth import Role
-from nexus.models import catalog, liveness
+from nexus.models import catalog
+from nexus.models.admission import NoInstance, Slot
 from nexus.inference.openai_shapes import (ApiCall, AuthenticationError, ContextLengthExceededError, Endpoint,
-                                           ModelNotFoundError, ModelUnavailableError, OpenAIError, SSE_DONE,
+                                           ModelBusyError, ModelNotFoundError, ModelUnavailableError, OpenAIError,
+                                           SSE_DONE,
                                            build_chunk, build_models_list, build_response, build_usage_chunk,
                                            new_response_id, parse_body, sse_event)
-from nexus.inference.streams import GenerationFailed, read_events, stream_key
+from nexus.inference.streams import GenerationFailed, read_batches, stream_key
 from nexus.inference.types import GenerationResult, StreamDelta, Usage
 from nexus.jobs import lifecycle
 from nexus.jobs.submit import PayloadTooLarge
@@ -114,16 +117,41 @@ def _serve(endpoint: Endpoint):
         raise OpenAIError("the request body must be JSON (Content-Type: application/json)", code="invalid_json")
     call = parse_body(endpoint, body)
     _check_servable(call)
-    job_id = _submit(endpoint, body, call)
-    events = read_events(services().redis, job_id, _idle_check(job_id, time.monotonic()))
-    if not call.stream:
-        return _complete(call, job_id, events)
-    first = next(events)  # an error before the first token is still a proper HTTP error
-    if isinstance(first, GenerationFailed):
-        _forget(job_id)
-        raise first.error
-    return Response(stream_with_context(_sse(call, job_id, itertools.chain([first], events))),
+    slot = _admit(call)
+    try:
+        job_id = _submit(endpoint, body, call)
+        batches = read_batches(services().redis, job_id, _idle_check(job_id, time.monotonic()))
+        if not call.stream:
+            return _complete(call, job_id, batches, slot)
+        first = next(batches)  # an error before the first token is still a proper HTTP error
+    except BaseException:
+        slot.release()
+        raise
+    if isinstance(first[0], GenerationFailed):
+        _forget(job_id, slot)
+        raise first[0].error
+    return Response(stream_with_context(_sse(call, job_id, _chain(first, batches), slot)),
                     mimetype="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _chain(first, rest):
+    yield first
+    yield from rest
+
+
+def _admit(call: ApiCall) -> Slot:
+    """A serving slot of the model, waiting for one up to the admission bound, else 429."""
+    settings = services().settings
+    try:
+        slot = services().admission.acquire(call.model, uuid.uuid4().hex,
+                                            hold_seconds=settings.inference_request_timeout_seconds + 30,
+                                            wait_seconds=settings.inference_admission_wait_seconds)
+    except NoInstance:
+        raise _no_instance(call.model) from None
+    if slot is None:
+        raise ModelBusyError(f"every instance of model '{call.model}' is busy and none came free within "
+                             f"{settings.inference_admission_wait_seconds:g} s; retry later")
+    return slot
 
 
 def _hold_stream_slot() -> None:
@@ -140,9 +168,26 @@ def _hold_stream_slot() -> None:
         return response
 
 
-def _check_servable(call: ApiCall) -> None:
+_specs: dict[str, tuple[float, object]] = {}  # model name -> (read at, its catalog entry or None)
+
+
+def _model_spec(name: str):
+    """The model's catalog entry, reused for Settings.inference_catalog_cache_seconds."""
+    ttl = services().settings.inference_catalog_cache_seconds
+    cached = _specs.get(name)
+    if ttl > 0 and cached is not None and time.monotonic() - cached[0] < ttl:
+        return cached[1]
     with services().statements.connect() as conn:
-        spec = catalog.get_model(conn, call.model)
+        spec = catalog.get_model(conn, name)
+    if ttl > 0:
+        if len(_specs) > 10_000:  # names are the caller's input: bounded
+            _specs.clear()
+        _specs[name] = (time.monotonic(), spec)
+    return spec
+
+
+def _check_servable(call: ApiCall) -> None:
+    spec = _model_spec(call.model)
     if spec is None:
         raise ModelNotFoundError(f"The model '{call.model}' does not exist; GET /v1/models lists the models",
                                  param="model")
@@ -151,9 +196,11 @@ def _check_servable(call: ApiCall) -> None:
         raise ContextLengthExceededError(
             f"max_tokens is {max_tokens}, but this model's maximum context length is {spec.max_model_len} tokens "
             "(prompt included)", param="max_tokens")
-    if not liveness.live_instances(services().redis, call.model):
-        raise ModelUnavailableError(f"no instance of model '{call.model}' is serving right now; deploy one with "
-                                    f"POST /api/v1/models/{call.model}/instances", param="model")
+
+
+def _no_instance(model: str) -> ModelUnavailableError:
+    return ModelUnavailableError(f"no instance of model '{model}' is serving right now; deploy one with "
+                                 f"POST /api/v1/models/{model}/instances", param="model")
 
 
 def _submit(endpoint: Endpoint, body: dict, call: ApiCall) -> str:
@@ -168,61 +215,112 @@ def _submit(endpoint: Endpoint, body: dict, call: ApiCall) -> str:
 def _idle_check(job_id: str, started: float):
     """Runs while no event arrives: give up when the job ended without one, or on timeout."""
     timeout = services().settings.inference_request_timeout_seconds
-    last_check = [0.0]
+    watch = _watch()
 
     def check(_idle_seconds: float) -> None:
-        now = time.monotonic()
-        if now - started > timeout:
+        if time.monotonic() - started > timeout:
             _cancel(job_id)
             raise OpenAIError(f"the model did not answer within {timeout:.0f} s", status=504, type="server_error",
                               code="timeout")
-        if now - last_check[0] < JOB_CHECK_EVERY_SECONDS:
-            return
-        last_check[0] = now
-        with services().statements.connect() as conn:
-            row = conn.execute(text("SELECT state, error FROM jobs WHERE id = :id"), {"id": job_id}).first()
-        if row is not None and row.state in ("failed", "cancelled"):
-            raise ModelUnavailableError(f"the request could not be served: {row.error or row.state}")
+        ended = watch.ended(job_id)
+        if ended is not None:
+            raise ModelUnavailableError(f"the request could not be served: {ended}")
 
     return check
 
 
-def _complete(call: ApiCall, job_id: str, events) -> dict:
+class _EndedJobs:
+    """Which idle requests' jobs ended without a final event: one query per interval for all of them,
+    where one per idle stream made thousands of open streams a thousand queries a second."""
+
+    def __init__(self, services_) -> None:
+        self._services = services_  # the thread runs outside any app context
+        self._asked: dict[str, float] = {}  # job id -> when its stream last asked
+        self._ended: dict[str, str] = {}
+        self._lock = threading.Lock()
+        threading.Thread(target=self._run, name="nexus-v1-jobs", daemon=True).start()
+
+    def ended(self, job_id: str) -> str | None:
+        with self._lock:
+            self._asked[job_id] = time.monotonic()
+            return self._ended.pop(job_id, None)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(JOB_CHECK_EVERY_SECONDS)
+            with self._lock:  # a stream that stopped asking has its answer or went away
+                cutoff = time.monotonic() - 3 * JOB_CHECK_EVERY_SECONDS
+                self._asked = {j: t for j, t in self._asked.items() if t > cutoff}
+                self._ended = {j: e for j, e in self._ended.items() if j in self._asked}
+                ids = list(self._asked)
+            if ids:
+                try:
+                    self._look(ids)
+                except Exception as exc:  # the database is away: the requests time out on their own
+                    log.warning("could not read the states of %d waiting requests: %s", len(ids), exc)
+
+    def _look(self, ids: list[str]) -> None:
+        with self._services.statements.connect() as conn:
+            rows = conn.execute(text("SELECT id, state, error FROM jobs WHERE id = ANY(CAST(:ids AS uuid[])) "
+                                     "AND state IN ('failed', 'cancelled')"), {"ids": ids}).all()
+        with self._lock:
+            for row in rows:
+                self._ended[str(row.id)] = row.error or row.state
+
+
+_watcher: list = []
+
+
+def _watch() -> _EndedJobs:
+    if not _watcher:
+        _watcher.append(_EndedJobs(services()))
+    return _watcher[0]
+
+
+def _complete(call: ApiCall, job_id: str, batches, slot: Slot) -> dict:
     try:
-        for event in events:
-            if isinstance(event, GenerationFailed):
-                raise event.error
-            if isinstance(event, GenerationResult):
-                return build_response(call, event)
+        for batch in batches:
+            for event in batch:
+                if isinstance(event, GenerationFailed):
+                    raise event.error
+                if isinstance(event, GenerationResult):
+                    return build_response(call, event)
     finally:
-        _forget(job_id)
+        _forget(job_id, slot)
     raise OpenAIError("the worker ended the request without an answer", status=502, type="server_error")
 
 
-def _sse(call: ApiCall, job_id: str, events):
+def _sse(call: ApiCall, job_id: str, batches, slot: Slot):
+    """One write per batch of what arrived: a chunk per choice with all its new text."""
     response_id, created, started = new_response_id(call.endpoint), int(time.time()), set()
     finished = False
     try:
-        for event in events:
-            if isinstance(event, StreamDelta):
-                yield sse_event(build_chunk(call, response_id, created, event, first=event.index not in started))
-                started.add(event.index)
-            elif isinstance(event, Usage):
-                if call.include_usage:
-                    yield sse_event(build_usage_chunk(call, response_id, created, event))
-                finished = True
-            elif isinstance(event, GenerationFailed):
-                finished = True
-                yield sse_event(event.error.body())
-        yield SSE_DONE
+        for batch in batches:
+            out = []
+            for event in batch:
+                if isinstance(event, StreamDelta):
+                    out.append(sse_event(build_chunk(call, response_id, created, event,
+                                                     first=event.index not in started)))
+                    started.add(event.index)
+                elif isinstance(event, Usage):
+                    if call.include_usage:
+                        out.append(sse_event(build_usage_chunk(call, response_id, created, event)))
+                    finished = True
+                elif isinstance(event, GenerationFailed):
+                    finished = True
+                    out.append(sse_event(event.error.body()))
+            if finished:
+                out.append(SSE_DONE)
+            yield "".join(out)
+        if not finished:
+            yield SSE_DONE
     except OpenAIError as exc:  # timeout or a failed job while streaming: tell the client in the stream
         finished = True
-        yield sse_event(exc.body())
-        yield SSE_DONE
+        yield sse_event(exc.body()) + SSE_DONE
     finally:
         if not finished:  # the client went away: stop the generation
             _cancel(job_id)
-        _forget(job_id)
+        _forget(job_id, slot)
 
 
 def _cancel(job_id: str) -> None:
@@ -233,8 +331,10 @@ def _cancel(job_id: str) -> None:
         log.warning("could not cancel %s: %s", job_id, exc)
 
 
-def _forget(job_id: str) -> None:
+def _forget(job_id: str, slot: Slot) -> None:
+    """The request ended: its slot goes to the next request, its events are no longer needed."""
     try:
+        slot.release()
         services().redis.delete(stream_key(job_id))
-    except Exception:  # it expires on its own
+    except Exception:  # both lapse on their own
         pass

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import functools
+import threading
+import time
+import uuid
 
 from flask import current_app, g, request
 
 from nexus.api.errors import ApiError
-from nexus.auth import Principal, Role, authenticate
+from nexus.auth import Principal, Role, authenticate, hash_token
 from nexus.services import Services
 
 # Endpoints anyone may call: health for load balancers, the API description for humans.
@@ -36,8 +39,7 @@ def authenticate_request() -> None:
     if token is None:
         raise ApiError(401, "missing bearer token: send 'Authorization: Bearer <token>'",
                        headers={"WWW-Authenticate": 'Bearer realm="nexus"'})
-    with services().statements.connect() as conn:
-        principal = authenticate(conn, token)
+    principal = _resolve(token)
     if principal is None:
         raise ApiError(401, "invalid, expired or revoked token", headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
     g.principal = principal
@@ -46,6 +48,70 @@ def authenticate_request() -> None:
     roles = getattr(current_app.view_functions.get(request.endpoint), "nexus_roles", None)
     if roles is not None and principal.role not in roles:
         raise ApiError(403, _needs(roles))
+
+
+class TokenCache:
+    """Tokens this process resolved in the last `ttl` seconds, by their hash: the API on gevent opens
+    thousands of requests at once, and one auth query each queued them all on the database pool
+    (2,000 idle streams: most waited 30 s for one of its 30 connections and got 503). Only valid
+    tokens are kept; an unknown one is looked up every time."""
+
+    MAX_ENTRIES = 10_000  # past this, start over rather than grow without bound
+
+    def __init__(self, ttl: float) -> None:
+        self.ttl = ttl
+        self._entries: dict[str, tuple[float, Principal]] = {}
+        self._lookups: dict[str, threading.Lock] = {}
+        self._lock = threading.Lock()
+
+    def get(self, token_hash: str) -> Principal | None:
+        with self._lock:
+            entry = self._entries.get(token_hash)
+        if entry is None or entry[0] < time.monotonic():
+            return None
+        return entry[1]
+
+    def put(self, token_hash: str, principal: Principal) -> None:
+        if self.ttl <= 0:
+            return
+        with self._lock:
+            if len(self._entries) >= self.MAX_ENTRIES:
+                self._entries.clear()
+            self._entries[token_hash] = (time.monotonic() + self.ttl, principal)
+
+    def lookup_lock(self, token_hash: str) -> threading.Lock:
+        """The lock that lets one request look this token up while the others of a crowd wait for it."""
+        with self._lock:
+            if len(self._lookups) >= self.MAX_ENTRIES:
+                self._lookups.clear()
+            return self._lookups.setdefault(token_hash, threading.Lock())
+
+    def forget(self, token_id: uuid.UUID) -> None:
+        """A token revoked through this process: refused here from now on, not after the TTL."""
+        with self._lock:
+            self._entries = {h: e for h, e in self._entries.items() if e[1].token_id != token_id}
+
+
+def token_cache() -> TokenCache:
+    return current_app.extensions["nexus_token_cache"]
+
+
+def _resolve(token: str) -> Principal | None:
+    cache, token_hash = token_cache(), hash_token(token)
+    principal = cache.get(token_hash)
+    if principal is not None:
+        return principal
+    if cache.ttl <= 0:  # no cache: nothing for a crowd to wait for
+        with services().statements.connect() as conn:
+            return authenticate(conn, token)
+    with cache.lookup_lock(token_hash):  # one lookup per token at a time: a crowd arriving at once waits for it
+        principal = cache.get(token_hash)
+        if principal is None:
+            with services().statements.connect() as conn:
+                principal = authenticate(conn, token)
+            if principal is not None:
+                cache.put(token_hash, principal)
+    return principal
 
 
 _public_views: set = set()

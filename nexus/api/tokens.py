@@ -9,7 +9,7 @@ from apiflask import APIBlueprint
 
 from nexus import auth
 from nexus.api.errors import ApiError
-from nexus.api.security import require, services
+from nexus.api.security import require, services, token_cache
 from nexus.api.views import row_view
 from nexus.auth import Role
 from nexus.jobs.schemas import TokenRequest
@@ -55,4 +55,5 @@ def revoke(token_id: uuid.UUID):
         if not auth.revoke_token(conn, token_id):
             raise ApiError(404, f"no active token {token_id}")
         removed = store.remove_registered_with(conn, token_id)  # its nodes stop with it
+    token_cache().forget(token_id)  # other API processes refuse it within Settings.auth_cache_seconds
     return {"revoked": str(token_id), "nodes_removed": removed}

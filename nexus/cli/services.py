@@ -29,14 +29,13 @@ def dev_cmd(workers: int, data_dir: Path, api_port: int | None) -> None:
 
 @click.command("master")
 @click.option("--workers", default=2, show_default=True, help="gunicorn worker processes.")
-@click.option("--threads", default=16, show_default=True, help="Threads per gunicorn worker.")
-def master_cmd(workers: int, threads: int) -> None:
-    """Apply migrations, create buckets and the admin token, then serve the API and the node API with gunicorn."""
+def master_cmd(workers: int) -> None:
+    """Apply migrations, create buckets and the admin token, then serve the API (gevent) and the node API."""
     from nexus.master import prepare_master, serve_api
 
     settings = load_settings()
     prepare_master(settings)
-    sys.exit(serve_api(settings, workers, threads))
+    sys.exit(serve_api(settings, workers))
 
 
 @click.command("worker")

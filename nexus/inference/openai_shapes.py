@@ -82,6 +82,14 @@ class ModelUnavailableError(OpenAIError):
     code = "model_unavailable"
 
 
+class ModelBusyError(OpenAIError):
+    """Every instance of the model is at its max_concurrent and no slot came free within the wait."""
+
+    status = 429
+    type = "requests"  # OpenAI's type for request-rate limits; the SDK raises RateLimitError on 429
+    code = "rate_limit_exceeded"
+
+
 class BackendError(OpenAIError):
     status = 502
     type = "server_error"

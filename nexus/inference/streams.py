@@ -3,7 +3,9 @@
 A stream (not pub/sub) so that nothing is lost between the API submitting the
 job and starting to read: the reader starts from the beginning whenever it
 subscribes. The worker writes deltas, then usage (streaming requests) or one
-result (the rest), or an error; each stream expires on its own.
+result (the rest), or an error; each stream expires on its own. An entry holds
+all the text a request produced since the last one (one engine step or
+`inference_stream_interval_ms`), so the hops per token are a fraction of one.
 
     writer = EventWriter(redis, job_id, ttl)      # worker
     for event in read_events(redis, job_id, ...)  # API
@@ -12,6 +14,8 @@ result (the rest), or an error; each stream expires on its own.
 from __future__ import annotations
 
 import json
+import logging
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +24,8 @@ import redis
 
 from nexus.inference.openai_shapes import OpenAIError
 from nexus.inference.types import Choice, FinishReason, GenerationResult, StreamDelta, Usage
+
+log = logging.getLogger(__name__)
 
 STREAM_KEY = "nexus:gen:{job_id}"
 
@@ -36,58 +42,172 @@ class GenerationFailed:
 
 
 class EventWriter:
-    def __init__(self, client: redis.Redis, job_id, ttl_seconds: int) -> None:
+    """One job's events. Deltas after the first are buffered and written by the process's flusher
+    every `interval_ms` (all pending jobs in one pipeline); the first delta and the final event go
+    out at once, the final one after whatever was buffered. interval_ms 0: every delta at once."""
+
+    def __init__(self, client: redis.Redis, job_id, ttl_seconds: int, interval_ms: float = 0) -> None:
         self._redis, self._key, self._ttl = client, stream_key(job_id), ttl_seconds
+        self._interval = interval_ms / 1000
+        self._lock = threading.Lock()  # the flusher writes this buffer too: entries stay in order
+        self._pending: list[list] = []  # [index, text, finish] per choice, merged while consecutive
+        self._started = False
 
     def _add(self, event: dict) -> None:
         pipe = self._redis.pipeline(transaction=False)
-        pipe.xadd(self._key, {"e": json.dumps(event, separators=(",", ":"))})
-        pipe.expire(self._key, self._ttl)
+        self._queue(pipe, event)
         pipe.execute()
 
+    def _queue(self, pipe, event: dict) -> None:
+        pipe.xadd(self._key, {"e": json.dumps(event, separators=(",", ":"))})
+        pipe.expire(self._key, self._ttl)
+
     def delta(self, delta: StreamDelta) -> None:
-        self._add({"t": "delta", "i": delta.index, "x": delta.text,
-                   "f": delta.finish_reason.value if delta.finish_reason else None})
+        finish = delta.finish_reason.value if delta.finish_reason else None
+        with self._lock:
+            if not self._started or not self._interval:  # the first text goes out at once: time to first token
+                self._started = True
+                self._add({"t": "deltas", "d": [[delta.index, delta.text, finish]]})
+                return
+            last = self._pending[-1] if self._pending else None
+            if last is not None and last[0] == delta.index and last[2] is None:
+                last[1] += delta.text
+                last[2] = finish
+            else:
+                self._pending.append([delta.index, delta.text, finish])
+        _flusher_for(self._redis, self._interval).watch(self)
+
+    def flush_into(self, pipe) -> bool:
+        """Queue the buffered deltas on `pipe` (the caller holds `self._lock`); False when none."""
+        if not self._pending:
+            return False
+        self._queue(pipe, {"t": "deltas", "d": self._pending})
+        self._pending = []
+        return True
+
+    def _final(self, event: dict) -> None:
+        with self._lock:
+            pipe = self._redis.pipeline(transaction=False)
+            self.flush_into(pipe)
+            self._queue(pipe, event)
+            pipe.execute()
 
     def usage(self, usage: Usage) -> None:
-        self._add({"t": "usage", "p": usage.prompt_tokens, "c": usage.completion_tokens})
+        self._final({"t": "usage", "p": usage.prompt_tokens, "c": usage.completion_tokens})
 
     def result(self, result: GenerationResult) -> None:
-        self._add({"t": "result", "choices": [[c.index, c.text, c.finish_reason.value] for c in result.choices],
-                   "p": result.usage.prompt_tokens, "c": result.usage.completion_tokens})
+        self._final({"t": "result", "choices": [[c.index, c.text, c.finish_reason.value] for c in result.choices],
+                     "p": result.usage.prompt_tokens, "c": result.usage.completion_tokens})
 
     def error(self, error: OpenAIError) -> None:
-        self._add({"t": "error", "status": error.status, "body": error.body()})
+        self._final({"t": "error", "status": error.status, "body": error.body()})
 
 
-def decode_event(event: dict) -> StreamDelta | Usage | GenerationResult | GenerationFailed:
+class _Flusher:
+    """One thread per process and Redis client: every interval, one pipeline writes the deltas that
+    all in-flight requests buffered since the last tick (per engine step, not per token)."""
+
+    def __init__(self, client: redis.Redis, interval: float) -> None:
+        self._redis, self._interval = client, interval
+        self._waiting: set[EventWriter] = set()
+        self._lock = threading.Lock()
+        threading.Thread(target=self._run, name="nexus-stream-flusher", daemon=True).start()
+
+    def watch(self, writer: EventWriter) -> None:
+        with self._lock:
+            self._waiting.add(writer)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self._interval)
+            with self._lock:
+                writers, self._waiting = self._waiting, set()
+            if writers:
+                self._flush(writers)
+
+    def _flush(self, writers: set[EventWriter]) -> None:
+        locks = [w._lock for w in writers]
+        for lock in locks:  # request threads only ever hold their own writer's lock: no cycle
+            lock.acquire()
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            if any([w.flush_into(pipe) for w in writers]):
+                pipe.execute()
+        except Exception as exc:  # Redis away: those requests fail on their own final write
+            log.warning("could not write buffered stream text: %s", exc)
+        finally:
+            for lock in locks:
+                lock.release()
+
+
+_flushers: dict[tuple[int, float], _Flusher] = {}
+_flushers_lock = threading.Lock()
+
+
+def _flusher_for(client: redis.Redis, interval: float) -> _Flusher:
+    with _flushers_lock:
+        flusher = _flushers.get((id(client), interval))
+        if flusher is None:
+            flusher = _flushers[(id(client), interval)] = _Flusher(client, interval)
+        return flusher
+
+
+Event = StreamDelta | Usage | GenerationResult | GenerationFailed
+
+
+def decode_event(event: dict) -> list[Event]:
     kind = event["t"]
-    if kind == "delta":
-        return StreamDelta(event["i"], event["x"], FinishReason(event["f"]) if event["f"] else None)
+    if kind == "deltas":
+        return [StreamDelta(i, text, FinishReason(f) if f else None) for i, text, f in event["d"]]
+    if kind == "delta":  # one token per entry, from a worker of an earlier version
+        return [StreamDelta(event["i"], event["x"], FinishReason(event["f"]) if event["f"] else None)]
     if kind == "usage":
-        return Usage(event["p"], event["c"])
+        return [Usage(event["p"], event["c"])]
     if kind == "result":
         choices = tuple(Choice(i, text, FinishReason(reason)) for i, text, reason in event["choices"])
-        return GenerationResult(choices, Usage(event["p"], event["c"]))
+        return [GenerationResult(choices, Usage(event["p"], event["c"]))]
     body = event["body"]["error"]
-    return GenerationFailed(OpenAIError(body["message"], param=body.get("param"), code=body.get("code"),
-                                        status=event["status"], type=body.get("type")))
+    return [GenerationFailed(OpenAIError(body["message"], param=body.get("param"), code=body.get("code"),
+                                         status=event["status"], type=body.get("type")))]
 
 
-def read_events(client: redis.Redis, job_id, idle_check, block_ms: int = 1000
-                ) -> Iterator[StreamDelta | Usage | GenerationResult | GenerationFailed]:
-    """Events in order until a final one (usage, result or error). While nothing arrives,
-    `idle_check(seconds_idle)` runs every `block_ms`; it raises to give up (job failed, timeout)."""
+def merge_deltas(events: list[Event]) -> list[Event]:
+    """One delta per choice (its texts joined, the last finish reason), then the other events in order."""
+    merged: dict[int, StreamDelta] = {}
+    rest: list[Event] = []
+    for event in events:
+        if isinstance(event, StreamDelta):
+            before = merged.get(event.index)
+            merged[event.index] = event if before is None else StreamDelta(
+                event.index, before.text + event.text, event.finish_reason or before.finish_reason)
+        else:
+            rest.append(event)
+    return [*merged.values(), *rest]
+
+
+def read_batches(client: redis.Redis, job_id, idle_check, block_ms: int = 1000) -> Iterator[list[Event]]:
+    """What arrived since the last read, deltas merged per choice, until a final event (usage,
+    result or error). While nothing arrives, `idle_check(seconds_idle)` runs every `block_ms`;
+    it raises to give up (job failed, timeout)."""
     key, last_id, idle_since = stream_key(job_id), "0-0", time.monotonic()
     while True:
-        reply = client.xread({key: last_id}, count=256, block=block_ms)
+        reply = client.xread({key: last_id}, count=1024, block=block_ms)
         if not reply:
             idle_check(time.monotonic() - idle_since)
             continue
         idle_since = time.monotonic()
+        batch: list[Event] = []
         for entry_id, fields in reply[0][1]:
             last_id = entry_id  # the next read starts after this entry
-            event = decode_event(json.loads(fields[b"e"] if b"e" in fields else fields["e"]))
-            yield event
-            if not isinstance(event, StreamDelta):
-                return
+            batch += decode_event(json.loads(fields[b"e"] if b"e" in fields else fields["e"]))
+            if not isinstance(batch[-1], StreamDelta):
+                break
+        yield merge_deltas(batch)
+        if not isinstance(batch[-1], StreamDelta):
+            return
+
+
+def read_events(client: redis.Redis, job_id, idle_check, block_ms: int = 1000) -> Iterator[Event]:
+    """The same events one by one."""
+    for batch in read_batches(client, job_id, idle_check, block_ms):
+        yield from batch

@@ -38,6 +38,9 @@ def transport_options(settings: Settings) -> dict[str, Any]:
         # Must outlast the longest job, or Redis hands an unacknowledged message to a second
         # worker (celery#7918). Set for the broker and result backend alike.
         "visibility_timeout": settings.visibility_timeout_seconds,
+        # Kombu's Redis channel allows 10 connections: the API on gevent publishes from as many
+        # greenlets as it has open requests, and the 11th raised "Too many connections".
+        "max_connections": settings.api_worker_connections,
         "priority_steps": list(range(PRIORITY_LEVELS)),
         "queue_order_strategy": "priority",
         "sep": BROKER_KEY_SEP,

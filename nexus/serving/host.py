@@ -185,7 +185,7 @@ class ModelServing:
         if self._set_state(served, InstanceState.RUNNING) is None:  # stopped while starting
             self._take_down(served, None)
             return False
-        liveness.announce(self.redis, spec.name, str(served.instance_id), self._ttl)
+        liveness.announce(self.redis, spec.name, str(served.instance_id), self._ttl, self._slots)
         if self.board is not None:
             self.board.model_loaded(spec.name)
         log.info("model %s serving (instance %s)", spec.name, served.instance_id)
@@ -215,6 +215,11 @@ class ModelServing:
     def _ttl(self) -> float:
         return self.settings.inference_heartbeat_seconds * 3
 
+    @property
+    def _slots(self) -> int:
+        """Requests an instance here runs at once (the node's max_concurrent): the API admits that many."""
+        return self.settings.inference_concurrency
+
     def _heartbeat_loop(self) -> None:
         while not self._stop.wait(self.settings.inference_heartbeat_seconds):
             for served in list(self.models.values()):
@@ -232,7 +237,7 @@ class ModelServing:
                 self.control.cancel(model_queue(served.name))
                 self._take_down(served, None)
             else:
-                liveness.announce(self.redis, served.name, str(served.instance_id), self._ttl)
+                liveness.announce(self.redis, served.name, str(served.instance_id), self._ttl, self._slots)
             return
         if self.settings.worker_instance_id:
             return  # started by an agent for one instance: the agent stops this worker now

@@ -2,7 +2,8 @@
 
 The /v1 API submits one per request (queue `model.<name>`); the handler runs
 the backend and writes the events the API relays (deltas and usage when
-streaming, one result otherwise) to the job's Redis stream. A request the
+streaming, one result otherwise) to the job's Redis stream: the first delta at
+once, then the text of each `inference_stream_interval_ms` as one entry. A request the
 backend rejects (too long, bad parameters) becomes an error event and a
 failed job that is not retried; it counts against the node only when the
 backend itself failed (RequestRejected.failure_kind).
@@ -56,7 +57,8 @@ def run_completion(ctx: JobContext, payload: dict) -> dict:
     call = parse_payload(payload)
     server = serving.current()
     backend = server.backend_for(call.model)
-    events = EventWriter(server.redis, ctx.job_id, ctx.settings.inference_stream_ttl_seconds)
+    events = EventWriter(server.redis, ctx.job_id, ctx.settings.inference_stream_ttl_seconds,
+                         ctx.settings.inference_stream_interval_ms)
     try:
         if call.stream:
             return _stream(ctx, backend.stream(call.request), events)

@@ -92,7 +92,7 @@ class ChaosCluster:
         return NexusProcess(self.settings, args, self.logs, name, extra_env)
 
     def start_api(self) -> None:
-        self.api = self.process(["master", "--workers", "1", "--threads", "16"], "api").start()
+        self.api = self.process(["master", "--workers", "1"], "api").start()
         wait_for(lambda: self.api_healthy() or self._exited(self.api), timeout=60, interval=0.2, what="API healthy")
         self._check_alive(self.api)
 

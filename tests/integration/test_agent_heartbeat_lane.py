@@ -15,7 +15,7 @@ from tests.agent_support import hardware
 
 pytestmark = pytest.mark.timeout(120)
 
-API_THREADS = 16  # tests.support.start_api: `nexus master --threads 16`
+FLOOD = 32  # as many long-polls as held every thread of the threaded user API twice over
 POLL_SECONDS = 4.0
 
 
@@ -31,7 +31,7 @@ def _flood(url: str, token: str, job_id: str, count: int) -> list[threading.Thre
     return threads
 
 
-def test_heartbeats_answer_quickly_while_long_polls_hold_every_api_thread(settings, services, live_api):
+def test_heartbeats_answer_quickly_during_a_long_poll_flood(settings, services, live_api):
     url, admin = live_api
     headers = {"Authorization": f"Bearer {admin}"}
     token = requests.post(f"{url}/api/v1/tokens", json={"name": "flooder", "role": "submitter"}, headers=headers,
@@ -41,10 +41,10 @@ def test_heartbeats_answer_quickly_while_long_polls_hold_every_api_thread(settin
     client = MasterClient.for_settings(settings)  # as the agent builds it
     identity = client.register(settings.join_token, registration_body(hardware("rtx4090"), "flooded", ["gpu_peer"]))
 
-    polls = _flood(url, token, job["id"], 2 * API_THREADS)  # two rounds: the second queues behind the first
+    polls = _flood(url, token, job["id"], FLOOD)
     time.sleep(0.5)
-    with pytest.raises(requests.Timeout):  # the flood is real: the user API cannot answer even /healthz
-        requests.get(f"{url}/healthz", timeout=1.5)
+    # The user API is on gevent: the held long-polls are greenlets, so even it still answers.
+    assert requests.get(f"{url}/healthz", timeout=1.5).status_code == 200
     latencies = []
     for _ in range(5):
         body = heartbeat_body(hardware("rtx4090"), state="ready", running_jobs=[], loaded_models=[], workers=[],

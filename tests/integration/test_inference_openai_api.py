@@ -139,3 +139,79 @@ def test_a_model_nobody_serves_is_503_at_once(sdk, services, tiny_model_dir):
     assert time.monotonic() - started < 5
     assert caught.value.status_code == 503 and caught.value.code == "model_unavailable"
     assert "POST /api/v1/models/idle-model/instances" in caught.value.message
+
+
+def test_streamed_text_comes_in_multi_token_deltas_and_equals_the_whole_answer(sdk):
+    prompt = "The quick brown fox"
+    whole = sdk.completions.create(model=TINY, prompt=prompt, max_tokens=96, temperature=0)
+    chunks = list(sdk.completions.create(model=TINY, prompt=prompt, max_tokens=96, temperature=0, stream=True,
+                                         stream_options={"include_usage": True}))
+    texts = [c.choices[0].text for c in chunks if c.choices]
+    assert "".join(texts) == whole.choices[0].text
+    tokens = chunks[-1].usage.completion_tokens
+    assert tokens == whole.usage.completion_tokens
+    # The worker writes a request's new text per stream interval (150 ms here), not per token: the first
+    # delta alone, then several tokens a chunk. One entry per token gave about one chunk per token.
+    assert tokens > 16 and len(texts) <= tokens / 2, (len(texts), tokens)
+
+
+def _slots_of(services, model: str) -> int:
+    from nexus.models.liveness import SLOTS_KEY
+
+    return sum(int(v) for v in services.redis.hgetall(SLOTS_KEY.format(model=model)).values())
+
+
+def _take_all_but(services, model: str, keep_free: int) -> list:
+    """Take serving slots as other API processes would, leaving `keep_free` of them."""
+    taken = []
+    for i in range(_slots_of(services, TINY) - keep_free):
+        slot = services.admission.acquire(model, f"elsewhere-{i}", hold_seconds=60, wait_seconds=0)
+        assert slot is not None
+        taken.append(slot)
+    return taken
+
+
+@pytest.fixture(scope="module")
+def impatient_api(settings, session_dir):
+    """A second API process on the same cluster whose requests wait at most 1 s for a serving slot."""
+    from nexus.localservers import free_port
+    from tests.support import start_api
+
+    process, url = start_api(settings.model_copy(update={"api_port": free_port(),
+                                                         "inference_admission_wait_seconds": 1.0}),
+                             session_dir, name="api-impatient")
+    yield url
+    process.stop()
+
+
+def test_every_instance_full_means_429_after_the_admission_bound(sdk, services, impatient_api, live_api):
+    taken = _take_all_but(services, TINY, keep_free=0)
+    client = openai.OpenAI(base_url=impatient_api + "/v1", api_key=live_api[1], max_retries=0, timeout=30)
+    started = time.monotonic()
+    with pytest.raises(openai.RateLimitError) as caught:
+        client.completions.create(model=TINY, prompt="Hello", max_tokens=4, stream=True)
+    assert 1.0 <= time.monotonic() - started < 10
+    assert caught.value.status_code == 429 and caught.value.code == "rate_limit_exceeded"
+    assert "busy" in caught.value.message
+    taken.pop().release()  # a slot comes free: the next request is served
+    assert client.completions.create(model=TINY, prompt="Hello", max_tokens=4, temperature=0).choices[0].text
+    for slot in taken:
+        slot.release()
+
+
+def test_requests_beyond_the_free_slots_wait_and_are_all_answered(sdk, services):
+    from concurrent.futures import ThreadPoolExecutor
+
+    taken = _take_all_but(services, TINY, keep_free=2)
+    expected = sdk.completions.create(model=TINY, prompt="Queues carry", max_tokens=6, temperature=0).choices[0].text
+
+    def one(_):
+        return "".join(c.choices[0].text for c in sdk.completions.create(
+            model=TINY, prompt="Queues carry", max_tokens=6, temperature=0, stream=True) if c.choices)
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(one, range(8)))  # 8 requests, 2 slots: 6 wait their turn, none is dropped
+    assert answers == [expected] * 8
+    assert services.admission.in_flight(TINY) == len(taken)  # every finished request gave its slot back
+    for slot in taken:
+        slot.release()

@@ -155,9 +155,11 @@ def test_api_runs_migrations_under_a_production_wsgi_server():
 
     command = master_services()["api"]["command"]
     assert command[:2] == ["nexus", "master"]
-    assert "--workers" in command and {p.name for p in master_cmd.params} >= {"workers", "threads"}
+    assert "--workers" in command and {p.name for p in master_cmd.params} >= {"workers"}
     source = (ROOT / "nexus/master.py").read_text()
     assert "upgrade_head" in source and "gunicorn" in source
+    # Streams and long-polls hold a greenlet each, not a thread: every start goes through `nexus master`.
+    assert '"--worker-class", "gevent"' in source and "api_worker_connections" in source
 
 
 def test_flower_has_basic_auth_and_binds_the_internal_address():

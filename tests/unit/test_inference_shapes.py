@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -11,7 +12,7 @@ from nexus.serving.batch import chunk_ranges, error_line, failed_chunk_lines, pa
 from nexus.models.catalog import BackendKind, ModelSpec, check_spec
 from nexus.inference.openai_shapes import (ContextLengthExceededError, Endpoint, InvalidRequestError, OpenAIError,
                                            parse_body)
-from nexus.inference.streams import EventWriter, decode_event
+from nexus.inference.streams import EventWriter, decode_event, merge_deltas
 from nexus.inference.types import (ChatMessage, Choice, FinishReason, GenerationRequest, GenerationResult,
                                    SamplingParams, StreamDelta, Usage)
 
@@ -109,7 +110,7 @@ def test_stream_events_round_trip():
     writer.usage(Usage(4, 5))
     writer.result(result)
     writer.error(error)
-    decoded = [decode_event(e) for e in recorder.events]
+    decoded = [event for raw in recorder.events for event in decode_event(raw)]
     assert decoded[:3] == [delta, Usage(4, 5), result]
     assert decoded[3].error.body() == error.body() and decoded[3].error.status == 400
 
@@ -147,3 +148,34 @@ def test_openai_errors_keep_their_shape():
     error = OpenAIError("nope", status=503, type="service_unavailable_error", code="model_unavailable")
     assert error.body() == {"error": {"message": "nope", "type": "service_unavailable_error", "param": None,
                                       "code": "model_unavailable"}}
+
+
+def test_the_first_delta_goes_out_at_once_and_the_rest_per_interval():
+    recorder = _Recorder()
+    writer = EventWriter(recorder, "job", 60, interval_ms=200)
+    for token in ["He", "llo", ",", " wor", "ld"]:
+        writer.delta(StreamDelta(0, token))
+    assert recorder.events == [{"t": "deltas", "d": [[0, "He", None]]}]  # time to first token is kept
+    writer.delta(StreamDelta(0, "!", FinishReason.STOP))
+    writer.usage(Usage(3, 6))  # the final event writes what was buffered first, in order
+    assert recorder.events[1:] == [{"t": "deltas", "d": [[0, "llo, world!", "stop"]]}, {"t": "usage", "p": 3, "c": 6}]
+
+
+def test_buffered_text_is_flushed_without_waiting_for_the_next_token():
+    recorder = _Recorder()
+    writer = EventWriter(recorder, "job", 60, interval_ms=10)
+    writer.delta(StreamDelta(0, "a"))
+    writer.delta(StreamDelta(1, "b"))
+    writer.delta(StreamDelta(1, "c"))
+    deadline = time.monotonic() + 5
+    while len(recorder.events) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert recorder.events[1] == {"t": "deltas", "d": [[1, "bc", None]]}
+
+
+def test_a_read_batch_is_one_delta_per_choice_then_the_final_event():
+    events = [StreamDelta(0, "a"), StreamDelta(1, "x"), StreamDelta(0, "b", FinishReason.LENGTH),
+              StreamDelta(1, "y", FinishReason.STOP), Usage(1, 4)]
+    assert merge_deltas(events) == [StreamDelta(0, "ab", FinishReason.LENGTH), StreamDelta(1, "xy", FinishReason.STOP),
+                                    Usage(1, 4)]
+    assert decode_event({"t": "delta", "i": 0, "x": "old", "f": None}) == [StreamDelta(0, "old")]  # earlier workers
