@@ -48,12 +48,14 @@ class HeartbeatAnswer:
 # A machine that was re-installed comes back under its old name with a new identity: an offline
 # namesake is retired (removed) so the name is free; a live namesake keeps it.
 # A namesake that is offline is a node coming back under a new identity. One still `registering`
-# never heard its answer: the agent's register timed out after the master created the row (a slow,
+# for longer than UNANSWERED_REGISTRATION_SECONDS never heard its answer: the agent's register
+# timed out (NEXUS_AGENT_REQUEST_TIMEOUT_SECONDS, 10 s) after the master created the row (a slow,
 # loaded master), and the agent, holding no token for that row, asks again. Both give way to the
-# new registration, so retrying a register is safe.
+# new registration, so retrying a register is safe; a namesake registering right now keeps its name.
+UNANSWERED_REGISTRATION_SECONDS = 5.0
 _RETIRE_OFFLINE_NAMESAKE = text(
-    "UPDATE nodes SET state = 'removed', state_changed_at = now() "
-    "WHERE name = :name AND state IN ('offline', 'registering')")
+    "UPDATE nodes SET state = 'removed', state_changed_at = now() WHERE name = :name AND (state = 'offline' "
+    f"OR state = 'registering' AND registered_at < now() - interval '{UNANSWERED_REGISTRATION_SECONDS} seconds')")
 
 _INSERT_NODE = text(
     f"""INSERT INTO nodes (id, name, token_hash, state, tier, gpu_tiers, queues, gpu_count, vram_total_mb,

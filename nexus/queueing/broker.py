@@ -6,19 +6,24 @@ a worker fetched and has not acknowledged leaves the list for the `unacked` hash
 {delivery tag: JSON [message, exchange, routing key]}, until the worker acks it or kombu restores
 it after the visibility timeout. That is where messages in a worker's prefetch are, and messages
 delayed by a countdown/ETA (a decline-retry): Celery workers hold those, unacknowledged, until due.
-A message is present when it is in either place.
+A message is present when it is in either place, with one exception: a message held longer than
+`HELD_FRESH_SECONDS` past its delivery (or its ETA) is not counted. A live worker starts what it
+holds at once (prefetch multiplier 1: it holds only what it runs), so a message held that long
+belongs to a worker that was killed: its job waits, and only the visibility timeout (hours) would
+give the message back. Counting it as present left such jobs queued until then.
 
 The broker epoch is a marker the reconciler sets; a broker that lost its data lost it too.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import base64
 import json
+import time
 import uuid
 from collections import Counter
+from datetime import datetime
+from typing import Any, Iterator
 
 import redis
 from kombu.transport.redis import Channel
@@ -27,6 +32,8 @@ from nexus.queueing.celery_app import BROKER_KEY_SEP, PRIORITY_LEVELS, RUN_JOB_T
 
 EPOCH_KEY = "nexus:broker-epoch"
 UNACKED_KEY = Channel.unacked_key  # kombu's default, which Nexus keeps
+UNACKED_INDEX_KEY = Channel.unacked_index_key  # delivery tag -> when it was delivered
+HELD_FRESH_SECONDS = 30.0
 SCAN_PAGE = 1000
 
 
@@ -43,13 +50,38 @@ def queue_depth(client: redis.Redis, queue: str) -> int:
     return sum(pipe.execute())
 
 
+def decoded(value: bytes | str) -> str:
+    """A Redis reply as text (clients may or may not decode responses)."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def held_messages(client: redis.Redis, now: float | None = None) -> Iterator[tuple[dict[str, Any], str]]:
+    """(message, routing key) of each message a live worker holds unacknowledged (see the module doc)."""
+    pipe = client.pipeline(transaction=False)
+    pipe.hgetall(UNACKED_KEY)
+    pipe.zrange(UNACKED_INDEX_KEY, 0, -1, withscores=True)
+    entries, delivered = pipe.execute()
+    delivered_at = {decoded(tag): score for tag, score in delivered}
+    now = time.time() if now is None else now
+    for tag, entry in entries.items():
+        message, _exchange, routing_key = json.loads(entry)
+        since = max(delivered_at.get(decoded(tag), now), _eta(message))
+        if now - since <= HELD_FRESH_SECONDS:
+            yield message, routing_key
+
+
 def held_by_queue(client: redis.Redis) -> Counter[str]:
-    """Messages fetched by workers and not yet acknowledged, counted by the queue they came from."""
-    held: Counter[str] = Counter()
-    for entry in client.hvals(UNACKED_KEY):
-        _message, _exchange, routing_key = json.loads(entry)
-        held[routing_key] += 1
-    return held
+    """Messages live workers fetched and have not yet acknowledged, counted by the queue they came from."""
+    return Counter(routing_key for _message, routing_key in held_messages(client))
+
+
+def _eta(message: dict[str, Any]) -> float:
+    """When a countdown/ETA message is due (0 for one without)."""
+    eta = message.get("headers", {}).get("eta")
+    try:
+        return datetime.fromisoformat(eta).timestamp() if eta else 0.0
+    except (TypeError, ValueError):
+        return 0.0
 
 
 def job_messages(client: redis.Redis, queue: str) -> set[tuple[str, int]]:
@@ -64,8 +96,7 @@ def job_messages(client: redis.Redis, queue: str) -> set[tuple[str, int]]:
         while page := client.lrange(key, start, start + SCAN_PAGE - 1):
             found.update(filter(None, map(_job_of, map(json.loads, page))))
             start += len(page)
-    for entry in client.hvals(UNACKED_KEY):
-        message, _exchange, routing_key = json.loads(entry)
+    for message, routing_key in held_messages(client):
         if routing_key == queue and (job := _job_of(message)):
             found.add(job)
     return found

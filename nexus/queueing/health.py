@@ -35,6 +35,7 @@ from celery import Celery
 from celery.signals import celeryd_after_setup, worker_ready, worker_shutdown
 
 from nexus.config import Settings
+from nexus.queueing.broker import decoded
 from nexus.queueing.celery_app import PRIORITY_LEVELS
 
 log = logging.getLogger(__name__)
@@ -210,13 +211,9 @@ def _active_count() -> int:
 # --- reading the records: /healthz and the agent's supervisor -------------------------------
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def worker_records(client: redis.Redis) -> list[dict[str, Any]]:
     """Every live worker's record; names whose record expired (dead workers) are forgotten."""
-    names = sorted(_text(n) for n in client.smembers(REGISTRY_KEY))
+    names = sorted(decoded(n) for n in client.smembers(REGISTRY_KEY))
     pipe = client.pipeline(transaction=False)
     for name in names:
         pipe.hgetall(record_key(name))
@@ -225,7 +222,7 @@ def worker_records(client: redis.Redis) -> list[dict[str, Any]]:
         if not raw:
             gone.append(name)
             continue
-        record = {_text(k): _text(v) for k, v in raw.items()}
+        record = {decoded(k): decoded(v) for k, v in raw.items()}
         records.append({"name": name, "state": record.get("state", UNKNOWN), "pid": int(record.get("pid", 0)),
                         "host": record.get("host"), "seen_at": float(record.get("seen_at", 0)),
                         "active": int(record.get("active", 0)), "concurrency": int(record.get("concurrency", 0))})

@@ -18,7 +18,8 @@ import pytest
 import requests
 
 from nexus.queueing import broker
-from nexus.queueing.routing import Requirements, route_for
+from nexus.config import Settings
+from nexus.queueing.routing import Requirements, route_for, vram_thresholds
 from tests.chaos.agents import AgentNodes
 from tests.chaos.audit import audit, events_with, wait_all_final
 from tests.chaos.cluster import NODE_OFFLINE_AFTER_SECONDS, NODE_QUARANTINE_AFTER_FAILURES
@@ -194,7 +195,7 @@ def test_backlog_on_an_unconsumed_queue_keeps_one_message_per_job(cluster, agent
     """Jobs for a tier no agent has wait for many reconcile passes while the agents run a stream."""
     count, wait = BACKLOG_JOBS[profile.name], BACKLOG_WAIT_SECONDS[profile.name]
     requirements = {"tier": "ai_factory"}
-    queue = route_for(Requirements.parse(requirements))
+    queue = route_for(Requirements.parse(requirements), vram_thresholds(Settings()))  # a pinned tier: no VRAM rule
     backlog_tenant, tenant = new_tenant("backlog"), new_tenant("beside-backlog")
     headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     backlog_ids = []

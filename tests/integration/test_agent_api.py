@@ -83,6 +83,18 @@ def test_a_live_name_is_taken_but_an_offline_namesake_is_replaced(api, services)
     assert beat(api, second).status_code == 200
 
 
+def test_a_register_whose_answer_was_lost_may_be_retried(api, services):
+    """The master created the row but the agent's request timed out: it holds no token and asks again."""
+    lost = registered(api, "slow-answer")
+    assert register(api, "slow-answer").status_code == 409  # a namesake registering right now keeps its name
+    with services.engine.begin() as conn:  # as the agent retries after its request timeout
+        conn.execute(text("UPDATE nodes SET registered_at = now() - interval '11 seconds' WHERE id = :id"),
+                     {"id": lost["node_id"]})
+    retried = registered(api, "slow-answer")
+    assert node_row(services, lost["node_id"])["state"] == "removed"
+    assert beat(api, retried).status_code == 200
+
+
 # --- heartbeats -----------------------------------------------------------------------------------
 
 def test_heartbeat_makes_the_node_ready_and_stores_its_resources(api, services):

@@ -92,6 +92,23 @@ def test_messages_held_by_workers_count_as_present(services):
         assert messages(services) == len(jobs)
 
 
+def test_messages_held_by_a_killed_worker_are_republished(services):
+    """A SIGKILLed worker's prefetch stays in the `unacked` hash until the visibility timeout (hours);
+    a live worker starts what it holds at once, so a message held past the freshness bound is lost."""
+    reconciler = reconciler_for(services)
+    jobs = backlog(services, 10)
+    with services.celery.connection_for_read() as conn:
+        channel = conn.default_channel
+        held = [channel.basic_get(QUEUE, no_ack=False) for _ in range(3)]  # then the worker is killed
+        assert all(held)
+        delivered_long_ago = time.time() - broker.HELD_FRESH_SECONDS - 5
+        for tag in services.redis.hkeys(broker.UNACKED_KEY):
+            services.redis.zadd(broker.UNACKED_INDEX_KEY, {tag: delivered_long_ago})
+        assert broker.held_by_queue(services.redis)[QUEUE] == 0
+        assert passes(reconciler, 3) == 3
+        assert broker.queue_depth(services.redis, QUEUE) == len(jobs)
+
+
 def test_a_crashed_publisher_is_recovered(services):
     """The row was committed, its message never published."""
     reconciler = reconciler_for(services)
