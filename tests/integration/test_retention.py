@@ -86,8 +86,10 @@ def test_zero_keeps_everything_and_old_removed_nodes_and_stopped_instances_go(se
                                     (gen_random_uuid(), 'm', 'running', now() - interval '60 days')"""))
     keep_all = services.settings.model_copy(update={"retention_completion_seconds": 0, "retention_seconds": 0})
     assert not any(retention_pass(services.engine, keep_all).values())
+    # The counts are this pass's; the session's reconciler process (when an earlier test started it)
+    # runs the same passes on the same tables, so the rows left are what the test checks.
     counts = retention_pass(services.engine, services.settings)
-    assert counts["nodes_deleted"] == 1 and counts["instances_deleted"] == 1 and counts["jobs_deleted"] == 1
+    assert all(counts[kind] <= 1 for kind in ("nodes_deleted", "instances_deleted", "jobs_deleted"))
     with services.engine.connect() as conn:
         assert not _exists(conn, old)
         assert conn.execute(text("SELECT array_agg(name) FROM nodes")).scalar() == ["here"]
