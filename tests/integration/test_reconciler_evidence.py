@@ -134,5 +134,9 @@ def test_a_flushed_broker_gets_every_waiting_job_republished(services):
     counts = reconciler.run_once()
     expected = {(job, 1) for job in queued + [newcomer]} | {(retried, 2)}
     assert broker.job_messages(services.redis, QUEUE) == expected
-    assert counts["broker_data_lost"] == 1 and counts["queued_republished"] == len(queued) + 1
-    assert passes(reconciler, 3) == 0 and messages(services) == len(expected)
+    # The session's reconciler process (when an earlier test started it) watches the same broker and
+    # may notice the loss first: then it republishes and this one adopts its epoch. Either way every
+    # waiting job has its message, once.
+    assert counts["queued_republished"] <= len(queued) + 1
+    passes(reconciler, 3)
+    assert messages(services) == len(expected)
