@@ -24,6 +24,9 @@ from nexus.queueing.tiers import TIER_ORDER
 ACTIVE_COUNTS = text("SELECT state, type, count(*) FROM jobs WHERE state IN ('queued', 'running', 'retrying') "
                      "GROUP BY state, type")
 FINISHED_COUNTS = text("SELECT state, type, sum(n) FROM job_counters GROUP BY state, type")
+# One statement, so one snapshot: read as two, a job finishing between them was counted
+# both running and succeeded (seen in CI).
+JOB_COUNTS = text(f"{ACTIVE_COUNTS.text} UNION ALL {FINISHED_COUNTS.text}")
 
 
 class NexusCollector:
@@ -32,7 +35,7 @@ class NexusCollector:
 
     def collect(self):
         with self.services.engine.connect() as conn:
-            rows = conn.execute(ACTIVE_COUNTS).all() + conn.execute(FINISHED_COUNTS).all()
+            rows = conn.execute(JOB_COUNTS).all()
             queues = {r[0] for r in conn.execute(text(
                 f"SELECT DISTINCT queue FROM jobs WHERE {sql_in('state', CLAIMABLE_STATES)}"))}
         jobs = GaugeMetricFamily("nexus_jobs", "Jobs by state and type", labels=["state", "type"])

@@ -177,7 +177,8 @@ def impatient_api(settings, session_dir):
     from nexus.localservers import free_port
     from tests.support import start_api
 
-    process, url = start_api(settings.model_copy(update={"api_port": free_port(),
+    # node_api_port 0: the session's master already serves the node API; a second bind would fail and stop this one
+    process, url = start_api(settings.model_copy(update={"api_port": free_port(), "node_api_port": 0,
                                                          "inference_admission_wait_seconds": 1.0}),
                              session_dir, name="api-impatient")
     yield url
