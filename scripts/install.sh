@@ -3,5 +3,13 @@
 # torch first, pinned, so pip takes the local CPU wheel instead of several GB of CUDA packages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Headless Chromium and its driver for the browser tests (Flower, the console), from Debian's packages.
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    apt-get install -y -q chromium chromium-driver >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null; }
+  else
+    echo "install chromium and chromedriver for the browser tests" >&2
+  fi
+fi
 python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[local,cpu,dev]"
