@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -185,26 +187,115 @@ def merge_deltas(events: list[Event]) -> list[Event]:
     return [*merged.values(), *rest]
 
 
+class StreamHub:
+    """One blocking XREAD per process for every generation stream its requests are reading.
+
+    With an XREAD per request, 2,000 open streams held 2,000 Redis connections and
+    every engine step cost one round trip per stream. The hub's loop reads all of
+    them in one command and hands each request what arrived for it; a request that
+    subscribes appends to the hub's own wake stream, which is part of every read,
+    so the loop starts over with the new key at once (the request's first text then
+    arrives through the next read). Entries are delivered in order and none is
+    missed: each subscription's read starts after the last entry it was given. The
+    loop runs while someone is subscribed and stops when nobody is.
+    """
+
+    def __init__(self, client: redis.Redis, block_ms: int = 1000) -> None:
+        self._client, self._block_ms = client, block_ms
+        self._wake_key = f"nexus:gen-wake:{uuid.uuid4().hex}"
+        self._subscriptions: dict[str, _Subscription] = {}
+        self._lock = threading.Lock()
+        self._reading = False  # the loop runs
+
+    def subscribe(self, job_id) -> "_Subscription":
+        subscription = _Subscription(stream_key(job_id))
+        with self._lock:
+            self._subscriptions[subscription.key] = subscription
+            if not self._reading:
+                self._reading = True
+                threading.Thread(target=self._run, name="nexus-stream-hub", daemon=True).start()
+        pipe = self._client.pipeline(transaction=False)
+        pipe.xadd(self._wake_key, {"w": 1}, maxlen=1)
+        pipe.expire(self._wake_key, 60)
+        pipe.execute()
+        return subscription
+
+    def unsubscribe(self, subscription: "_Subscription") -> None:
+        with self._lock:
+            if self._subscriptions.get(subscription.key) is subscription:
+                del self._subscriptions[subscription.key]
+
+    def _run(self) -> None:
+        wake_from = "0-0"
+        while True:
+            with self._lock:
+                if not self._subscriptions:
+                    self._reading = False
+                    return
+                streams = {self._wake_key: wake_from, **{k: s.read_from for k, s in self._subscriptions.items()}}
+            try:
+                reply = self._client.xread(streams, count=1024, block=self._block_ms)
+            except (redis.RedisError, OSError) as exc:  # Redis away: each request times out on its own
+                log.warning("could not read the generation streams: %s", exc)
+                time.sleep(0.2)
+                continue
+            for key, entries in reply or ():
+                key = key.decode() if isinstance(key, bytes) else key
+                if key == self._wake_key:
+                    wake_from = entries[-1][0]
+                    continue
+                with self._lock:
+                    subscription = self._subscriptions.get(key)
+                if subscription is not None:
+                    subscription.read_from = entries[-1][0]
+                    subscription.arrived.put(entries)
+
+
+class _Subscription:
+    def __init__(self, key: str) -> None:
+        self.key, self.read_from = key, "0-0"
+        self.arrived: queue.Queue = queue.Queue()
+
+
+_hubs: dict[int, StreamHub] = {}
+_hubs_lock = threading.Lock()
+
+
+def hub_for(client: redis.Redis) -> StreamHub:
+    with _hubs_lock:
+        hub = _hubs.get(id(client))
+        if hub is None:
+            hub = _hubs[id(client)] = StreamHub(client)
+        return hub
+
+
 def read_batches(client: redis.Redis, job_id, idle_check, block_ms: int = 1000) -> Iterator[list[Event]]:
     """What arrived since the last read, deltas merged per choice, until a final event (usage,
     result or error). While nothing arrives, `idle_check(seconds_idle)` runs every `block_ms`;
-    it raises to give up (job failed, timeout)."""
-    key, last_id, idle_since = stream_key(job_id), "0-0", time.monotonic()
-    while True:
-        reply = client.xread({key: last_id}, count=1024, block=block_ms)
-        if not reply:
-            idle_check(time.monotonic() - idle_since)
-            continue
-        idle_since = time.monotonic()
-        batch: list[Event] = []
-        for entry_id, fields in reply[0][1]:
-            last_id = entry_id  # the next read starts after this entry
-            batch += decode_event(json.loads(fields[b"e"] if b"e" in fields else fields["e"]))
+    it raises to give up (job failed, timeout). Reads through the process's StreamHub."""
+    hub = hub_for(client)
+    subscription = hub.subscribe(job_id)
+    idle_since = time.monotonic()
+    try:
+        while True:
+            try:
+                entries = subscription.arrived.get(timeout=block_ms / 1000)
+            except queue.Empty:
+                idle_check(time.monotonic() - idle_since)
+                continue
+            while not subscription.arrived.empty():  # all that is here goes out as one batch
+                entries = entries + subscription.arrived.get_nowait()
+            idle_since = time.monotonic()
+            batch: list[Event] = []
+            for _, fields in entries:
+                batch += decode_event(json.loads(fields[b"e"] if b"e" in fields else fields["e"]))
+                if not isinstance(batch[-1], StreamDelta):
+                    break
+            yield merge_deltas(batch)
             if not isinstance(batch[-1], StreamDelta):
-                break
-        yield merge_deltas(batch)
-        if not isinstance(batch[-1], StreamDelta):
-            return
+                return
+    finally:  # also when the reader stops early (the client went away): the generator is closed
+        hub.unsubscribe(subscription)
 
 
 def read_events(client: redis.Redis, job_id, idle_check, block_ms: int = 1000) -> Iterator[Event]:

@@ -144,15 +144,21 @@ def test_a_model_nobody_serves_is_503_at_once(sdk, services, tiny_model_dir):
 def test_streamed_text_comes_in_multi_token_deltas_and_equals_the_whole_answer(sdk):
     prompt = "The quick brown fox"
     whole = sdk.completions.create(model=TINY, prompt=prompt, max_tokens=96, temperature=0)
+    started = time.monotonic()
     chunks = list(sdk.completions.create(model=TINY, prompt=prompt, max_tokens=96, temperature=0, stream=True,
                                          stream_options={"include_usage": True}))
+    elapsed = time.monotonic() - started
     texts = [c.choices[0].text for c in chunks if c.choices]
     assert "".join(texts) == whole.choices[0].text
     tokens = chunks[-1].usage.completion_tokens
     assert tokens == whole.usage.completion_tokens
     # The worker writes a request's new text per stream interval (150 ms here), not per token: the first
-    # delta alone, then several tokens a chunk. One entry per token gave about one chunk per token.
-    assert tokens > 16 and len(texts) <= tokens / 2, (len(texts), tokens)
+    # delta alone, then one chunk per interval at most. One entry per token gave about one chunk per token.
+    # On a loaded machine generation slows down and the chunks grow in number, never past this bound.
+    interval = 0.150
+    assert tokens > 16 and len(texts) <= 2 + 1.5 * elapsed / interval, (len(texts), tokens, elapsed)
+    if elapsed < tokens * interval / 4:  # fast enough to tell the two designs apart
+        assert len(texts) <= tokens / 2, (len(texts), tokens, elapsed)
 
 
 def _slots_of(services, model: str) -> int:
