@@ -106,7 +106,7 @@ def _targets(conn, spec: ModelSpec, asked: list[str]) -> list[tuple[str, Paralle
     reservations = live_reservations(conn)
     now = datetime.now(timezone.utc)
     targets = []
-    wanted = list(dict.fromkeys(asked)) or [names[v.node_id] for v in views if v.state.takes_work]
+    wanted = list(dict.fromkeys(asked)) or sorted(names[v.node_id] for v in views if v.state.takes_work)
     for wanted_node in wanted:
         node_id = wanted_node if wanted_node in names else ids.get(wanted_node)
         if node_id is None:

@@ -107,7 +107,9 @@ def _wait_for_nodes(ctx: JobContext, names: list[str], sweep: Sweep, timeout: fl
     deadline = time.monotonic() + timeout
     total = len(names) * sweep.cells_per_node
     while True:
-        by_node = {row.idempotency_key.rsplit("node-", 1)[1]: row for row in ctx.children() if row.idempotency_key}
+        # Children's keys are "<parent id>:node-<name>" (JobContext.submit_children prefixes the parent).
+        by_node = {row.idempotency_key.split(":node-", 1)[1]: row for row in ctx.children()
+                   if row.idempotency_key and ":node-" in row.idempotency_key}
         done = sum(_cells_done(row, sweep) for row in by_node.values())
         finished = [row for row in by_node.values() if row.state in FINAL]
         if len(finished) == len(names):
