@@ -96,6 +96,7 @@ def test_a_benchmark_over_two_nodes_measures_eight_cells_and_placement_uses_it(c
     plot_path = root / "bench.png"
     out = nexus_cli(env, "bench", "run", "tiny", "-b", "1,4", "-c", "32,128", "--output-tokens", "16",
                     "--plot", str(plot_path))
+    print(out)  # shown with -s: the progress lines and the table
     assert "8/8 cells" in out and "plot saved" in out, out  # progress, then the table
     assert "dev-worker-1" in out and "dev-worker-2" in out and "out tok/s" in out
 
