@@ -10,6 +10,7 @@ nodes' measured capacity (nexus.benchmarks.records).
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -34,6 +35,8 @@ from nexus.jobs.records import Job
 from nexus.models import catalog
 from nexus.models.catalog import BackendKind, ModelSpec
 from nexus.models.placement import ParallelismPlan, PlacementError, PlacementRequest, place
+from nexus.nodes.fit import NodeView, Reservation
+from nexus.queueing.routing import node_queue
 
 bp = APIBlueprint("benchmarks", __name__, url_prefix="/api/v1/benchmarks", tag="Benchmarks")
 
@@ -90,37 +93,68 @@ def submit(body: BenchmarkRequest):
     return _view(row), 201
 
 
-_NODE_NAMES = text("SELECT id, name FROM nodes WHERE state <> 'removed'")
+_NODE_ROWS = text("SELECT id, name, queues FROM nodes WHERE state <> 'removed'")
+
+
+class _CannotServe(Exception):
+    def __init__(self, message: str, node: str) -> None:
+        super().__init__(message)
+        self.node = node
+
+
+@dataclass
+class _Fleet:
+    """The live nodes as a benchmark sees them: names, ids, placement views, whether each takes pinned jobs."""
+
+    names: dict[str, str]  # id -> name
+    pinnable: set[str]  # names of nodes whose workers consume their own queue
+    views: list[NodeView]
+    reservations: list[Reservation]
+
+    @classmethod
+    def read(cls, conn) -> "_Fleet":
+        from nexus.nodes.reservations import fleet, live_reservations
+
+        rows = conn.execute(_NODE_ROWS).all()
+        return cls({str(r.id): r.name for r in rows},
+                   {r.name for r in rows if node_queue(r.name) in (r.queues or ())},
+                   fleet(conn, gpu_only=False), live_reservations(conn))
+
+    def ready_names(self) -> list[str]:
+        return sorted(self.names[v.node_id] for v in self.views if v.state.takes_work)
+
+    def plan(self, spec: ModelSpec, reference: str) -> tuple[str, ParallelismPlan]:
+        """The node's name and the plan a temporary instance of the model would use on it."""
+        node_id = reference if reference in self.names else \
+            next((i for i, name in self.names.items() if name == reference), None)
+        if node_id is None:
+            raise _CannotServe(f"no node is named {reference!r}", reference)
+        name = self.names[node_id]
+        try:
+            plan = place(PlacementRequest(spec.vram_mb, spec.min_tier, node_ids=frozenset({node_id})),
+                         self.views, self.reservations, datetime.now(timezone.utc))
+        except PlacementError as exc:
+            raise _CannotServe(f"node {name!r} cannot serve model {spec.name!r}: {exc}", name) from None
+        if name not in self.pinnable:  # an agent from before node queues would never take its part
+            raise _CannotServe(f"node {name!r} does not consume its own queue {node_queue(name)!r}: "
+                               "upgrade its agent", name)
+        return name, plan
 
 
 def _targets(conn, spec: ModelSpec, asked: list[str]) -> list[tuple[str, ParallelismPlan]]:
-    """(node name, the plan a temporary instance would use there) for every node to measure."""
+    """(node name, plan) for every node to measure: those asked for (each must serve the model),
+    or every ready node that can."""
     if spec.backend is BackendKind.OPENAI:
         raise ApiError(400, f"model {spec.name!r} is served by an outside server, not by a node",
                        {"field": "model"}, code="invalid_benchmark")
-    from nexus.nodes.reservations import fleet, live_reservations
-
-    names = {str(r.id): r.name for r in conn.execute(_NODE_NAMES)}
-    ids = {name: node_id for node_id, name in names.items()}
-    views = fleet(conn, gpu_only=False)
-    reservations = live_reservations(conn)
-    now = datetime.now(timezone.utc)
+    fleet = _Fleet.read(conn)
     targets = []
-    wanted = list(dict.fromkeys(asked)) or sorted(names[v.node_id] for v in views if v.state.takes_work)
-    for wanted_node in wanted:
-        node_id = wanted_node if wanted_node in names else ids.get(wanted_node)
-        if node_id is None:
-            raise ApiError(400, f"no node is named {wanted_node!r}", {"field": "nodes", "node": wanted_node},
-                           code="invalid_benchmark")
+    for reference in list(dict.fromkeys(asked)) or fleet.ready_names():
         try:
-            plan = place(PlacementRequest(spec.vram_mb, spec.min_tier, node_ids=frozenset({node_id})),
-                         views, reservations, now)
-        except PlacementError as exc:
-            if not asked:
-                continue  # the default: every node that can serve it
-            raise ApiError(400, f"node {names[node_id]!r} cannot serve model {spec.name!r}: {exc}",
-                           {"field": "nodes", "node": names[node_id]}, code="invalid_benchmark") from None
-        targets.append((names[node_id], plan))
+            targets.append(fleet.plan(spec, reference))
+        except _CannotServe as exc:
+            if asked:
+                raise ApiError(400, str(exc), {"field": "nodes", "node": exc.node}, code="invalid_benchmark") from None
     if not targets:
         raise ApiError(400, f"no ready node can serve model {spec.name!r}", {"field": "nodes"},
                        code="invalid_benchmark")

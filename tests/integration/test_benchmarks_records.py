@@ -15,6 +15,7 @@ import nexus.db.benchmarks  # noqa: F401  (registers the benchmark tables on the
 from nexus.benchmarks import records
 from nexus.benchmarks.cells import Cell
 from nexus.db.models import Base
+from tests.agent_support import registered
 
 OURS = ("benchmarks", "benchmark_cells", "node_capacity")
 T0 = datetime(2026, 12, 1, 12, 0, tzinfo=timezone.utc)
@@ -58,8 +59,6 @@ def test_a_finished_benchmark_is_recorded_once_and_the_latest_measurement_wins(s
 
 
 def test_capacity_follows_live_nodes_by_name(services, api):
-    from tests.agent_support import registered
-
     node = registered(api, "bench-node-1")
     with services.engine.begin() as conn:
         finished_benchmark(conn, [cell("bench-node-1", 1, 77.0), cell("gone-node", 1, 88.0)], T0)
@@ -73,3 +72,21 @@ def _admin() -> str:
     from tests.support import ADMIN_TOKEN
 
     return ADMIN_TOKEN
+
+
+def test_a_node_whose_workers_do_not_take_pinned_jobs_is_refused(services, api):
+    from nexus.models import catalog
+    from nexus.models.catalog import ModelSpec
+    from tests.agent_support import beat
+
+    with services.engine.begin() as conn:
+        catalog.insert_model(conn, ModelSpec("tiny", "/models/tiny", max_model_len=512))
+    old_agent = registered(api, "old-agent-node")  # registers its tier queues only
+    assert beat(api, old_agent).status_code == 200
+    body = {"model": "tiny", "batch_sizes": [1], "context_lengths": [32]}
+    headers = {"Authorization": "Bearer " + _admin()}
+    named = api.post("/api/v1/benchmarks", json={**body, "nodes": ["old-agent-node"]}, headers=headers)
+    assert named.status_code == 400 and named.json["error"]["details"] == {"field": "nodes", "node": "old-agent-node"}
+    assert "own queue" in named.json["error"]["message"]
+    by_default = api.post("/api/v1/benchmarks", json=body, headers=headers)  # left out, so no node at all
+    assert by_default.status_code == 400 and by_default.json["error"]["details"] == {"field": "nodes"}
