@@ -27,14 +27,15 @@ from nexus.api.views import jsonable
 from nexus.auth import Role
 from nexus.benchmarks import records
 from nexus.benchmarks.cells import Cell
-from nexus.benchmarks.jobs import BENCHMARK_TYPE, DEFAULT_NODE_TIMEOUT_SECONDS, spec_to_payload
+from nexus.benchmarks.jobs import BENCHMARK_TYPE, DEFAULT_NODE_TIMEOUT_SECONDS, BenchmarkTarget, spec_to_payload
 from nexus.benchmarks.plot import plot_png
 from nexus.benchmarks.sweep import MAX_AXIS, MAX_NODES, Sweep, SweepInvalid, check_model_length, check_size
 from nexus.jobs import queries
 from nexus.jobs.records import Job
-from nexus.models import catalog
+from nexus.models import catalog, liveness
 from nexus.models.catalog import BackendKind, ModelSpec
-from nexus.models.placement import ParallelismPlan, PlacementError, PlacementRequest, place
+from nexus.models.instances import child_name
+from nexus.models.placement import PlacementError, PlacementRequest, place
 from nexus.nodes.fit import NodeView, Reservation
 from nexus.queueing.routing import node_queue
 
@@ -86,7 +87,7 @@ def submit(body: BenchmarkRequest):
         raise ApiError(400, str(exc), {"field": exc.field}, code="invalid_benchmark") from None
     payload = {"sweep": sweep.to_dict(), "model_spec": spec_to_payload(spec), "priority": body.priority,
                "node_timeout_seconds": body.node_timeout_seconds,
-               "nodes": [{"name": name, "plan": plan.to_dict()} for name, plan in targets]}
+               "nodes": [target.to_dict() for target in targets]}
     [(row, _created)] = s.submitter.submit_many([{"type": BENCHMARK_TYPE, "payload": payload,
                                                   "priority": body.priority}],
                                                 tenant=caller().tenant, allow_internal=True)
@@ -110,21 +111,22 @@ class _Fleet:
     pinnable: set[str]  # names of nodes whose workers consume their own queue
     views: list[NodeView]
     reservations: list[Reservation]
+    serving: set[str]  # ids of nodes where an agent's worker serves the model now
 
     @classmethod
-    def read(cls, conn) -> "_Fleet":
+    def read(cls, conn, model: str) -> "_Fleet":
         from nexus.nodes.reservations import fleet, live_reservations
 
         rows = conn.execute(_NODE_ROWS).all()
         return cls({str(r.id): r.name for r in rows},
                    {r.name for r in rows if node_queue(r.name) in (r.queues or ())},
-                   fleet(conn, gpu_only=False), live_reservations(conn))
+                   fleet(conn, gpu_only=False), live_reservations(conn), _serving_nodes(conn, model))
 
     def ready_names(self) -> list[str]:
         return sorted(self.names[v.node_id] for v in self.views if v.state.takes_work)
 
-    def plan(self, spec: ModelSpec, reference: str) -> tuple[str, ParallelismPlan]:
-        """The node's name and the plan a temporary instance of the model would use on it."""
+    def target(self, spec: ModelSpec, reference: str) -> BenchmarkTarget:
+        """The node, the plan a temporary instance of the model would use on it, whether it serves it."""
         node_id = reference if reference in self.names else \
             next((i for i, name in self.names.items() if name == reference), None)
         if node_id is None:
@@ -138,20 +140,30 @@ class _Fleet:
         if name not in self.pinnable:  # an agent from before node queues would never take its part
             raise _CannotServe(f"node {name!r} does not consume its own queue {node_queue(name)!r}: "
                                "upgrade its agent", name)
-        return name, plan
+        return BenchmarkTarget(name, plan, node_id in self.serving)
 
 
-def _targets(conn, spec: ModelSpec, asked: list[str]) -> list[tuple[str, ParallelismPlan]]:
+def _serving_nodes(conn, model: str) -> set[str]:
+    """Nodes running a live instance of the model in a worker their agent started: that worker also
+    consumes node.<name>.model.<model> (nexus.worker.processes.instance_child), so the benchmark's
+    part there measures the running instance instead of starting a second one."""
+    live = set(liveness.live_instances(services().redis, model))
+    return {str(i["node_id"]) for i in catalog.list_instances(conn, model)
+            if i["state"] == "running" and str(i["id"]) in live and i["node_id"]
+            and str(i.get("worker") or "").startswith(child_name(i) + "@")}
+
+
+def _targets(conn, spec: ModelSpec, asked: list[str]) -> list[BenchmarkTarget]:
     """(node name, plan) for every node to measure: those asked for (each must serve the model),
     or every ready node that can."""
     if spec.backend is BackendKind.OPENAI:
         raise ApiError(400, f"model {spec.name!r} is served by an outside server, not by a node",
                        {"field": "model"}, code="invalid_benchmark")
-    fleet = _Fleet.read(conn)
+    fleet = _Fleet.read(conn, spec.name)
     targets = []
     for reference in list(dict.fromkeys(asked)) or fleet.ready_names():
         try:
-            targets.append(fleet.plan(spec, reference))
+            targets.append(fleet.target(spec, reference))
         except _CannotServe as exc:
             if asked:
                 raise ApiError(400, str(exc), {"field": "nodes", "node": exc.node}, code="invalid_benchmark") from None
@@ -237,6 +249,7 @@ def _view(job: Job) -> dict[str, Any]:
     view = _summary(job)
     view["cells"] = [cell.to_dict() for cell in _cells(job)]
     result = job.result if isinstance(job.result, dict) else {}
+    view["instances"] = result.get("instances", {})  # node -> "serving" (its running instance) or "temporary"
     bucket = s.settings.bucket_outputs
     view["json_url"] = s.store.presigned_get(bucket, job.output_key) if job.output_key else None
     view["csv_url"] = s.store.presigned_get(bucket, result["csv_key"]) if result.get("csv_key") else None

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 from nexus.benchmarks.cells import Cell, failed_cell, to_csv
@@ -37,6 +38,27 @@ FINAL = ("succeeded", "failed", "cancelled")
 POLL_SECONDS = 0.5
 DEFAULT_NODE_TIMEOUT_SECONDS = 3600
 WARMUP_TOKENS = 4
+
+
+@dataclass(frozen=True)
+class BenchmarkTarget:
+    """One node to measure: its name, the plan a temporary instance would use there, and whether an
+    instance of the model already runs there (its part then goes to that instance's worker)."""
+
+    node: str
+    plan: ParallelismPlan
+    serving: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.node, "plan": self.plan.to_dict(), "serving": self.serving}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "BenchmarkTarget":
+        return cls(raw["name"], ParallelismPlan.from_dict(raw.get("plan") or {}), bool(raw.get("serving")))
+
+    def requirements(self, model: str) -> dict[str, Any]:
+        """The node's own queue, or the queue of the model's serving workers on that node."""
+        return {"node": self.node, "model": model} if self.serving else {"node": self.node}
 
 
 def spec_to_payload(spec: ModelSpec) -> dict[str, Any]:
@@ -80,12 +102,13 @@ def benchmark_children(payload: dict[str, Any], _settings: Any) -> int:
 
 def run_benchmark(ctx: JobContext, payload: dict[str, Any]) -> dict[str, Any]:
     sweep = Sweep.from_dict(payload["sweep"])
-    names = [node["name"] for node in payload["nodes"]]
+    targets = [BenchmarkTarget.from_dict(raw) for raw in payload["nodes"]]
+    names = [target.node for target in targets]
     ctx.submit_children([{
-        "type": NODE_TYPE, "requirements": {"node": node["name"]}, "priority": int(payload.get("priority", 5)),
-        "payload": {"sweep": payload["sweep"], "model_spec": payload["model_spec"], "plan": node.get("plan") or {}},
-        "idempotency_key": f"node-{node['name']}",
-    } for node in payload["nodes"]])
+        "type": NODE_TYPE, "requirements": target.requirements(sweep.model), "priority": int(payload.get("priority", 5)),
+        "payload": {"sweep": payload["sweep"], "model_spec": payload["model_spec"], "plan": target.plan.to_dict()},
+        "idempotency_key": f"node-{target.node}",
+    } for target in targets])
     timeout = float(payload.get("node_timeout_seconds", DEFAULT_NODE_TIMEOUT_SECONDS))
     children = _wait_for_nodes(ctx, names, sweep, timeout)
     cells: list[Cell] = []
@@ -98,8 +121,9 @@ def run_benchmark(ctx: JobContext, payload: dict[str, Any]) -> dict[str, Any]:
     csv_key = ctx.write_output(to_csv(cells).encode(), name="benchmark.csv", content_type="text/csv")
     total = len(names) * sweep.cells_per_node
     ctx.progress(total, total, "all cells measured", force=True)
+    instances = {name: (row.result or {}).get("instance") for name, row in children.items() if row.state == "succeeded"}
     return {"_output_key": json_key, "csv_key": csv_key, "model": sweep.model, "nodes": names,
-            "cells": document["cells"], "errors": sum(cell.errors for cell in cells)}
+            "instances": instances, "cells": document["cells"], "errors": sum(cell.errors for cell in cells)}
 
 
 def _wait_for_nodes(ctx: JobContext, names: list[str], sweep: Sweep, timeout: float) -> dict[str, Job]:

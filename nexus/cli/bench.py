@@ -104,6 +104,8 @@ def _wait(nexus: NexusClient, benchmark_id: str, timeout: float) -> dict:
 
 def _finish(nexus: NexusClient, benchmark: dict, plot_path: Path | None) -> None:
     console.print(cell_table(benchmark["cells"]))
+    for node, instance in sorted((benchmark.get("instances") or {}).items()):
+        console.print(f"{node}: measured {'its running instance' if instance == 'serving' else 'a temporary instance'}")
     if benchmark.get("error"):
         console.print(f"[red]{benchmark['state']}[/red]: {benchmark['error']}")
     if plot_path is not None and benchmark["cells"]:

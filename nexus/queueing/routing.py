@@ -15,7 +15,7 @@ from nexus.queueing.tiers import Tier
 
 MODEL_QUEUE_PREFIX = "model."
 # Every worker of a node also consumes its node's queue, so a job can be pinned to one node
-# (a benchmark measures each node in turn).
+# (a benchmark measures each node); a node's serving workers also consume node.<name>.model.<model>.
 NODE_QUEUE_PREFIX = "node."
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 _NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")  # nexus.nodes.schemas.NAME_PATTERN
@@ -96,6 +96,8 @@ def tier_for_vram(min_vram_mb: int, thresholds: dict[Tier, int]) -> Tier:
 
 def route_for(req: Requirements, thresholds: dict[Tier, int]) -> str:
     """The queue a job with these requirements goes to; `thresholds` from `vram_thresholds(settings)`."""
+    if req.node and req.model:
+        return node_model_queue(req.node, req.model)
     if req.node:
         return node_queue(req.node)
     if req.model:
@@ -112,4 +114,10 @@ def model_queue(model: str) -> str:
 
 
 def node_queue(node_name: str) -> str:
+    """Every worker an agent runs on the node consumes it."""
     return NODE_QUEUE_PREFIX + node_name
+
+
+def node_model_queue(node_name: str, model: str) -> str:
+    """The node's serving workers of `model` consume it: work for that model on that node."""
+    return f"{NODE_QUEUE_PREFIX}{node_name}.{model_queue(model)}"

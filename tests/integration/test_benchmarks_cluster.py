@@ -137,8 +137,26 @@ def test_a_benchmark_over_two_nodes_measures_eight_cells_and_placement_uses_it(c
                       json={"nodes": [nodes[n]["id"] for n in NODES]}, timeout=10)
     assert placed.status_code == 201, placed.text
     fastest = max(measured, key=measured.get)
-    assert placed.json()["plan"]["stages"][0]["node_id"] == nodes[fastest]["id"]
-    api.delete(url + f"/api/v1/models/tiny/instances/{placed.json()['id']}", timeout=10)
+    instance = placed.json()
+    assert instance["plan"]["stages"][0]["node_id"] == nodes[fastest]["id"]
+    assert benchmark["instances"] == {name: "temporary" for name in NODES}
+
+    # With the instance running there, that node's part measures it (its worker's queue for the model).
+    def running():
+        return api.get(url + "/api/v1/models/tiny/instances", timeout=10).json()["instances"][0]["live"]
+
+    wait_for(running, timeout=120, interval=0.5, what="the placed instance serving")
+    again = api.post(url + "/api/v1/benchmarks", json={"model": "tiny", "nodes": [fastest], "batch_sizes": [2],
+                                                       "context_lengths": [16], "output_tokens": 8}, timeout=10)
+    assert again.status_code == 201, again.text
+    job = api.get(url + f"/api/v1/jobs/{again.json()['id']}", params={"wait": 30}, timeout=40).json()
+    job = job if job["state"] == "succeeded" else \
+        api.get(url + f"/api/v1/jobs/{again.json()['id']}", params={"wait": 30}, timeout=40).json()
+    second = api.get(url + f"/api/v1/benchmarks/{job['id']}", timeout=30).json()
+    assert second["state"] == "succeeded" and second["instances"] == {fastest: "serving"}, second
+    [child] = api.get(url + "/api/v1/jobs", params={"parent_id": job["id"]}, timeout=10).json()["jobs"]
+    assert child["queue"] == f"node.{fastest}.model.tiny" and child["node"] == fastest
+    api.delete(url + f"/api/v1/models/tiny/instances/{instance['id']}", timeout=10)
 
 
 def test_a_benchmark_is_cancelled_through_the_job_api(cluster):

@@ -116,7 +116,8 @@ def test_the_plot_is_a_png_with_a_panel_per_node():
 def test_a_job_pinned_to_a_node_goes_to_that_nodes_queue():
     thresholds = vram_thresholds(Settings())
     assert route_for(Requirements.parse({"node": "dev-worker-1"}), thresholds) == "node.dev-worker-1"
-    assert route_for(Requirements.parse({"node": "w2", "model": "tiny"}), thresholds) == "node.w2"
+    # The model on that node: its serving workers there (a benchmark of the running instance).
+    assert route_for(Requirements.parse({"node": "w2", "model": "tiny"}), thresholds) == "node.w2.model.tiny"
     assert Requirements.parse({"node": "w2"}).to_dict() == {"node": "w2"}
     with pytest.raises(ValueError, match="requirements.node"):
         Requirements.parse({"node": "../etc"})
