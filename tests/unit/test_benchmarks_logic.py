@@ -149,3 +149,54 @@ def test_cpu_placement_follows_the_measurement_too():
     assert place(request, nodes, [], NOW).head.node_id == "cpu-a"
     plan = place(request, nodes, [], NOW, {"cpu-a": 120.0, "cpu-b": 480.0})
     assert plan.strategy is Strategy.CPU and plan.head.node_id == "cpu-b"
+
+
+# --- measuring, against a scripted backend (the real one runs in the cluster test) ---------------
+
+
+class ScriptedBackend:
+    """Counts a prompt's tokens as 2 per word plus one; streams `tokens` deltas `gap` seconds apart."""
+
+    def __init__(self, tokens: int = 5, gap: float = 0.01, fail_every: int = 0):
+        self.tokens, self.gap, self.fail_every, self.calls = tokens, gap, fail_every, 0
+
+    def _prompt_tokens(self, request) -> int:
+        return 2 * len(request.prompt.split()) + 1
+
+    def generate(self, request):
+        from nexus.inference.types import Choice, FinishReason, GenerationResult, Usage
+
+        return GenerationResult((Choice(0, "x", FinishReason.LENGTH),), Usage(self._prompt_tokens(request), 1))
+
+    def stream(self, request):
+        import time
+
+        from nexus.inference.types import StreamDelta, Usage
+
+        self.calls += 1
+        if self.fail_every and self.calls % self.fail_every == 0:
+            raise RuntimeError("engine hiccup")
+        for _ in range(min(self.tokens, request.params.max_tokens)):
+            time.sleep(self.gap)
+            yield StreamDelta(0, "tok")
+        yield Usage(self._prompt_tokens(request), min(self.tokens, request.params.max_tokens))
+
+
+def test_a_prompt_is_sized_in_the_models_tokens_never_past_the_target():
+    from nexus.benchmarks.measure import sized_prompt
+
+    prompt, counted = sized_prompt(ScriptedBackend(), 64)
+    assert counted in (63, 64) and counted == 2 * len(prompt.split()) + 1
+
+
+def test_a_cell_times_first_tokens_and_gaps_and_counts_errors():
+    from nexus.benchmarks.measure import PeakMemory, measure_cell
+
+    with PeakMemory() as memory:
+        good = measure_cell(ScriptedBackend(tokens=5, gap=0.02), "n", 4, 32, "w " * 10, 21, 8, 2, memory)
+        flaky = measure_cell(ScriptedBackend(fail_every=2), "n", 2, 32, "w", 3, 8, 1, memory)
+    assert good.requests == 8 and good.output_tokens == 40 and good.errors == 0
+    assert good.ttft_p50_ms >= 15 and good.ttft_p99_ms >= good.ttft_p50_ms
+    assert 15 <= good.itl_p50_ms < 200
+    assert good.output_tok_s > 0 and good.peak_memory_mb > 0 and good.memory_kind == "rss"
+    assert flaky.errors == 1 and "engine hiccup" in flaky.error and flaky.output_tokens == 5
