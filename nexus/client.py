@@ -114,6 +114,24 @@ class NexusClient:
         return self.request("POST", "/api/v1/inputs", params={"name": name}, data=data,
                             headers={"Content-Type": "application/octet-stream"})["key"]
 
+    # --- benchmarks ---------------------------------------------------------------------------
+    def benchmark(self, model: str, batch_sizes: list[int], context_lengths: list[int], **fields) -> dict:
+        """Start a throughput sweep; fields: nodes, output_tokens, repetitions, priority, node_timeout_seconds."""
+        return self.request("POST", "/api/v1/benchmarks", json={"model": model, "batch_sizes": batch_sizes,
+                                                                "context_lengths": context_lengths, **fields})
+
+    def get_benchmark(self, benchmark_id: str) -> dict:
+        return self.request("GET", f"/api/v1/benchmarks/{benchmark_id}")
+
+    def benchmark_plot(self, benchmark_id: str) -> bytes:
+        """The PNG of tok/s against batch size (a line per context length, a panel per node)."""
+        response = self.session.get(f"{self.url}/api/v1/benchmarks/{benchmark_id}/plot", timeout=self.timeout)
+        if response.status_code >= 400:
+            error = response.json().get("error", {})
+            raise NexusError(response.status_code, error.get("code", "error"), error.get("message", ""),
+                             error.get("details"))
+        return response.content
+
     # --- cluster --------------------------------------------------------------------------
     def health(self) -> dict:
         return requests.get(self.url + "/healthz", timeout=self.timeout).json()

@@ -33,6 +33,7 @@ from nexus.worker.processes import worker_specs
 from nexus.nodes.tiers import TierThresholds, WorkerPlan, plan_workers
 from nexus.config import Settings
 from nexus.queueing.health import StuckWorkers
+from nexus.queueing.routing import node_queue
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,9 @@ class Agent:
     # --- the whole life ------------------------------------------------------------------------
     def run(self) -> int:
         hardware = self.parts.detector.detect()
-        plans = plan_workers(hardware, self.thresholds, self.settings.worker_take_lower_tiers)
+        # Every worker also consumes the node's own queue: jobs pinned to this node (benchmarks).
+        plans = plan_workers(hardware, self.thresholds, self.settings.worker_take_lower_tiers,
+                             extra_queues=[node_queue(node_name(self.settings, hardware.hostname))])
         try:
             identity = self._identity(hardware, plans)
         except AgentRefused as refused:

@@ -130,12 +130,20 @@ def deploy(name: str, body: DeployRequest):
         nodes, reservations = _fleet(conn, gpu_only=request.wants_gpu) if placeable else ([], [])
         reservations += pending_reservations(catalog.list_instances(conn, active_only=True), now + PENDING_RESERVATION)
         try:
-            plan = place(request, nodes, reservations, now)
+            plan = place(request, nodes, reservations, now, _measured(conn, name) if placeable else None)
         except PlacementError as exc:
             raise ApiError(409, str(exc), {"vram_mb": spec.vram_mb, "min_tier": spec.min_tier.value},
                            code="no_capacity") from None
         instance = catalog.create_instance(conn, name, plan)
     return catalog.instance_view(instance, False), 201
+
+
+def _measured(conn, model: str) -> dict[str, float]:
+    """Node id -> the model's measured output tok/s: placement prefers the fastest node that fits."""
+    from nexus.benchmarks import records
+
+    records.record_finished(conn)
+    return records.capacity_by_node_id(conn, model)
 
 
 def _fleet(conn, gpu_only: bool):

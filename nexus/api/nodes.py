@@ -112,7 +112,8 @@ def list_nodes(query: NodeListQuery):
     with services().statements.connect() as conn:
         rows = store.list_nodes(conn, tier=query.tier, state=query.state.value if query.state else None,
                                 has_gpu=query.has_gpu, model=query.model)
-    return {"nodes": [node_view(row) for row in rows]}
+    measured = _measured()
+    return {"nodes": [{**node_view(row), "measured": measured.get(row["name"], [])} for row in rows]}
 
 
 @bp.get("/<uuid:node_id>")
@@ -120,7 +121,17 @@ def list_nodes(query: NodeListQuery):
 @require()
 def get_node(node_id: uuid.UUID):
     with services().statements.connect() as conn:
-        return node_view(_found(store.get_node(conn, node_id), node_id))
+        row = _found(store.get_node(conn, node_id), node_id)
+    return {**node_view(row), "measured": _measured().get(row["name"], [])}
+
+
+def _measured() -> dict[str, list[dict]]:
+    """Node name -> its benchmarks' latest output tok/s per model (what placement prefers)."""
+    from nexus.benchmarks import records
+
+    with services().engine.begin() as conn:
+        records.record_finished(conn)
+        return records.capacity_all(conn)
 
 
 def _admin_action(action, node_id: uuid.UUID, *args) -> dict:

@@ -58,3 +58,7 @@ from nexus.cli.nodes import agent_cmd, node_cmd, nodes_cmd, status_cmd  # noqa: 
 
 for command in (agent_cmd, status_cmd, nodes_cmd, node_cmd):
     main.add_command(command)
+
+from nexus.cli.bench import bench_cmd  # noqa: E402  (throughput sweeps per node)
+
+main.add_command(bench_cmd)

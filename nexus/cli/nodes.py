@@ -35,7 +35,8 @@ def agent_cmd(name: str | None, data_dir: Path | None, hardware_fixture: str | N
 
 
 def _node_rows(nodes: list[dict]) -> Table:
-    table = Table("id", "name", "tier", "state", "GPUs", "VRAM free/total (MB)", "jobs", "heartbeat", "failures")
+    table = Table("id", "name", "tier", "state", "GPUs", "VRAM free/total (MB)", "jobs", "heartbeat", "failures",
+                  "measured tok/s")
     for node in nodes:
         free = sum(g.get("memory_free_mb") or 0 for g in (node.get("resources") or {}).get("gpus", []))
         vram = f"{free}/{node['vram_total_mb']}" if node["gpu_count"] else "-"
@@ -43,8 +44,13 @@ def _node_rows(nodes: list[dict]) -> Table:
         state = node["state"] + (" (drain)" if node["drain_requested"] and node["state"] != "draining" else "")
         table.add_row(node["id"][:8], node["name"], node["tier"], state, str(node["gpu_count"]), vram,
                       str(len(node["running_jobs"])), "-" if age is None else f"{age:.0f}s ago",
-                      str(node["consecutive_failures"]))
+                      str(node["consecutive_failures"]), _measured(node.get("measured") or []))
     return table
+
+
+def _measured(entries: list[dict]) -> str:
+    """The node's benchmarks: each model's latest measured output tok/s (placement prefers more)."""
+    return ", ".join(f"{e['model']} {e['output_tok_s']:.0f}" for e in entries) or "-"
 
 
 @click.command("nodes")

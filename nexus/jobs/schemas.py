@@ -19,7 +19,7 @@ class JobRequest(BaseModel):
     input_key: str | None = Field(None, min_length=1, max_length=1024,
                                   description="key of an uploaded input object (POST /api/v1/inputs)")
     requirements: dict[str, Any] = Field(default_factory=dict,
-                                         description="tier, gpu, min_vram_mb, model, labels")
+                                         description="tier, gpu, min_vram_mb, model, labels, node")
     priority: StrictInt = Field(5, ge=0, le=9, description="0 lowest .. 9 most urgent")
     max_attempts: StrictInt | None = Field(None, ge=1, le=100)
     idempotency_key: str | None = Field(None, min_length=1, max_length=256,

@@ -14,6 +14,12 @@ of vLLM's distributed serving guide (and seed 002):
 Candidates are tried from the fewest GPUs up and, at equal GPU count, with the
 fewest pipeline stages (tensor parallelism within a node is faster), so a
 placement never takes more of the cluster than the model needs.
+
+Among the nodes that fit, one whose benchmark measured the model (`measured`:
+node id -> output tok/s, nexus.benchmarks) comes first, the fastest first;
+nodes nobody measured follow in the VRAM order of `can_fit`. Free memory says
+whether a model fits, not how fast it runs: a 4090 and an H100 with the same
+free VRAM serve at very different speeds.
 """
 
 from __future__ import annotations
@@ -22,9 +28,9 @@ import math
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
-from nexus.nodes.fit import NodeView, Reservation, can_fit
+from nexus.nodes.fit import NodeFit, NodeView, Reservation, can_fit
 from nexus.queueing.tiers import Tier
 
 TENSOR_PARALLEL_SIZES = (1, 2, 4, 8)  # attention heads divide by these in practice; vLLM requires it
@@ -121,11 +127,12 @@ class PlacementError(ValueError):
 
 
 def place(request: PlacementRequest, nodes: Sequence[NodeView], reservations: Iterable[Reservation],
-          now: datetime) -> ParallelismPlan:
-    """The plan for one instance, or PlacementError."""
+          now: datetime, measured: Mapping[str, float] | None = None) -> ParallelismPlan:
+    """The plan for one instance, or PlacementError. `measured`: node id -> the model's measured tok/s."""
     nodes = [n for n in nodes if not request.node_ids or n.node_id in request.node_ids]
+    measured = measured or {}
     if not request.wants_gpu:
-        plan = _place_cpu(nodes)
+        plan = _place_cpu(nodes, measured)
         if request.node_ids and not plan.stages:  # named nodes, none of them ready: say so, not unplaced
             raise PlacementError(_no_fit_message(request, nodes))
         return plan
@@ -133,7 +140,7 @@ def place(request: PlacementRequest, nodes: Sequence[NodeView], reservations: It
     gpu_tier = None if request.min_tier is Tier.CPU_ONLY else request.min_tier
     for tp, pp in candidate_sizes(request):
         per_gpu = math.ceil(request.vram_mb / (tp * pp))
-        stages = _stages(nodes, per_gpu, tp, pp, gpu_tier, reservations, now)
+        stages = _stages(nodes, per_gpu, tp, pp, gpu_tier, reservations, now, measured)
         if stages:
             return ParallelismPlan(Strategy.of(tp, pp), tp, pp, stages, per_gpu,
                                    memory_utilization(stages, nodes, per_gpu))
@@ -148,15 +155,15 @@ def candidate_sizes(request: PlacementRequest) -> list[tuple[int, int]]:
 
 
 def _stages(nodes: Sequence[NodeView], per_gpu: int, tp: int, pp: int, tier: Tier | None,
-            reservations: list[Reservation], now: datetime) -> tuple[Stage, ...]:
+            reservations: list[Reservation], now: datetime, measured: Mapping[str, float]) -> tuple[Stage, ...]:
     """Stages for a (tp, pp) plan: all on one node when it has tp*pp fitting GPUs, else one node per stage."""
-    one_node = can_fit(nodes, per_gpu, tp * pp, tier, reservations, now)
+    one_node = by_measurement(can_fit(nodes, per_gpu, tp * pp, tier, reservations, now), measured)
     if one_node:
         gpus = one_node[0].chosen
         return tuple(Stage(one_node[0].node_id, tuple(sorted(gpus[i * tp:(i + 1) * tp]))) for i in range(pp))
     if pp == 1:
         return ()
-    per_node = can_fit(nodes, per_gpu, tp, tier, reservations, now)
+    per_node = by_measurement(can_fit(nodes, per_gpu, tp, tier, reservations, now), measured)
     if len(per_node) < pp:
         return ()
     return tuple(Stage(fit.node_id, tuple(sorted(fit.chosen))) for fit in per_node[:pp])
@@ -180,10 +187,16 @@ def memory_utilization(stages: Sequence[Stage], nodes: Sequence[NodeView], per_g
     return max(MIN_GPU_MEMORY_UTILIZATION, min(DEFAULT_GPU_MEMORY_UTILIZATION, utilization))
 
 
-def _place_cpu(nodes: Sequence[NodeView]) -> ParallelismPlan:
-    """A CPU instance goes to the least capable ready node (keep GPUs for GPU work), or stays
-    unplaced so that any worker serving the model adopts it."""
-    ready = sorted((n for n in nodes if n.state.takes_work), key=lambda n: (-n.tier.rank, n.node_id))
+def by_measurement(fits: list[NodeFit], measured: Mapping[str, float]) -> list[NodeFit]:
+    """Measured nodes first, fastest first; the rest keep their order (sorted() is stable)."""
+    return sorted(fits, key=lambda fit: -measured[fit.node_id] if fit.node_id in measured else 0.0)
+
+
+def _place_cpu(nodes: Sequence[NodeView], measured: Mapping[str, float]) -> ParallelismPlan:
+    """A CPU instance goes to the fastest measured ready node, else the least capable one (keep
+    GPUs for GPU work), or stays unplaced so that any worker serving the model adopts it."""
+    ready = sorted((n for n in nodes if n.state.takes_work),
+                   key=lambda n: (n.node_id not in measured, -measured.get(n.node_id, 0.0), -n.tier.rank, n.node_id))
     stages = (Stage(ready[0].node_id, ()),) if ready else ()
     return ParallelismPlan(Strategy.CPU, stages=stages, gpu_memory_utilization=0.0)
 

@@ -14,9 +14,13 @@ from nexus.config import Settings
 from nexus.queueing.tiers import Tier
 
 MODEL_QUEUE_PREFIX = "model."
+# Every worker of a node also consumes its node's queue, so a job can be pinned to one node
+# (a benchmark measures each node); a node's serving workers also consume node.<name>.model.<model>.
+NODE_QUEUE_PREFIX = "node."
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+_NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")  # nexus.nodes.schemas.NAME_PATTERN
 
-REQUIREMENT_FIELDS = {"tier", "gpu", "min_vram_mb", "model", "labels"}
+REQUIREMENT_FIELDS = {"tier", "gpu", "min_vram_mb", "model", "labels", "node"}
 
 
 @dataclass(frozen=True)
@@ -26,6 +30,7 @@ class Requirements:
     min_vram_mb: int = 0
     model: str | None = None
     labels: dict[str, str] = field(default_factory=dict)
+    node: str | None = None  # a node's name: only that node's workers take the job
 
     @classmethod
     def parse(cls, raw: dict[str, Any] | None) -> "Requirements":
@@ -51,7 +56,10 @@ class Requirements:
             raise ValueError("requirements.labels must be an object of strings")
         if tier is Tier.CPU_ONLY and (gpu or vram):
             raise ValueError("requirements ask for a GPU but tier cpu_only has none")
-        return cls(tier=tier, gpu=gpu, min_vram_mb=vram, model=model, labels=labels)
+        node = raw.get("node")
+        if node is not None and (not isinstance(node, str) or not _NODE_NAME.match(node)):
+            raise ValueError("requirements.node must be a node's name (letters, digits, . _ -)")
+        return cls(tier=tier, gpu=gpu, min_vram_mb=vram, model=model, labels=labels, node=node)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -65,6 +73,8 @@ class Requirements:
             out["model"] = self.model
         if self.labels:
             out["labels"] = dict(self.labels)
+        if self.node:
+            out["node"] = self.node
         return out
 
 
@@ -86,6 +96,10 @@ def tier_for_vram(min_vram_mb: int, thresholds: dict[Tier, int]) -> Tier:
 
 def route_for(req: Requirements, thresholds: dict[Tier, int]) -> str:
     """The queue a job with these requirements goes to; `thresholds` from `vram_thresholds(settings)`."""
+    if req.node and req.model:
+        return node_model_queue(req.node, req.model)
+    if req.node:
+        return node_queue(req.node)
     if req.model:
         return model_queue(req.model)
     if req.tier is not None:
@@ -97,3 +111,13 @@ def route_for(req: Requirements, thresholds: dict[Tier, int]) -> str:
 
 def model_queue(model: str) -> str:
     return MODEL_QUEUE_PREFIX + model
+
+
+def node_queue(node_name: str) -> str:
+    """Every worker an agent runs on the node consumes it."""
+    return NODE_QUEUE_PREFIX + node_name
+
+
+def node_model_queue(node_name: str, model: str) -> str:
+    """The node's serving workers of `model` consume it: work for that model on that node."""
+    return f"{NODE_QUEUE_PREFIX}{node_name}.{model_queue(model)}"

@@ -16,7 +16,7 @@ from nexus.config import Settings
 from nexus.models.instances import child_name
 from nexus.models.placement import ParallelismPlan
 from nexus.nodes.tiers import WorkerPlan
-from nexus.queueing.routing import model_queue
+from nexus.queueing.routing import model_queue, node_model_queue
 from nexus.supervisor import ChildSpec
 
 
@@ -95,7 +95,8 @@ def instance_child(instance: dict[str, Any], node_id: str, node_name: str, setti
     model = instance["model"]
     name = child_name(instance)
     # The backend lives in the worker process; requests share it on the threads pool.
-    argv = worker_argv(f"{name}@{node_name}", [model_queue(model)], "threads",
+    # Its model's queue, and the same model pinned to this node (a benchmark of the running instance).
+    argv = worker_argv(f"{name}@{node_name}", [model_queue(model), node_model_queue(node_name, model)], "threads",
                        concurrency or settings.worker_concurrency, models=[model])
     extra = {"NEXUS_WORKER_INSTANCE_ID": str(instance["id"]), "NEXUS_WORKER_POOL": "threads", "HF_HUB_OFFLINE": "1"}
     if concurrency is not None:

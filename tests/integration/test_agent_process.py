@@ -56,10 +56,14 @@ def test_agent_lifecycle(settings, live_api, reconciler, tmp_path, agent_env, se
     agent = start_agent(settings, tmp_path, agent_env)
     try:
         node = wait_for(lambda: (n := api.node()) and n["state"] == "ready" and n, timeout=60, what="registration")
-        assert node["tier"] == "gpu_infra" and node["queues"] == ["gpu_infra"]
+        # Its tier's queue and its own: a job pinned to the node (a benchmark's part) reaches it.
+        assert node["tier"] == "gpu_infra" and node["queues"] == ["gpu_infra", f"node.{NAME}"]
         wait_for(api.workers_running, timeout=60, what="the supervised worker")
         done = api.run_job()
         assert done["state"] == "succeeded" and done["node"] == NAME, agent.log_text()[-3000:]
+        pinned = api("POST", "/api/v1/jobs", json={"type": "noop", "requirements": {"node": NAME}})
+        assert pinned["queue"] == f"node.{NAME}"
+        assert api("GET", f"/api/v1/jobs/{pinned['id']}", params={"wait": 30})["node"] == NAME
         sleeper = api("POST", "/api/v1/jobs", json={"type": "sleep", "payload": {"seconds": 3},
                                                      "requirements": {"tier": "gpu_infra"}})
         wait_for(lambda: sleeper["id"] in api.node()["running_jobs"], timeout=20, what="the job in a heartbeat")

@@ -42,6 +42,8 @@ POLICY = {
     "openai.list_models": ANY, "openai.get_model": ANY, "openai.completions": SUBMITTER,
     "openai.chat_completions": SUBMITTER,
     "proofs.submit": SUBMITTER, "proofs.verify": SUBMITTER, "proofs.get_proof": ANY, "proofs.weights": ANY,
+    "benchmarks.submit": SUBMITTER, "benchmarks.list_benchmarks": ANY, "benchmarks.get_benchmark": ANY,
+    "benchmarks.get_plot": ANY,
 }
 # Routes about one job: another tenant's submitter must not learn it exists.
 TENANT_SCOPED = {"jobs.get_job", "jobs.job_events", "jobs.cancel", "jobs.retry"}

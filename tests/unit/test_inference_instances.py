@@ -26,7 +26,8 @@ def test_an_instance_worker_serves_only_its_model_on_its_gpus():
     argv = list(child.argv)
     assert argv[1:3] == ["-m", "nexus.agent.orphan_guard"]  # stops with the agent, even a killed one
     assert argv[4:7] == ["-m", "nexus", "worker"]
-    assert argv[argv.index("--queues") + 1] == "model.llama" and argv[argv.index("--model") + 1] == "llama"
+    assert argv[argv.index("--queues") + 1] == "model.llama,node.box-1.model.llama"
+    assert argv[argv.index("--model") + 1] == "llama"
     assert child.env["CUDA_VISIBLE_DEVICES"] == "2,3" and child.env["NEXUS_WORKER_INSTANCE_ID"] == "i-1"
     assert child.env["NEXUS_NODE_ID"] == "node-a" and child.env["PATH"] == "/bin"
     # The node's max_concurrent: requests in flight, and as many threads to carry them.
