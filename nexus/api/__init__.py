@@ -47,9 +47,10 @@ def _blueprints():
     from nexus.api import cluster, gpu, nodes  # the node agent's routes
     from nexus.api import proofs  # proof jobs: receipts, verification, proven weight
     from nexus.api import models, openai  # model catalog and instances, the OpenAI-compatible /v1
+    from nexus.api import console  # the web console's static files under /ui/
 
     return [health.bp, jobs.bp, inputs.bp, tokens.bp, nodes.bp, gpu.bp, cluster.bp, proofs.bp,
-            models.bp, openai.bp]
+            models.bp, openai.bp, console.bp]
 
 
 def create_wsgi_app() -> APIFlask:
