@@ -4,6 +4,7 @@ import { call, session } from "../api.js";
 import { ago, badge, clear, field, gib, h, json, meter, notice, section, shortId, table, when } from "../dom.js";
 
 const REFRESH_MS = 5000;
+// Most capable first, as the master orders them (nexus.queueing.tiers.TIER_ORDER).
 const TIER_NAMES = { ai_factory: "AI factory", gpu_peer: "GPU peer", gpu_infra: "GPU infra", cpu_only: "CPU only" };
 
 export async function overview(content, _params, context) {
@@ -51,7 +52,8 @@ function cards(state) {
 }
 
 function tierTable(tiers) {
-  const rows = Object.entries(tiers).map(([name, tier]) => h("tr", { "data-tier": name },
+  const order = (name) => { const i = Object.keys(TIER_NAMES).indexOf(name); return i < 0 ? 99 : i; };
+  const rows = Object.entries(tiers).sort(([a], [b]) => order(a) - order(b)).map(([name, tier]) => h("tr", { "data-tier": name },
     h("td", {}, h("strong", {}, TIER_NAMES[name] || name)),
     h("td", { class: "num", "data-field": "nodes" }, tier.nodes),
     h("td", {}, Object.entries(tier.nodes_by_state).map(([state, n]) => badge(state, `${n} ${state}`))),
@@ -69,16 +71,15 @@ function queueTable(queues) {
 function gpuCells(node) {
   const names = Object.fromEntries((node.hardware?.gpus || []).map((g) => [g.index, g.name]));
   const live = node.resources?.gpus?.length ? node.resources.gpus : node.hardware?.gpus || [];
-  if (!live.length) return h("span", { class: "muted" }, "CPU only");
+  if (!live.length) return h("span", { class: "muted" }, "no GPU");
   return h("div", { class: "gpus" }, live.map((gpu) => {
     const used = gpu.memory_total_mb - gpu.memory_free_mb;
-    const facts = [gpu.utilization_percent !== null && gpu.utilization_percent !== undefined ? `${gpu.utilization_percent}% util` : null,
-                   gpu.temperature_c !== null && gpu.temperature_c !== undefined ? `${gpu.temperature_c} °C` : null];
+    const facts = [gpu.utilization_percent ?? null, gpu.temperature_c ?? null];
     return h("div", { class: "gpu" },
              h("span", { class: "gpu-name" }, `${gpu.index}: ${(names[gpu.index] || "GPU").replace(/^NVIDIA (GeForce )?/, "")}`),
              meter(used / gpu.memory_total_mb, `${gib(used)} of ${gib(gpu.memory_total_mb)} VRAM used`),
-             h("span", { class: "muted small" }, `${gib(used)} / ${gib(gpu.memory_total_mb)}`,
-               facts.filter(Boolean).map((f) => ` · ${f}`)));
+             h("span", { class: "muted small" }, `${(used / 1024).toFixed(used >= 10240 ? 0 : 1)}/${gib(gpu.memory_total_mb)}`,
+               facts[0] !== null ? ` · ${facts[0]}% util` : "", facts[1] !== null ? ` · ${facts[1]} °C` : ""));
   }));
 }
 
@@ -109,18 +110,23 @@ function actions(node, after) {
                "danger"));
 }
 
+function machineLine(hw) {
+  if (!hw?.cpu) return "";
+  return `${hw.cpu.logical_cores} threads${hw.ram_total_mb ? ` · ${gib(hw.ram_total_mb)} RAM` : ""}`;
+}
+
 function nodeTable(nodes, after) {
   const rows = nodes.map((node) => h("tr", { "data-node": node.name, "data-id": node.id },
-    h("td", {}, h("a", { href: `#/nodes/${node.id}` }, h("strong", {}, node.name)),
-      h("div", { class: "muted small" }, node.hardware?.cpu?.model || "")),
+    h("td", { class: "nowrap" }, h("a", { href: `#/nodes/${node.id}` }, h("strong", {}, node.name)),
+      h("div", { class: "muted small" }, machineLine(node.hardware))),
     h("td", { "data-field": "state" }, nodeState(node)),
-    h("td", {}, TIER_NAMES[node.tier] || node.tier),
+    h("td", { class: "nowrap" }, TIER_NAMES[node.tier] || node.tier),
     h("td", {}, gpuCells(node)),
     h("td", { class: "num", "data-field": "running" }, (node.running_jobs || []).length),
     h("td", {}, ago(node.heartbeat_age_seconds)),
     h("td", { class: "num" }, node.consecutive_failures || 0),
     h("td", {}, actions(node, after))));
-  return table(["Node", "State", "Tier", "GPUs (VRAM used)", "Running", "Last heartbeat", "Failures", ""], rows,
+  return table(["Node", "State", "Tier", "GPUs (VRAM used)", "Running", "Heartbeat", "Failures", ""], rows,
                "No nodes yet: start one with `nexus agent` (see DEPLOYMENT.md).");
 }
 
@@ -135,7 +141,7 @@ export async function node(content, params, context) {
           h("div", { class: "grid-2" },
             section("Node", h("dl", {},
               field("Id", h("code", {}, n.id)), field("Tier", TIER_NAMES[n.tier] || n.tier),
-              field("GPU tiers", (n.gpu_tiers || []).join(", ")), field("Queues", (n.queues || []).join(", ")),
+              field("GPU tiers", [...new Set(Object.values(n.gpu_tiers || {}))].map((t) => TIER_NAMES[t] || t).join(", ")), field("Queues", (n.queues || []).join(", ")),
               field("Last heartbeat", ago(n.heartbeat_age_seconds)), field("Registered", when(n.registered_at)),
               field("Failures in a row", n.consecutive_failures), field("Max concurrent", n.max_concurrent ?? "default"),
               field("Agent", n.agent_version), field("Labels", Object.entries(n.labels || {}).map(([k, v]) => `${k}=${v}`).join(", ")))),

@@ -8,6 +8,7 @@ export async function chat(content) {
   const history = []; // the conversation so far, as /v1/chat/completions takes it
   const model = h("select", { id: "chat-model", name: "model" }, models.map((m) => h("option", { value: m.id }, m.id)));
   const maxTokens = h("input", { id: "chat-max-tokens", type: "number", min: 1, max: 4096, value: 64, size: 5 });
+  const temperature = h("input", { id: "chat-temperature", type: "number", min: 0, max: 2, step: 0.1, value: 0.7, size: 4 });
   const log = h("div", { class: "chat-log", id: "chat-log" },
                 h("p", { class: "empty" }, models.length ? "Say something to the model." : "No model is served: deploy one under Models."));
   const input = h("textarea", { id: "chat-input", rows: 3, placeholder: "Your message (Enter sends, Shift+Enter breaks the line)" });
@@ -38,7 +39,8 @@ export async function chat(content) {
     const started = performance.now();
     let chunks = 0;
     try {
-      await streamChat({ model: model.value, messages: history, max_tokens: Number(maxTokens.value) || 64 }, (delta) => {
+      await streamChat({ model: model.value, messages: history, max_tokens: Number(maxTokens.value) || 64,
+                        ...(temperature.value === "" ? {} : { temperature: Number(temperature.value) }) }, (delta) => {
         chunks += 1;
         reply.textContent += delta;
         log.scrollTop = log.scrollHeight;
@@ -62,6 +64,7 @@ export async function chat(content) {
         h("header", { class: "page-head" }, h("h1", {}, "Playground")),
         h("form", { class: "chat", id: "chat", onsubmit: submit },
           h("div", { class: "chat-options" }, h("label", {}, "Model ", model), h("label", {}, "Max tokens ", maxTokens),
+            h("label", {}, "Temperature ", temperature),
             h("button", { type: "button", class: "small", onclick: () => { history.length = 0; clear(log); } }, "New chat"), stats),
           log, h("div", { class: "chat-input" }, input, send)));
   input.focus();
