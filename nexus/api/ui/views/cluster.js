@@ -78,7 +78,7 @@ function gpuCells(node) {
     return h("div", { class: "gpu" },
              h("span", { class: "gpu-name" }, `${gpu.index}: ${(names[gpu.index] || "GPU").replace(/^NVIDIA (GeForce )?/, "")}`),
              meter(used / gpu.memory_total_mb, `${gib(used)} of ${gib(gpu.memory_total_mb)} VRAM used`),
-             h("span", { class: "muted small" }, `${(used / 1024).toFixed(used >= 10240 ? 0 : 1)}/${gib(gpu.memory_total_mb)}`,
+             h("span", { class: "muted small" }, `${used ? (used / 1024).toFixed(used >= 10240 ? 0 : 1) : 0}/${gib(gpu.memory_total_mb)}`,
                facts[0] !== null ? ` · ${facts[0]}% util` : "", facts[1] !== null ? ` · ${facts[1]} °C` : ""));
   }));
 }
