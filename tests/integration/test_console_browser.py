@@ -277,3 +277,30 @@ def test_a_submitter_sees_its_tenant_and_no_node_details(browser, live_api, api,
         browser.get(f"{url}/ui/#/{section}")
         wait(browser, lambda d: css(d, "#content h1") and css(d, "#content h1")[0].text == title, f"the {title} view")
         assert not css(browser, "#content [role=alert]"), title
+
+
+def test_a_proof_is_verified_from_the_console_and_its_weight_shown(browser, live_api, services, worker, reconciler):
+    url, admin = live_api
+    response = requests.post(f"{url}/api/v1/proofs", headers=bearer(admin), timeout=30, json={
+        "seed": "console", "nonce_end": 256, "segment_size": 128, "allow_cpu": True, "options": {"preset": "tiny"}})
+    assert response.status_code == 201, response.text
+    proof_id = response.json()["id"]
+    wait_for(lambda: job_state(url, admin, proof_id) == "succeeded", timeout=120, what="the proof finished")
+    open_console(browser, url, token=admin, route="proofs")
+    wait(browser, lambda d: css(d, f"tr[data-proof='{proof_id}'] a"), "the proof in the list")[0].click()
+    wait(browser, lambda d: css(d, "#verify button"), "the verify form")[0].click()
+    wait(browser, lambda d: css(d, "[data-state=accepted]"), "the accepting verdict", 120)
+    proof = requests.get(f"{url}/api/v1/proofs/{proof_id}", headers=bearer(admin), timeout=30).json()
+    assert proof["verified"] is True and proof["proven_weight"]
+    browser.get(f"{url}/ui/#/proofs")
+    rows = wait(browser, lambda d: css(d, "#weights tr[data-node]"), "the proven weight per node")
+    assert {r.get_attribute("data-node"): r.find_element(By.CSS_SELECTOR, "td.num").text.replace(",", "")
+            for r in rows} == {node: str(n) for node, n in proof["proven_weight"].items()}
+
+
+def test_the_models_view_shows_the_served_model_and_its_instance(browser, live_api, tiny_served):
+    url, admin = live_api
+    open_console(browser, url, token=admin, route="models")
+    panel = wait(browser, lambda d: css(d, "section[data-model=tiny] tr[data-instance]"), "the tiny model's instance")
+    assert "running" in panel[0].text or "live" in panel[0].text
+    assert css(browser, "section[data-model=tiny] form button[type=submit]")  # an admin may deploy

@@ -1,7 +1,7 @@
 // Models: the catalog and each model's instances (plan, state); deploy and stop for admins.
 
 import { call, session } from "../api.js";
-import { badge, clear, h, notice, section, shortId, sinceIso, table } from "../dom.js";
+import { badge, clear, h, notice, shortId, sinceIso, table } from "../dom.js";
 
 const REFRESH_MS = 5000;
 
@@ -30,7 +30,7 @@ export async function overview(content, _params, context) {
 
   function modelPanel(model) {
     const instances = model.instances.filter((i) => i.state !== "stopped");
-    return section(model.name,
+    return h("section", { class: "panel", "data-model": model.name }, h("h3", { class: "model-name" }, model.name),
       h("p", { class: "muted" }, `${model.backend} · ${model.vram_mb ? `${model.vram_mb} MB VRAM` : "no VRAM"} · from tier ${model.min_tier}`,
         model.source ? [" · ", h("code", {}, model.source)] : null, ` · ${model.live_instances} live`),
       table(["Instance", "State", "Node", "GPUs", "Plan", "Worker", "Heartbeat", ""], instances.map((i) =>

@@ -17,7 +17,7 @@ export async function chat(content) {
   let controller = null;
 
   function bubble(role, text) {
-    const el = h("div", { class: `bubble ${role}`, "data-role": role }, h("div", { class: "who small muted" }, role), h("div", { class: "text" }, text));
+    const el = h("div", { class: `bubble ${role}`, "data-role": role }, h("div", { class: "speaker small muted" }, role), h("div", { class: "text" }, text));
     if (log.querySelector(".empty")) clear(log);
     log.append(el);
     log.scrollTop = log.scrollHeight;
