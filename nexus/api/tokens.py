@@ -1,5 +1,6 @@
 """API tokens (admin only): create (the secret is shown once, optionally expiring), list, revoke,
-rotate the join token live; and, for any token, what it is (its name, role and tenant). Revoking a worker or join token removes the nodes that registered with it."""
+rotate the join token live; and, for any token, what it is (its name, role and tenant).
+Revoking a worker or join token removes the nodes that registered with it."""
 
 from __future__ import annotations
 
