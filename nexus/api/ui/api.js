@@ -46,7 +46,7 @@ export async function call(path, { method = "GET", body, query, signal } = {}) {
     method, headers, signal, body: body === undefined ? undefined : JSON.stringify(body),
   });
   const data = (response.headers.get("Content-Type") || "").includes("json") ? await response.json() : null;
-  if (response.status === 401) {
+  if (response.status === 401 && session.me) { // signed in until now: the token was revoked or expired
     signOut();
     session.onSignedOut(data?.error?.message || "Your token is no longer valid.");
   }

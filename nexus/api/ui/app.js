@@ -38,7 +38,7 @@ async function signIn(token) {
   try {
     session.me = await call("/api/v1/tokens/self");
   } catch (error) {
-    signOut();
+    if (error.status === 401) signOut(); // kept when the API is only unreachable: a reload retries
     throw error;
   }
 }
