@@ -39,12 +39,27 @@ export function url(path, query = {}) {
   return target;
 }
 
+const READ_RETRIES = 2; // a read that meets a moment's outage (503, no answer) is tried again a second later
+
 export async function call(path, { method = "GET", body, query, signal } = {}) {
   const headers = { Authorization: `Bearer ${session.token}`, Accept: "application/json" };
   if (body !== undefined) headers["Content-Type"] = "application/json";
-  const response = await fetch(url(path, query), {
+  const request = () => fetch(url(path, query), {
     method, headers, signal, body: body === undefined ? undefined : JSON.stringify(body),
   });
+  let response;
+  for (let attempt = 0; ; attempt += 1) {
+    const retry = method === "GET" && attempt < READ_RETRIES;
+    try {
+      response = await request();
+    } catch (error) {
+      if (!retry || error.name === "AbortError") throw error;
+      await new Promise((done) => setTimeout(done, 1000));
+      continue;
+    }
+    if (response.status !== 503 || !retry) break;
+    await new Promise((done) => setTimeout(done, 1000));
+  }
   const data = (response.headers.get("Content-Type") || "").includes("json") ? await response.json() : null;
   if (response.status === 401 && session.me) { // signed in until now: the token was revoked or expired
     signOut();

@@ -51,9 +51,13 @@ function cards(state) {
   ];
 }
 
+function tierRank(name) {
+  const rank = Object.keys(TIER_NAMES).indexOf(name);
+  return rank < 0 ? Object.keys(TIER_NAMES).length : rank;
+}
+
 function tierTable(tiers) {
-  const order = (name) => { const i = Object.keys(TIER_NAMES).indexOf(name); return i < 0 ? 99 : i; };
-  const rows = Object.entries(tiers).sort(([a], [b]) => order(a) - order(b)).map(([name, tier]) => h("tr", { "data-tier": name },
+  const rows = Object.entries(tiers).sort(([a], [b]) => tierRank(a) - tierRank(b)).map(([name, tier]) => h("tr", { "data-tier": name },
     h("td", {}, h("strong", {}, TIER_NAMES[name] || name)),
     h("td", { class: "num", "data-field": "nodes" }, tier.nodes),
     h("td", {}, Object.entries(tier.nodes_by_state).map(([state, n]) => badge(state, `${n} ${state}`))),
@@ -116,7 +120,8 @@ function machineLine(hw) {
 }
 
 function nodeTable(nodes, after) {
-  const rows = nodes.map((node) => h("tr", { "data-node": node.name, "data-id": node.id },
+  const sorted = [...nodes].sort((a, b) => tierRank(a.tier) - tierRank(b.tier) || a.name.localeCompare(b.name));
+  const rows = sorted.map((node) => h("tr", { "data-node": node.name, "data-id": node.id },
     h("td", { class: "nowrap" }, h("a", { href: `#/nodes/${node.id}` }, h("strong", {}, node.name)),
       h("div", { class: "muted small" }, machineLine(node.hardware))),
     h("td", { "data-field": "state" }, nodeState(node)),
