@@ -179,6 +179,11 @@ def test_the_cluster_view_shows_tiers_and_nodes_and_an_admin_drains_one(browser,
     wait(browser, lambda d: css(d, "#nodes tr[data-node=peer-4090] button[data-action=resume]"), "the node drained")
     node = requests.get(f"{url}/api/v1/nodes/{nodes['peer-4090']['node_id']}", headers=bearer(admin), timeout=10).json()
     assert node["drain_requested"] is True
+    css(browser, "#nodes tr[data-node=cpu-batch-1] button[data-action=remove]")[0].click()
+    browser.switch_to.alert.accept()  # "Remove cpu-batch-1? ..."
+    wait(browser, lambda d: not css(d, "#nodes tr[data-node=cpu-batch-1]"), "the removed node gone from the list")
+    node = requests.get(f"{url}/api/v1/nodes/{nodes['cpu-batch-1']['node_id']}", headers=bearer(admin), timeout=10).json()
+    assert node["state"] == "removed"
 
     browser.get(f"{url}/ui/#/nodes/{nodes['dgx-h100-a']['node_id']}")  # a node's own page, by its link
     wait(browser, lambda d: css(d, "h1") and css(d, "h1")[0].text == "dgx-h100-a", "the node's page")
@@ -228,7 +233,10 @@ def test_a_sleeping_job_is_cancelled_from_the_console(browser, live_api, service
     button.click()
     wait_for(lambda: job_state(url, admin, job["id"]) == "cancelled", timeout=WAIT_SECONDS, what="the job cancelled")
     wait(browser, lambda d: css(d, "#job-state [data-state=cancelled]"), "the console showing it cancelled")
-    assert css(browser, "button[data-action=retry]")  # a cancelled job may be retried
+    css(browser, "button[data-action=retry]")[0].click()  # a cancelled job may be retried
+    wait_for(lambda: job_state(url, admin, job["id"]) != "cancelled", timeout=WAIT_SECONDS, what="the retry")
+    requests.post(f"{url}/api/v1/jobs/{job['id']}/cancel", headers=bearer(admin), timeout=10)  # free the worker
+    wait_for(lambda: job_state(url, admin, job["id"]) == "cancelled", timeout=WAIT_SECONDS, what="cancelled again")
 
 
 def test_a_chat_reply_streams_from_the_tiny_model(browser, live_api, tiny_served):
