@@ -311,12 +311,21 @@ def test_a_proof_is_verified_from_the_console_and_its_weight_shown(browser, live
             for r in rows} == {node: str(n) for node, n in proof["proven_weight"].items()}
 
 
-def test_the_models_view_shows_the_served_model_and_its_instance(browser, live_api, tiny_served):
+def test_the_models_view_shows_the_served_model_and_an_admin_deploys_and_stops_an_instance(browser, live_api, tiny_served):
     url, admin = live_api
     open_console(browser, url, token=admin, route="models")
     panel = wait(browser, lambda d: css(d, "section[data-model=tiny] tr[data-instance]"), "the tiny model's instance")
     assert "running" in panel[0].text or "live" in panel[0].text
-    assert css(browser, "section[data-model=tiny] form button[type=submit]")  # an admin may deploy
+    before = {row.get_attribute("data-instance") for row in panel}
+
+    css(browser, "section[data-model=tiny] form button[type=submit]")[0].click()  # deploy, placement choosing
+    rows = wait(browser, lambda d: len(css(d, "section[data-model=tiny] tr[data-instance]")) > len(before) and
+                css(d, "section[data-model=tiny] tr[data-instance]"), "the deployed instance")
+    [new] = {row.get_attribute("data-instance") for row in rows} - before
+    css(browser, f"tr[data-instance='{new}'] button[data-action=stop]")[0].click()
+    wait(browser, lambda d: not css(d, f"tr[data-instance='{new}']"), "the stopped instance gone")
+    instances = requests.get(f"{url}/api/v1/models/tiny/instances", headers=bearer(admin), timeout=10).json()["instances"]
+    assert {i["id"]: i["state"] for i in instances}[new] == "stopped"
 
 
 def test_a_token_revoked_while_signed_in_brings_back_the_sign_in(browser, live_api, services):
