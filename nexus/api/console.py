@@ -27,6 +27,8 @@ HEADERS = {
     "X-Frame-Options": "DENY",
 }
 MAX_AGE_SECONDS = 60  # files change with the package; revalidated by ETag after this
+# Set, not guessed from the host's mime.types: a module script served as anything else is refused by the browser.
+MIME_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
 
 bp = APIBlueprint("console", __name__, url_prefix="/ui", enable_openapi=False)
 
@@ -51,6 +53,6 @@ def asset(name: str) -> Response:
 
 def _file(name: str) -> Response:
     # send_from_directory refuses paths outside UI_DIR (404), and answers 304 to a matching ETag.
-    response = send_from_directory(UI_DIR, name, max_age=MAX_AGE_SECONDS)
+    response = send_from_directory(UI_DIR, name, max_age=MAX_AGE_SECONDS, mimetype=MIME_TYPES.get(Path(name).suffix))
     response.headers.update(HEADERS)
     return response
