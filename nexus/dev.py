@@ -175,6 +175,7 @@ class LocalCluster:
 Nexus local cluster is up ({self.workers} workers). Ctrl-C stops it.
   API          {cluster['api_url']}   (docs: {cluster['api_url']}/docs)
   admin token  {cluster['admin_token']}
+  console      {cluster['api_url']}/ui/?token={cluster['admin_token']}
   Flower       {cluster['flower_url']}   (user {settings.flower_user}, password in {path})
   logs         {self.data_dir}/logs/
   cluster.json {path}

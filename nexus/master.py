@@ -43,6 +43,7 @@ def _gunicorn_argv(app: str, host: str, port: int, workers: int, worker_args: li
     return [gunicorn, "--bind", f"{host}:{port}", "--workers", str(workers), *worker_args,
             "--timeout", "120", "--graceful-timeout", "10",
             "--access-logfile", "-", "--access-logformat", '%(h)s "%(r)s" %(s)s %(b)s %(M)sms',
+            "--logger-class", "nexus.api.access_log.AccessLogger",  # no ?token= in the log
             "--no-control-socket",  # unused; its default path is one per user, so two servers would share it
             app]
 

@@ -48,9 +48,10 @@ def _blueprints():
     from nexus.api import proofs  # proof jobs: receipts, verification, proven weight
     from nexus.api import models, openai  # model catalog and instances, the OpenAI-compatible /v1
     from nexus.api import benchmarks  # throughput sweeps per node, their plots
+    from nexus.api import console  # the web console's static files under /ui/
 
     return [health.bp, jobs.bp, inputs.bp, tokens.bp, nodes.bp, gpu.bp, cluster.bp, proofs.bp,
-            models.bp, openai.bp, benchmarks.bp]
+            models.bp, openai.bp, benchmarks.bp, console.bp]
 
 
 def create_wsgi_app() -> APIFlask:

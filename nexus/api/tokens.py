@@ -1,5 +1,6 @@
 """API tokens (admin only): create (the secret is shown once, optionally expiring), list, revoke,
-rotate the join token live. Revoking a worker or join token removes the nodes that registered with it."""
+rotate the join token live; and, for any token, what it is (its name, role and tenant).
+Revoking a worker or join token removes the nodes that registered with it."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from apiflask import APIBlueprint
 
 from nexus import auth
 from nexus.api.errors import ApiError
-from nexus.api.security import require, services, token_cache
+from nexus.api.security import caller, require, services, token_cache
 from nexus.api.views import row_view
 from nexus.auth import Role
 from nexus.jobs.schemas import TokenRequest
@@ -37,6 +38,15 @@ def rotate_join():
     with services().engine.begin() as conn:
         token, row = auth.rotate_join_token(conn)
     return {**row_view(row), "token": token}, 201
+
+
+@bp.get("/self")
+@bp.doc(security="bearer", description="The calling token's name, role and tenant: what a client (the console) "
+                                       "may show and do with it. Never the secret.")
+def whoami():
+    principal = caller()
+    return {"id": str(principal.token_id), "name": principal.name, "role": principal.role.value,
+            "tenant": principal.tenant}
 
 
 @bp.get("")

@@ -25,6 +25,8 @@ PUBLIC, ANY, SUBMITTER, WORKER, ADMIN, OWN_TOKEN = "public", "any", "submitter",
 POLICY = {
     "health.healthz": PUBLIC, "openapi.spec": PUBLIC, "openapi.docs": PUBLIC,
     "static": PUBLIC,
+    "console.bare": PUBLIC, "console.page": PUBLIC, "console.asset": PUBLIC,  # static files; the data needs a token
+    "tokens.whoami": ANY,
     "openapi.swagger_ui_oauth_redirect": ANY,  # Swagger UI's OAuth helper page: no data, but not exempted
     "health.metrics": ADMIN,
     "tokens.create": ADMIN, "tokens.list_tokens": ADMIN, "tokens.revoke": ADMIN, "tokens.rotate_join": ADMIN,
