@@ -12,7 +12,7 @@ from apiflask import APIFlask
 
 import nexus
 from nexus.api.errors import install_error_handlers
-from nexus.api.limits import Slots, install_rate_limit
+from nexus.api.limits import Slots, install_rate_limit, install_refusal_gate
 from nexus.api.security import TokenCache, authenticate_request
 from nexus.config import Settings, load_settings
 from nexus.services import Services
@@ -34,7 +34,8 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.before_request(authenticate_request)
     app.extensions["nexus_token_cache"] = TokenCache(
         settings.auth_cache_seconds if auth_cache_seconds is None else auth_cache_seconds)
-    install_rate_limit(app, settings)  # after authentication: it counts per token
+    if install_rate_limit(app, settings):  # after authentication: it counts per token
+        install_refusal_gate(app)  # before everything: a token refused for its rate is answered at once
     redis = app.extensions["nexus"].redis
     app.extensions["nexus_slots"] = {kind: Slots(redis, kind) for kind in ("long_poll", "stream")}
     for blueprint in blueprints or _blueprints():

@@ -21,6 +21,7 @@ from flask_limiter import Limiter
 from flask_limiter.errors import RateLimitExceeded
 
 from nexus.api.errors import ApiError, error_body
+from nexus.api.refusals import TOKEN_HASH_KEY, RefusalCache, RefusalGate
 from nexus.auth import Principal, Role
 from nexus.config import Settings
 
@@ -104,7 +105,10 @@ def install_rate_limit(app: Flask, settings: Settings) -> Limiter | None:
         # connections, which raises "Too many connections" when more requests than that hit it at once.
         storage_options={"connection_pool": app.extensions["nexus"].redis.connection_pool},
         # Application limits: one budget per token across every route (default limits count per route).
-        application_limits=[settings.rate_limit], application_limits_exempt_when=_exempt, strategy="fixed-window",
+        application_limits=[settings.rate_limit], application_limits_exempt_when=_exempt,
+        # Sliding window counter: a token that keeps flooding gets the limit's rate, spread over the window;
+        # a fixed window let it spend a whole minute's budget in the first seconds of every minute.
+        strategy="sliding-window-counter",
         # No X-RateLimit headers on every answer: each would cost one more Redis read per request.
         headers_enabled=False, key_prefix="nexus",
         swallow_errors=True,  # Redis down: serve (the routes that need Redis answer 503 themselves)
@@ -121,10 +125,23 @@ def install_rate_limit(app: Flask, settings: Settings) -> Limiter | None:
 
 
 def rate_limit_headers() -> dict:
-    """Retry-After for a request the rate limit refused: seconds until the token's window resets."""
+    """Retry-After for a request the rate limit refused: seconds until the token may send again.
+
+    This process then answers the token's requests itself until that time (nexus.api.refusals)."""
     breached = current_app.extensions["nexus_limiter"].current_limit
     reset_at = breached.reset_at if breached else time.time() + 1
-    return {"Retry-After": str(max(1, int(reset_at - time.time())))}
+    retry_after = max(1, int(reset_at - time.time()))
+    if token_hash := request.environ.get(TOKEN_HASH_KEY):
+        current_app.extensions["nexus_refusals"].refuse(token_hash, retry_after)
+    return {"Retry-After": str(retry_after)}
+
+
+def install_refusal_gate(app: Flask) -> RefusalGate:
+    """Answer tokens the rate limit refused before Flask sees them (nexus.api.refusals)."""
+    refusals = app.extensions["nexus_refusals"] = RefusalCache()
+    gate = RefusalGate(app.wsgi_app, refusals)
+    app.wsgi_app = gate  # type: ignore[method-assign]
+    return gate
 
 
 def _token_key() -> str:

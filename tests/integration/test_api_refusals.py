@@ -1,0 +1,78 @@
+"""A token refused for its request rate is answered before authentication, the database and Redis
+(nexus.api.refusals): its retries cost the API almost nothing, and other tokens and the node routes
+are served as before. Real PostgreSQL and Redis behind the real Flask app."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from sqlalchemy import event
+
+from tests.conftest import auth
+from tests.integration.test_api_limits import limited, token
+
+pytestmark = pytest.mark.timeout(120)
+
+RETRIES = 300
+
+
+class StatementCount:
+    """Statements the API's engine sends to PostgreSQL while the block runs."""
+
+    def __init__(self, engine):
+        self.engine, self.count = engine, 0
+
+    def _seen(self, *_args):
+        self.count += 1
+
+    def __enter__(self):
+        event.listen(self.engine, "before_cursor_execute", self._seen)
+        return self
+
+    def __exit__(self, *_exc):
+        event.remove(self.engine, "before_cursor_execute", self._seen)
+
+
+def redis_commands(redis) -> int:
+    """Commands the Redis server has run, all clients together, but the INFO calls that ask."""
+    stats = redis.info("commandstats")
+    return sum(v["calls"] for k, v in stats.items() if k != "cmdstat_info")
+
+
+def test_a_refused_tokens_retries_touch_neither_the_database_nor_redis(api, services):
+    # No token cache (the session's settings): before, every one of these retries looked the token up.
+    assert services.settings.auth_cache_seconds == 0
+    _, client = limited(services, rate_limit="3/minute")
+    alice, bob = auth(token(api, "alice")), auth(token(api, "bob", tenant="b"))
+    assert [client.get("/api/v1/jobs", headers=alice).status_code for _ in range(3)] == [200] * 3
+    first = client.get("/api/v1/jobs", headers=alice)
+    assert first.status_code == 429 and 0 < int(first.headers["Retry-After"]) <= 60
+
+    redis_before = redis_commands(services.redis)
+    with StatementCount(services.engine) as statements:
+        retries = [client.post("/api/v1/jobs", headers=alice, json={"type": "noop"}) for _ in range(RETRIES)]
+    redis_used = redis_commands(services.redis) - redis_before
+    assert {r.status_code for r in retries} == {429}
+    assert statements.count == 0, f"{statements.count} statements for {RETRIES} refused requests"
+    # Other processes of the session (workers polling their queues) use the same server: a margin.
+    assert redis_used < RETRIES / 3, f"{redis_used} Redis commands for {RETRIES} refused requests"
+    refused = retries[-1]
+    assert refused.json["error"]["code"] == "too_many_requests" and refused.headers["Retry-After"].isdigit()
+    assert int(refused.headers["Retry-After"]) <= int(first.headers["Retry-After"])
+    v1 = client.post("/v1/chat/completions", headers=alice, json={"model": "m", "messages": []})
+    assert v1.status_code == 429 and v1.json["error"]["type"] == "rate_limit_error"  # OpenAI's shape on /v1
+
+    # Everyone else is served: another token, health, and the node routes for the refused token too.
+    assert client.get("/api/v1/jobs", headers=bob).status_code == 200
+    assert client.get("/healthz").status_code == 200
+    assert client.get("/api/v1/nodes", headers=alice).status_code in (200, 403)
+
+
+def test_a_refused_token_is_served_again_once_it_waited_as_told(api, services):
+    _, client = limited(services, rate_limit="2/second")
+    alice = auth(token(api, "alice"))
+    answers = [client.get("/api/v1/jobs", headers=alice) for _ in range(4)]
+    assert [a.status_code for a in answers][:2] == [200, 200] and answers[-1].status_code == 429
+    time.sleep(int(answers[-1].headers["Retry-After"]) + 1.5)
+    assert client.get("/api/v1/jobs", headers=alice).status_code == 200
