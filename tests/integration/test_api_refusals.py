@@ -18,20 +18,23 @@ RETRIES = 300
 
 
 class StatementCount:
-    """Statements the API's engine sends to PostgreSQL while the block runs."""
+    """Statements the API's engines send to PostgreSQL while the block runs (the autocommit engine of
+    reads and single statements keeps its own listeners: both are watched)."""
 
-    def __init__(self, engine):
-        self.engine, self.count = engine, 0
+    def __init__(self, *engines):
+        self.engines, self.count = engines, 0
 
     def _seen(self, *_args):
         self.count += 1
 
     def __enter__(self):
-        event.listen(self.engine, "before_cursor_execute", self._seen)
+        for engine in self.engines:
+            event.listen(engine, "before_cursor_execute", self._seen)
         return self
 
     def __exit__(self, *_exc):
-        event.remove(self.engine, "before_cursor_execute", self._seen)
+        for engine in self.engines:
+            event.remove(engine, "before_cursor_execute", self._seen)
 
 
 def redis_commands(redis) -> int:
@@ -50,7 +53,7 @@ def test_a_refused_tokens_retries_touch_neither_the_database_nor_redis(api, serv
     assert first.status_code == 429 and 0 < int(first.headers["Retry-After"]) <= 60
 
     redis_before = redis_commands(services.redis)
-    with StatementCount(services.engine) as statements:
+    with StatementCount(services.engine, services.statements) as statements:
         retries = [client.post("/api/v1/jobs", headers=alice, json={"type": "noop"}) for _ in range(RETRIES)]
     redis_used = redis_commands(services.redis) - redis_before
     assert {r.status_code for r in retries} == {429}
