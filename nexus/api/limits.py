@@ -16,7 +16,7 @@ import logging
 import time
 import uuid
 
-from flask import Flask, current_app, g, request
+from flask import Flask, current_app, g, has_request_context, request
 from flask_limiter import Limiter
 from flask_limiter.errors import RateLimitExceeded
 
@@ -45,9 +45,10 @@ return 1
 class Slots:
     """Concurrent requests of one kind per token, counted in Redis across every API process."""
 
-    def __init__(self, redis, kind: str):
+    def __init__(self, redis, kind: str, refusals: RefusalCache | None = None):
         self.redis = redis
-        self.kind = kind
+        self.kind = kind  # nexus.api.refusals.LONG_POLL or STREAM
+        self.refusals = refusals  # a refused token's next such requests are answered before Flask
         self._acquire = redis.register_script(_ACQUIRE)
 
     def _key(self, principal: Principal) -> str:
@@ -58,9 +59,16 @@ class Slots:
         slot, now = uuid.uuid4().hex, time.time()
         if not self._acquire(keys=[self._key(principal)], args=[now, now + hold_seconds + SLOT_MARGIN_SECONDS,
                                                                    limit, slot]):
+            self._refuse_here(RETRY_AFTER_SECONDS)
             raise ApiError(429, f"at most {limit} concurrent {what} per token; retry when one ends",
                            {"limit": limit}, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
         return slot
+
+    def _refuse_here(self, retry_after: int) -> None:
+        """This process answers the token's next requests for such a slot itself until Retry-After."""
+        if self.refusals is not None and has_request_context():
+            if token_hash := request.environ.get(TOKEN_HASH_KEY):
+                self.refusals.refuse(token_hash, retry_after, self.kind)
 
     def release(self, principal: Principal, slot: str) -> None:
         try:
@@ -136,12 +144,11 @@ def rate_limit_headers() -> dict:
     return {"Retry-After": str(retry_after)}
 
 
-def install_refusal_gate(app: Flask) -> RefusalGate:
-    """Answer tokens the rate limit refused before Flask sees them (nexus.api.refusals)."""
+def install_refusal_gate(app: Flask) -> RefusalCache:
+    """Answer tokens refused for their rate or slots before Flask sees them (nexus.api.refusals)."""
     refusals = app.extensions["nexus_refusals"] = RefusalCache()
-    gate = RefusalGate(app.wsgi_app, refusals)
-    app.wsgi_app = gate  # type: ignore[method-assign]
-    return gate
+    app.wsgi_app = RefusalGate(app.wsgi_app, refusals)  # type: ignore[method-assign]
+    return refusals
 
 
 def _token_key() -> str:

@@ -7,7 +7,8 @@ authentication (a database lookup whenever the token cache had expired), the rat
 round trips, the per-token slot's Lua script; a tenant spinning on 429s took the API process's CPU
 from every other tenant (bench/fairness.py: the well-behaved tenant's p50 went from 12 ms to 525 ms).
 
-So each API process remembers, by the token's hash, until when it told a token to come back, and
+So each API process remembers, by the token's hash, until when it told a token to come back (for
+its rate, or because it held all its long-poll or stream slots: then only such requests), and
 answers that token's requests before then itself, at the WSGI layer: one SHA-256 and one dict
 lookup, the same 429 and the same Retry-After, nothing else. The remembered time is the one the
 client was given, so no request that the shared limit would have admitted is refused after the
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import threading
 import time
 from typing import Any, Callable, Iterable
@@ -38,31 +40,55 @@ MAX_DELAY_SECONDS = 1.0
 # Paths the shared limit never counts (its NODE_BLUEPRINTS): the gate leaves them alone as well.
 EXEMPT_PREFIXES = ("/healthz", "/api/v1/nodes", "/api/v1/gpu", "/api/v1/cluster")
 
+# What a token was refused for. A refused rate refuses all its requests; full slots only the requests
+# that would take one, recognised by path because the gate runs before routing: `?wait=` on the job
+# routes (nexus.api.jobs) takes a long-poll slot, a POST to a /v1 completion route a stream slot.
+RATE, LONG_POLL, STREAM = "rate", "long_poll", "stream"
+STREAM_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+_WAIT = re.compile(r"(?:^|&)wait=([^&]*)")
+_MESSAGES = {RATE: "rate limit exceeded for this token",
+             LONG_POLL: "this token holds all its concurrent long-polls (?wait=)",
+             STREAM: "this token holds all its concurrent /v1 completions"}
+
+
+def kinds_of(environ: dict[str, Any]) -> tuple[str, ...]:
+    path = environ.get("PATH_INFO", "")
+    if path.startswith("/api/v1/jobs") and (wait := _WAIT.search(environ.get("QUERY_STRING", ""))):
+        try:
+            if float(wait.group(1)) > 0:
+                return RATE, LONG_POLL
+        except ValueError:  # the route answers 400 for it
+            pass
+    if path in STREAM_PATHS and environ.get("REQUEST_METHOD") == "POST":
+        return RATE, STREAM
+    return (RATE,)
+
 
 class RefusalCache:
-    """Token hash -> until when (time.monotonic) this process told the token to come back."""
+    """(token hash, kind) -> until when (time.monotonic) this process told the token to come back."""
 
     MAX_ENTRIES = 10_000  # past this, start over rather than grow without bound
 
     def __init__(self) -> None:
-        self._until: dict[str, float] = {}
+        self._until: dict[tuple[str, str], float] = {}
         self._lock = threading.Lock()
 
-    def refuse(self, token_hash: str, retry_after: int) -> None:
+    def refuse(self, token_hash: str, retry_after: int, kind: str = RATE) -> None:
         with self._lock:
             if len(self._until) >= self.MAX_ENTRIES:
                 self._until.clear()
-            self._until[token_hash] = time.monotonic() + retry_after
+            self._until[(token_hash, kind)] = time.monotonic() + retry_after
 
-    def seconds_left(self, token_hash: str) -> float:
-        until = self._until.get(token_hash)
+    def seconds_left(self, token_hash: str, kind: str = RATE) -> float:
+        key = (token_hash, kind)
+        until = self._until.get(key)
         if until is None:
             return 0.0
         left = until - time.monotonic()
         if left <= 0:
             with self._lock:
-                if self._until.get(token_hash) == until:
-                    del self._until[token_hash]
+                if self._until.get(key) == until:
+                    del self._until[key]
             return 0.0
         return left
 
@@ -87,11 +113,13 @@ class RefusalGate:
         if token is not None:
             token_hash = environ[TOKEN_HASH_KEY] = hash_token(token)
             path = environ.get("PATH_INFO", "")
-            if not path.startswith(EXEMPT_PREFIXES) and (left := self.refusals.seconds_left(token_hash)):
-                return self._refuse(path, left, start_response)
+            if not path.startswith(EXEMPT_PREFIXES):
+                for kind in kinds_of(environ):
+                    if left := self.refusals.seconds_left(token_hash, kind):
+                        return self._refuse(path, kind, left, start_response)
         return self.app(environ, start_response)
 
-    def _refuse(self, path: str, left: float, start_response: Callable[..., Any]) -> list[bytes]:
+    def _refuse(self, path: str, kind: str, left: float, start_response: Callable[..., Any]) -> list[bytes]:
         slept = 0.0
         if self._delayed < self.max_delayed:
             self._delayed += 1
@@ -101,11 +129,11 @@ class RefusalGate:
             finally:
                 self._delayed -= 1
         retry_after = max(1, math.ceil(left - slept))
-        message = "rate limit exceeded for this token; retry after the Retry-After seconds"
+        message = f"{_MESSAGES[kind]}; retry after the Retry-After seconds"
         if path.startswith("/v1/"):
             body = OpenAIError(message, status=429, type="rate_limit_error", code="rate_limit_exceeded").body()
         else:
-            body = error_body(429, message, {"retry_after": retry_after})
+            body = error_body(429, message, {"retry_after": retry_after, "refused_for": kind})
         data = json.dumps(body).encode()
         start_response("429 TOO MANY REQUESTS", [("Content-Type", "application/json"),
                                                  ("Content-Length", str(len(data))),

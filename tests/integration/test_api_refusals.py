@@ -79,3 +79,30 @@ def test_a_refused_token_is_served_again_once_it_waited_as_told(api, services):
     assert [a.status_code for a in answers][:2] == [200, 200] and answers[-1].status_code == 429
     time.sleep(int(answers[-1].headers["Retry-After"]) + 1.5)
     assert client.get("/api/v1/jobs", headers=alice).status_code == 200
+
+
+def test_a_token_holding_all_its_long_polls_is_refused_more_before_the_database(api, services):
+    """A flooding tenant's extra long-polls (each answered 429 at once, retried at once) were the bulk
+    of bench/fairness.py's flood: they are refused before authentication; its plain reads are served."""
+    from nexus.api.limits import Slots
+    from nexus.auth import Principal, Role
+    from tests.integration.test_api_limits import _token_id
+
+    custom, client = limited(services, max_long_polls_per_token=1)
+    alice = auth(token(api, "alice"))
+    job = client.post("/api/v1/jobs", headers=alice, json={"type": "noop", "requirements": {"tier": "gpu_peer"}}).json
+    principal = Principal(_token_id(services, "alice"), "alice", Role.SUBMITTER, "a")
+    held = Slots(services.redis, "long_poll").acquire(principal, 1, 30, "long-polls")  # another poll holds it
+    try:
+        first = client.get(f"/api/v1/jobs/{job['id']}?wait=5", headers=alice)
+        assert first.status_code == 429 and first.headers["Retry-After"] == "1", first.json
+        redis_before = redis_commands(services.redis)
+        with StatementCount(services.engine, services.statements) as statements:
+            retries = [client.get(f"/api/v1/jobs/{job['id']}?wait=5", headers=alice) for _ in range(RETRIES)]
+        redis_used = redis_commands(services.redis) - redis_before
+        assert {r.status_code for r in retries} == {429}
+        assert retries[-1].json["error"]["details"]["refused_for"] == "long_poll"
+        assert statements.count == 0 and redis_used < RETRIES / 3, (statements.count, redis_used)
+        assert client.get(f"/api/v1/jobs/{job['id']}", headers=alice).status_code == 200  # no slot needed
+    finally:
+        Slots(services.redis, "long_poll").release(principal, held)
