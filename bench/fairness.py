@@ -21,6 +21,7 @@ import os
 import sys
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -51,15 +52,20 @@ def submitter(url: str, admin: str, tenant: str) -> str:
 # --- the well-behaved tenant and the node -------------------------------------------------------------
 def round_trips(url: str, token: str, seconds: float) -> dict:
     """Sequential POST ?wait= of one noop job: seconds each, and how many did not come back succeeded."""
-    out = {"ok": [], "bad": 0}
+    out: dict = {"ok": [], "bad": 0, "queued": [], "running": []}
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         started = time.perf_counter()
         try:
             answer = requests.post(f"{url}/api/v1/jobs?wait=10", json={"type": "noop"}, headers=auth(token),
                                    timeout=30)
-            if answer.status_code == 201 and answer.json()["state"] == "succeeded":
+            if answer.status_code == 201 and (job := answer.json())["state"] == "succeeded":
                 out["ok"].append(time.perf_counter() - started)
+                # Where the time went, from the row: created -> claimed by a worker -> finished.
+                created, began, ended = (datetime.fromisoformat(job[k]) for k in ("created_at", "started_at",
+                                                                                    "finished_at"))
+                out["queued"].append((began - created).total_seconds())
+                out["running"].append((ended - began).total_seconds())
                 continue
         except requests.RequestException:
             pass
@@ -123,23 +129,6 @@ def start_flood(url: str, token: str, waiting_job: str, polls: int, fail_rate: f
     return counts
 
 
-def job_waits(settings, tenant: str, since: float, until: float) -> tuple[list[float], list[float]]:
-    """Where a round trip's time went, from the rows: queued before a worker claimed the job, then running."""
-    from sqlalchemy import create_engine, text
-
-    engine = create_engine(settings.database_url)
-    try:
-        with engine.connect() as conn:
-            rows = conn.execute(text(
-                "SELECT EXTRACT(EPOCH FROM started_at - created_at) AS queued, "
-                "EXTRACT(EPOCH FROM finished_at - started_at) AS ran FROM jobs WHERE tenant = :t "
-                "AND created_at BETWEEN to_timestamp(:since) AND to_timestamp(:until) AND state = 'succeeded'"),
-                {"t": tenant, "since": since, "until": until}).all()
-    finally:
-        engine.dispose()
-    return [float(r.queued) for r in rows], [float(r.ran) for r in rows]
-
-
 def line(name: str, values: list[float], extra: str = "") -> str:
     return f"  {name:34s} n={len(values):5d}  {describe_ms(values) if values else 'none answered'}{extra}"
 
@@ -163,19 +152,15 @@ def main() -> None:
             identity = client.register(settings.join_token, registration_body(hardware("rtx4090"), "n1", ["gpu_peer"]))
             round_trips(url, good, 3)  # warm-up: connections, the worker's first jobs
 
-            quiet_began = time.time()
             quiet_trips, quiet_beats = measure(url, good, client, identity, args.seconds)
-            quiet_waits = job_waits(settings, "well-behaved", quiet_began, time.time())
 
             began = time.monotonic()
             backlog = submit_backlog(url, bad, args.backlog)
             backlog_s = time.monotonic() - began
             counts = start_flood(url, bad, backlog[0], args.polls, args.fail_rate, stop)
             time.sleep(2.0)  # the polls hold their threads, the first failures retry
-            flood_began = time.time()
             flood_trips, flood_beats = measure(url, good, client, identity, args.seconds)
             stop.set()
-            flood_waits = job_waits(settings, "well-behaved", flood_began, time.time())
 
             print(f"load: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f} "
                   f"(1/5/15 min, {os.cpu_count()} CPUs)")
@@ -186,10 +171,9 @@ def main() -> None:
             print(line("without flood", quiet_trips["ok"], f"  not succeeded {quiet_trips['bad']}"))
             print(line("with flood", flood_trips["ok"], f"  not succeeded {flood_trips['bad']}"))
             print("  of which, from the rows (created -> claimed by a worker, claimed -> finished):")
-            print(line("queued, without flood", quiet_waits[0]))
-            print(line("queued, with flood", flood_waits[0]))
-            print(line("running, without flood", quiet_waits[1]))
-            print(line("running, with flood", flood_waits[1]))
+            for phase in ("queued", "running"):
+                print(line(f"{phase}, without flood", quiet_trips[phase]))
+                print(line(f"{phase}, with flood", flood_trips[phase]))
             print("node API heartbeats, one a second:")
             print(line("without flood", quiet_beats["ok"], f"  timed out {quiet_beats['timeouts']}"))
             print(line("with flood", flood_beats["ok"], f"  timed out {flood_beats['timeouts']}"))
