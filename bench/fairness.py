@@ -1,6 +1,6 @@
 """Fairness: a well-behaved tenant's round trips and the node heartbeats while another tenant floods.
 
-    python bench/fairness.py [--seconds 30] [--polls 64] [--backlog 5000] [--fail-rate 40]
+    python bench/fairness.py [--seconds 30] [--polls 64] [--backlog 5000] [--fail-rate 40] [--own-postgres]
 
 Starts the real `nexus master` (user API with 16 threads, node API beside it), a reconciler and
 one CPU worker (4 threads) on 127.0.0.1, registers one node, and measures twice, for `--seconds`
@@ -139,8 +139,9 @@ def main() -> None:
     parser.add_argument("--polls", type=int, default=64)
     parser.add_argument("--backlog", type=int, default=5000)
     parser.add_argument("--fail-rate", type=float, default=40, help="failing jobs submitted per second")
+    parser.add_argument("--own-postgres", action="store_true", help="a PostgreSQL of its own, not the shared one")
     args = parser.parse_args()
-    with bench_cluster() as (settings, folder):
+    with bench_cluster(own_postgres=args.own_postgres) as (settings, folder):
         api, url = start_api(settings, folder)
         reconciler = NexusProcess(settings, ["reconciler"], folder, "reconciler").start()
         worker = start_worker(settings, folder, "bench-worker")

@@ -94,6 +94,8 @@ class Job(Base):
             "state IN ('queued', 'retrying') AND published_attempt > attempt")),
         Index("ix_jobs_share_held", "tenant", "queue", text("priority DESC"), "created_at", "id",
               postgresql_where=text("state IN ('queued', 'retrying') AND published_attempt <= attempt")),
+        Index("ix_jobs_share_ready", "tenant", "queue", text("coalesce(not_before, '-infinity'::timestamptz)"),
+              postgresql_where=text("state IN ('queued', 'retrying') AND published_attempt <= attempt")),
     )
 
 

@@ -50,9 +50,11 @@ def held(alias: str) -> str:
 
 
 def ready(alias: str) -> str:
-    """A held job that may be published now: its backoff is over and nobody cancelled it."""
+    """A held job that may be published now: its backoff is over (a queued one has none) and nobody
+    cancelled it. The backoff is compared as migration 0009's index holds it, so the claim's check finds
+    a ready job with one probe, however many of the tenant's retries are still backing off."""
     return (f"{held(alias)} AND NOT {alias}.cancel_requested "
-            f"AND ({alias}.not_before IS NULL OR {alias}.not_before <= now())")
+            f"AND coalesce({alias}.not_before, '-infinity'::timestamptz) <= now()")
 
 
 def published_count(alias: str, tenant: str, queue: str) -> str:

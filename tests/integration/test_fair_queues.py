@@ -17,7 +17,7 @@ from tests.support import start_worker, wait_for
 pytestmark = pytest.mark.timeout(240)
 
 UNCONSUMED = "gpu_peer"  # no worker of these tests consumes it
-SHARE = 8  # the default of Settings.max_broker_messages_per_tenant
+SHARE = 4  # the default of Settings.max_broker_messages_per_tenant
 
 
 def submit(services: Services, tenant: str, count: int, tier: str = UNCONSUMED, **job) -> list[str]:
