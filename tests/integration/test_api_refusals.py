@@ -5,6 +5,7 @@ are served as before. Real PostgreSQL and Redis behind the real Flask app."""
 from __future__ import annotations
 
 import time
+import uuid
 
 import pytest
 from sqlalchemy import event
@@ -106,3 +107,26 @@ def test_a_token_holding_all_its_long_polls_is_refused_more_before_the_database(
         assert client.get(f"/api/v1/jobs/{job['id']}", headers=alice).status_code == 200  # no slot needed
     finally:
         Slots(services.redis, "long_poll").release(principal, held)
+
+
+def test_the_python_client_waits_out_a_429_as_retry_after_says(services, live_api):
+    """Against the real gunicorn API: every long-poll slot of the token is taken for half a second;
+    NexusClient's long-poll is refused, waits Retry-After, and is then served instead of raising."""
+    import threading
+
+    from nexus.api.limits import Slots
+    from nexus.auth import Principal, Role
+    from nexus.client import NexusClient
+
+    url, admin_token = live_api
+    created = NexusClient(url, admin_token).request("POST", "/api/v1/tokens",
+                                                    json={"name": "patient", "role": "submitter", "tenant": "p"})
+    client = NexusClient(url, created["token"])
+    job = client.submit("noop", requirements={"tier": "gpu_peer"})  # nobody runs it: the poll waits it out
+    principal = Principal(uuid.UUID(created["id"]), "patient", Role.SUBMITTER, "p")
+    slots = Slots(services.redis, "long_poll")
+    held = [slots.acquire(principal, 100, 30, "long-polls") for _ in range(services.settings.max_long_polls_per_token)]
+    threading.Timer(0.5, lambda: [slots.release(principal, slot) for slot in held]).start()
+    began = time.monotonic()
+    answer = client.get(job["id"], wait=0.5)
+    assert answer["state"] == "queued" and time.monotonic() - began >= 1.0  # refused once, then served
