@@ -24,12 +24,13 @@ SYSTEM_PG = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
 
 
 @contextlib.contextmanager
-def bench_cluster(**overrides):
-    """Redis, S3 and a fresh PostgreSQL database for one benchmark run; yields (Settings, folder)."""
+def bench_cluster(own_postgres: bool = False, **overrides):
+    """Redis, S3 and a fresh PostgreSQL database for one benchmark run; yields (Settings, folder).
+    `own_postgres`: a PostgreSQL server of the run's own, not the one on 5432 that others share."""
     with tempfile.TemporaryDirectory(prefix="nexus-bench-") as tmp, contextlib.ExitStack() as stack:
         folder = Path(tmp)
         admin_url = SYSTEM_PG
-        if not port_open("127.0.0.1", 5432):
+        if own_postgres or not port_open("127.0.0.1", 5432):
             admin_url = stack.enter_context(PostgresServer(folder / "pg")).url
         name = f"nexus_bench_{uuid.uuid4().hex[:8]}"
         admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")

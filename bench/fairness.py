@@ -1,6 +1,6 @@
 """Fairness: a well-behaved tenant's round trips and the node heartbeats while another tenant floods.
 
-    python bench/fairness.py [--seconds 30] [--polls 64] [--backlog 5000] [--fail-rate 40]
+    python bench/fairness.py [--seconds 30] [--polls 64] [--backlog 5000] [--fail-rate 40] [--own-postgres]
 
 Starts the real `nexus master` (user API with 16 threads, node API beside it), a reconciler and
 one CPU worker (4 threads) on 127.0.0.1, registers one node, and measures twice, for `--seconds`
@@ -21,6 +21,7 @@ import os
 import sys
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -51,15 +52,20 @@ def submitter(url: str, admin: str, tenant: str) -> str:
 # --- the well-behaved tenant and the node -------------------------------------------------------------
 def round_trips(url: str, token: str, seconds: float) -> dict:
     """Sequential POST ?wait= of one noop job: seconds each, and how many did not come back succeeded."""
-    out = {"ok": [], "bad": 0}
+    out: dict = {"ok": [], "bad": 0, "queued": [], "running": []}
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         started = time.perf_counter()
         try:
             answer = requests.post(f"{url}/api/v1/jobs?wait=10", json={"type": "noop"}, headers=auth(token),
                                    timeout=30)
-            if answer.status_code == 201 and answer.json()["state"] == "succeeded":
+            if answer.status_code == 201 and (job := answer.json())["state"] == "succeeded":
                 out["ok"].append(time.perf_counter() - started)
+                # Where the time went, from the row: created -> claimed by a worker -> finished.
+                created, began, ended = (datetime.fromisoformat(job[k]) for k in ("created_at", "started_at",
+                                                                                    "finished_at"))
+                out["queued"].append((began - created).total_seconds())
+                out["running"].append((ended - began).total_seconds())
                 continue
         except requests.RequestException:
             pass
@@ -133,8 +139,9 @@ def main() -> None:
     parser.add_argument("--polls", type=int, default=64)
     parser.add_argument("--backlog", type=int, default=5000)
     parser.add_argument("--fail-rate", type=float, default=40, help="failing jobs submitted per second")
+    parser.add_argument("--own-postgres", action="store_true", help="a PostgreSQL of its own, not the shared one")
     args = parser.parse_args()
-    with bench_cluster() as (settings, folder):
+    with bench_cluster(own_postgres=args.own_postgres) as (settings, folder):
         api, url = start_api(settings, folder)
         reconciler = NexusProcess(settings, ["reconciler"], folder, "reconciler").start()
         worker = start_worker(settings, folder, "bench-worker")
@@ -164,6 +171,10 @@ def main() -> None:
             print(f"well-behaved tenant, POST /api/v1/jobs?wait=10 of a noop, {args.seconds:g} s each:")
             print(line("without flood", quiet_trips["ok"], f"  not succeeded {quiet_trips['bad']}"))
             print(line("with flood", flood_trips["ok"], f"  not succeeded {flood_trips['bad']}"))
+            print("  of which, from the rows (created -> claimed by a worker, claimed -> finished):")
+            for phase in ("queued", "running"):
+                print(line(f"{phase}, without flood", quiet_trips[phase]))
+                print(line(f"{phase}, with flood", flood_trips[phase]))
             print("node API heartbeats, one a second:")
             print(line("without flood", quiet_beats["ok"], f"  timed out {quiet_beats['timeouts']}"))
             print(line("with flood", flood_beats["ok"], f"  timed out {flood_beats['timeouts']}"))

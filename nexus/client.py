@@ -27,11 +27,14 @@ class NexusError(Exception):
 
 
 class NexusClient:
-    def __init__(self, url: str, token: str, timeout: float = 30.0):
+    def __init__(self, url: str, token: str, timeout: float = 30.0, rate_limit_patience: float = 60.0):
         self.url = url.rstrip("/")
         self.session = requests.Session()
         self.session.headers["Authorization"] = f"Bearer {token}"
         self.timeout = timeout
+        # How long one call waits out 429 answers, as their Retry-After says, before raising. A 429 is
+        # refused before anything happened (no row, no message), so any request may be sent again.
+        self.rate_limit_patience = rate_limit_patience
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "NexusClient":
@@ -47,7 +50,14 @@ class NexusClient:
     # --- HTTP ---------------------------------------------------------------------------
     def request(self, method: str, path: str, **kwargs) -> Any:
         kwargs.setdefault("timeout", self.timeout)
-        response = self.session.request(method, self.url + path, **kwargs)
+        waited = 0.0
+        while True:
+            response = self.session.request(method, self.url + path, **kwargs)
+            retry_after = _retry_after(response)
+            if retry_after is None or waited + retry_after > self.rate_limit_patience:
+                break
+            time.sleep(retry_after)  # as told: sooner, the API would refuse it again without looking
+            waited += retry_after
         if response.status_code >= 400:
             try:
                 error = response.json()["error"]
@@ -144,3 +154,9 @@ class NexusClient:
 
     def rotate_join_token(self) -> dict:
         return self.request("POST", "/api/v1/tokens/join/rotate")
+
+
+def _retry_after(response: requests.Response) -> float | None:
+    """Seconds a 429 asks the client to wait (None for any other answer)."""
+    value = response.headers.get("Retry-After", "")
+    return float(value) if response.status_code == 429 and value.isdigit() else None

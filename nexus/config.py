@@ -66,6 +66,10 @@ class Settings(BaseSettings):
     rate_limit: str = "6000/minute"  # Flask-Limiter syntax ("100/second;6000/minute"); empty: no rate limit
     max_long_polls_per_token: int = Field(8, ge=1)  # concurrent ?wait= requests
     max_streams_per_token: int = Field(128, ge=1)  # concurrent /v1 completions (streamed or not)
+    # Fair shares (nexus/jobs/fairshare.py): messages one tenant may have waiting in the broker per
+    # queue; its other queued jobs wait as rows, published as its earlier messages are claimed.
+    # Another tenant's job then waits behind at most this many of its messages. 0: no share (FIFO).
+    max_broker_messages_per_tenant: int = Field(4, ge=0)
     # Open connections one API process holds (gevent greenlets: streams, long-polls, plain requests).
     api_worker_connections: int = Field(4096, ge=16, le=100_000)
     # An API process remembers a token it resolved this long (by its hash), so thousands of requests

@@ -12,7 +12,8 @@ from apiflask import APIFlask
 
 import nexus
 from nexus.api.errors import install_error_handlers
-from nexus.api.limits import Slots, install_rate_limit
+from nexus.api.limits import Slots, install_rate_limit, install_refusal_gate
+from nexus.api.refusals import LONG_POLL, STREAM
 from nexus.api.security import TokenCache, authenticate_request
 from nexus.config import Settings, load_settings
 from nexus.services import Services
@@ -34,9 +35,10 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.before_request(authenticate_request)
     app.extensions["nexus_token_cache"] = TokenCache(
         settings.auth_cache_seconds if auth_cache_seconds is None else auth_cache_seconds)
+    refusals = install_refusal_gate(app)  # before everything: a token refused a moment ago is answered at once
     install_rate_limit(app, settings)  # after authentication: it counts per token
     redis = app.extensions["nexus"].redis
-    app.extensions["nexus_slots"] = {kind: Slots(redis, kind) for kind in ("long_poll", "stream")}
+    app.extensions["nexus_slots"] = {kind: Slots(redis, kind, refusals) for kind in (LONG_POLL, STREAM)}
     for blueprint in blueprints or _blueprints():
         app.register_blueprint(blueprint)
     return app

@@ -54,10 +54,13 @@ def make_psycopg_green() -> bool:
 def create_green_wsgi_app():
     """Entry point for gunicorn's gevent worker: the Flask app, psycopg2 made cooperative first."""
     from nexus.api import create_wsgi_app
+    from nexus.api.refusals import RefusalGate
 
     app = create_wsgi_app()
     if make_psycopg_green():
         log.info("API on gevent: psycopg2 waits cooperatively (psycogreen)")
+        if isinstance(app.wsgi_app, RefusalGate):  # a delayed refusal is a sleeping greenlet, not a thread
+            app.wsgi_app.max_delayed = max(1, app.extensions["nexus_settings"].api_worker_connections // 4)
     else:
         log.warning("API not under gevent: every open stream holds a thread")
     return app

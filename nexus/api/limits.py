@@ -16,11 +16,12 @@ import logging
 import time
 import uuid
 
-from flask import Flask, current_app, g, request
+from flask import Flask, current_app, g, has_request_context, request
 from flask_limiter import Limiter
 from flask_limiter.errors import RateLimitExceeded
 
 from nexus.api.errors import ApiError, error_body
+from nexus.api.refusals import TOKEN_HASH_KEY, RefusalCache, RefusalGate
 from nexus.auth import Principal, Role
 from nexus.config import Settings
 
@@ -44,9 +45,10 @@ return 1
 class Slots:
     """Concurrent requests of one kind per token, counted in Redis across every API process."""
 
-    def __init__(self, redis, kind: str):
+    def __init__(self, redis, kind: str, refusals: RefusalCache | None = None):
         self.redis = redis
-        self.kind = kind
+        self.kind = kind  # nexus.api.refusals.LONG_POLL or STREAM
+        self.refusals = refusals  # a refused token's next such requests are answered before Flask
         self._acquire = redis.register_script(_ACQUIRE)
 
     def _key(self, principal: Principal) -> str:
@@ -57,9 +59,16 @@ class Slots:
         slot, now = uuid.uuid4().hex, time.time()
         if not self._acquire(keys=[self._key(principal)], args=[now, now + hold_seconds + SLOT_MARGIN_SECONDS,
                                                                    limit, slot]):
+            self._refuse_here(RETRY_AFTER_SECONDS)
             raise ApiError(429, f"at most {limit} concurrent {what} per token; retry when one ends",
                            {"limit": limit}, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
         return slot
+
+    def _refuse_here(self, retry_after: int) -> None:
+        """This process answers the token's next requests for such a slot itself until Retry-After."""
+        if self.refusals is not None and has_request_context():
+            if token_hash := request.environ.get(TOKEN_HASH_KEY):
+                self.refusals.refuse(token_hash, retry_after, self.kind)
 
     def release(self, principal: Principal, slot: str) -> None:
         try:
@@ -104,7 +113,10 @@ def install_rate_limit(app: Flask, settings: Settings) -> Limiter | None:
         # connections, which raises "Too many connections" when more requests than that hit it at once.
         storage_options={"connection_pool": app.extensions["nexus"].redis.connection_pool},
         # Application limits: one budget per token across every route (default limits count per route).
-        application_limits=[settings.rate_limit], application_limits_exempt_when=_exempt, strategy="fixed-window",
+        application_limits=[settings.rate_limit], application_limits_exempt_when=_exempt,
+        # Sliding window counter: a token that keeps flooding gets the limit's rate, spread over the window;
+        # a fixed window let it spend a whole minute's budget in the first seconds of every minute.
+        strategy="sliding-window-counter",
         # No X-RateLimit headers on every answer: each would cost one more Redis read per request.
         headers_enabled=False, key_prefix="nexus",
         swallow_errors=True,  # Redis down: serve (the routes that need Redis answer 503 themselves)
@@ -121,10 +133,22 @@ def install_rate_limit(app: Flask, settings: Settings) -> Limiter | None:
 
 
 def rate_limit_headers() -> dict:
-    """Retry-After for a request the rate limit refused: seconds until the token's window resets."""
+    """Retry-After for a request the rate limit refused: seconds until the token may send again.
+
+    This process then answers the token's requests itself until that time (nexus.api.refusals)."""
     breached = current_app.extensions["nexus_limiter"].current_limit
     reset_at = breached.reset_at if breached else time.time() + 1
-    return {"Retry-After": str(max(1, int(reset_at - time.time())))}
+    retry_after = max(1, int(reset_at - time.time()))
+    if token_hash := request.environ.get(TOKEN_HASH_KEY):
+        current_app.extensions["nexus_refusals"].refuse(token_hash, retry_after)
+    return {"Retry-After": str(retry_after)}
+
+
+def install_refusal_gate(app: Flask) -> RefusalCache:
+    """Answer tokens refused for their rate or slots before Flask sees them (nexus.api.refusals)."""
+    refusals = app.extensions["nexus_refusals"] = RefusalCache()
+    app.wsgi_app = RefusalGate(app.wsgi_app, refusals)  # type: ignore[method-assign]
+    return refusals
 
 
 def _token_key() -> str:

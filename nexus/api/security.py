@@ -10,6 +10,7 @@ import uuid
 from flask import current_app, g, request
 
 from nexus.api.errors import ApiError
+from nexus.api.refusals import TOKEN_HASH_KEY
 from nexus.auth import Principal, Role, authenticate, hash_token
 from nexus.services import Services
 
@@ -97,7 +98,8 @@ def token_cache() -> TokenCache:
 
 
 def _resolve(token: str) -> Principal | None:
-    cache, token_hash = token_cache(), hash_token(token)
+    cache = token_cache()
+    token_hash = request.environ.get(TOKEN_HASH_KEY) or hash_token(token)  # the refusal gate hashed it already
     principal = cache.get(token_hash)
     if principal is not None:
         return principal

@@ -89,6 +89,13 @@ class Job(Base):
         Index("ix_jobs_retention_other", "finished_at", postgresql_where=text(
             "parent_id IS NULL AND type <> 'completion' AND state IN ('succeeded', 'failed', 'cancelled')")),
         Index("ix_jobs_input_key", "input_key", postgresql_where=text("input_key IS NOT NULL")),
+        # A tenant's share of a queue (nexus/jobs/fairshare.py): its jobs with a message out, its held ones.
+        Index("ix_jobs_share_published", "tenant", "queue", postgresql_where=text(
+            "state IN ('queued', 'retrying') AND published_attempt > attempt")),
+        Index("ix_jobs_share_held", "tenant", "queue", text("priority DESC"), "created_at", "id",
+              postgresql_where=text("state IN ('queued', 'retrying') AND published_attempt <= attempt")),
+        Index("ix_jobs_share_ready", "tenant", "queue", text("coalesce(not_before, '-infinity'::timestamptz)"),
+              postgresql_where=text("state IN ('queued', 'retrying') AND published_attempt <= attempt")),
     )
 
 

@@ -12,6 +12,7 @@ import json
 import random
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Callable, Mapping, TypeVar
 
 from sqlalchemy import Connection, Engine, RowMapping, bindparam, text
@@ -19,6 +20,7 @@ from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.types import Uuid
 
 from nexus.db.prepared import Prepared
+from nexus.jobs import fairshare
 from nexus.jobs.failures import FailureKind
 from nexus.jobs.records import Claimed, Job, Outcome, project, returning, select_list
 from nexus.jobs.states import ACTIVE_STATES, CLAIMABLE_STATES, RETRYABLE_BY_HAND, JobState, sql_in
@@ -48,28 +50,59 @@ def backoff_seconds(attempt: int, base: float, cap: float, rng: random.Random | 
     return ceiling / 2 + jitter * ceiling / 2
 
 
-_INSERT_JOBS = Prepared("nexus_insert_jobs", """
-    WITH ins AS (
+# Each new job is published (published_attempt 1) while its tenant's share of the queue has room,
+# else held (0) for nexus.jobs.fairshare to publish later, counted in this same statement (the
+# /v1 path's one write). New jobs wait behind held ones: room is 0 while the tenant has a held job
+# ready, so the refill keeps priority and submission order.
+_INSERT_JOBS = Prepared("nexus_insert_jobs", f"""
+    WITH input AS (
+        SELECT t.*, row_number() OVER (PARTITION BY t.tenant, t.queue ORDER BY t.priority DESC, t.ord) AS rank
+        FROM unnest(:ids, :types, :payloads, :input_keys, :requirements, :queues, :priorities, :max_attempts,
+                    :tenants, :idem_keys, :parent_ids) WITH ORDINALITY
+             AS t(id, type, payload, input_key, requirements, queue, priority, max_attempts, tenant,
+                  idempotency_key, parent_id, ord)
+    ),
+    room AS (
+        SELECT pairs.tenant, pairs.queue,
+               CASE WHEN :share = 0 THEN NULL
+                    WHEN {fairshare.has_ready('h', 'pairs.tenant', 'pairs.queue')} THEN 0
+                    ELSE :share - {fairshare.published_count('p', 'pairs.tenant', 'pairs.queue')} END AS n
+        FROM (SELECT DISTINCT tenant, queue FROM input) pairs
+    ),
+    ins AS (
     INSERT INTO jobs (id, type, payload, input_key, requirements, queue, priority, max_attempts, tenant,
-                      idempotency_key, parent_id, published_at)
-    SELECT t.*, now() FROM unnest(:ids, :types, :payloads, :input_keys, :requirements, :queues, :priorities,
-                                  :max_attempts, :tenants, :idem_keys, :parent_ids) AS t
+                      idempotency_key, parent_id, published_attempt, published_at, created_at)
+    SELECT i.id, i.type, i.payload, i.input_key, i.requirements, i.queue, i.priority, i.max_attempts, i.tenant,
+           i.idempotency_key, i.parent_id, CASE WHEN r.n IS NULL OR i.rank <= r.n THEN 1 ELSE 0 END,
+           CASE WHEN r.n IS NULL OR i.rank <= r.n THEN now() END,
+           clock_timestamp()  -- in submission order (volatile: evaluated after the sort), the order held jobs go in
+    FROM input i JOIN room r ON r.tenant = i.tenant AND r.queue = i.queue
+    ORDER BY i.ord
     ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-    RETURNING id, created_at
+    RETURNING id, created_at, published_attempt
     ),
     ev AS (
         INSERT INTO job_events (job_id, from_state, to_state, attempt, message)
         SELECT id, NULL, 'queued', 0, 'submitted' FROM ins
     )
-    SELECT id, created_at FROM ins
+    SELECT id, created_at, published_attempt = 1 AS published FROM ins
     """, {"ids": "uuid[]", "types": "text[]", "payloads": "jsonb[]", "input_keys": "text[]",
           "requirements": "jsonb[]", "queues": "text[]", "priorities": "smallint[]", "max_attempts": "int[]",
-          "tenants": "text[]", "idem_keys": "text[]", "parent_ids": "uuid[]"})
+          "tenants": "text[]", "idem_keys": "text[]", "parent_ids": "uuid[]", "share": "int"})
 
 
-def insert_jobs(conn: Connection, specs: list[JobSpec]) -> dict[uuid.UUID, Any]:
-    """Insert rows and their `submitted` events in one statement; returns {id: created_at} of the rows
-    inserted (idempotent repeats are not)."""
+@dataclass(frozen=True)
+class Inserted:
+    """A row a submission inserted: when, and whether its message goes out now (else its tenant's
+    share of the queue is full and nexus.jobs.fairshare publishes it later)."""
+
+    created_at: datetime
+    published: bool
+
+
+def insert_jobs(conn: Connection, specs: list[JobSpec], share: int = 0) -> dict[uuid.UUID, Inserted]:
+    """Insert rows and their `submitted` events in one statement; returns the rows inserted by id
+    (idempotent repeats are not). `share`: Settings.max_broker_messages_per_tenant (0: publish all)."""
     if not specs:
         return {}
     params = {
@@ -84,8 +117,9 @@ def insert_jobs(conn: Connection, specs: list[JobSpec]) -> dict[uuid.UUID, Any]:
         "tenants": [s.tenant for s in specs],
         "idem_keys": [s.idempotency_key for s in specs],
         "parent_ids": [s.parent_id for s in specs],
+        "share": share,
     }
-    return {row["id"]: row["created_at"] for row in _INSERT_JOBS.execute(conn, params)}
+    return {row["id"]: Inserted(row["created_at"], row["published"]) for row in _INSERT_JOBS.execute(conn, params)}
 
 
 def delete_unstarted(conn: Connection, ids: list[uuid.UUID]) -> None:
@@ -154,15 +188,21 @@ _CLAIM = Prepared("nexus_claim", _transition_sql(
               AND (j.not_before IS NULL OR j.not_before <= now())""",
     sets="""attempt = j.attempt + 1, node = :node, started_at = now(), heartbeat_at = now(),
             lease_expires_at = now() + make_interval(secs => :lease), error = NULL""",
-    returning=returning(Claimed),
-), {"id": "uuid", "attempt": "int", "node": "text", "lease": "float8", **_EVENT_PARAMS},
+    # Whether this claim frees a place the tenant's held jobs may take (nexus.jobs.fairshare). The
+    # subqueries see the row as it was (still a published message), hence `<=`. Two index probes,
+    # both empty for a tenant with nothing held.
+    returning=returning(Claimed) + f""", (:share > 0 AND {fairshare.has_ready('h', 'j.tenant', 'j.queue')}
+        AND {fairshare.published_count('p', 'j.tenant', 'j.queue')} <= :share) AS refill""",
+), {"id": "uuid", "attempt": "int", "node": "text", "lease": "float8", "share": "int", **_EVENT_PARAMS},
     prefix="SET LOCAL synchronous_commit = off; ")
 
 
-def claim(conn: Connection, job_id: uuid.UUID | str, attempt: int, node: str, lease_seconds: float) -> Claimed | None:
-    """Take the job for `attempt`, or None: the message is stale or a duplicate and must be dropped."""
+def claim(conn: Connection, job_id: uuid.UUID | str, attempt: int, node: str, lease_seconds: float,
+          share: int = 0) -> Claimed | None:
+    """Take the job for `attempt`, or None: the message is stale or a duplicate and must be dropped.
+    `share`: Settings.max_broker_messages_per_tenant, for the answer's `refill`."""
     row = _one(conn, _CLAIM, {"id": job_id, "attempt": attempt, "node": node, "lease": lease_seconds,
-                              "event_node": node})
+                              "share": share, "event_node": node})
     return project(Claimed, row) if row is not None else None
 
 

@@ -6,7 +6,8 @@ Each pass:
    remain, else `failed` (or `cancelled` if cancellation was requested). An
    unrenewed lease is the node failing, never the job: the event says
    'infrastructure' and counts toward the node's quarantine (nexus.jobs.failures);
-2. publishes retrying jobs whose backoff has passed;
+2. publishes held jobs (nexus.jobs.fairshare): retrying jobs whose backoff has passed, and
+   queued jobs past their tenant's share of a queue once it has room again;
 3. re-publishes waiting jobs (queued, or retrying with their retry published) whose
    message is gone, on evidence, never on age alone:
    - the broker epoch (`nexus:broker-epoch`, set by the reconciler) is missing: the
@@ -41,6 +42,7 @@ import redis
 from celery import Celery
 from sqlalchemy import Engine, TextClause, text
 
+from nexus.jobs import fairshare
 from nexus.jobs.retention import retention_pass
 from nexus.nodes.liveness import reconcile_nodes
 from nexus.config import Settings
@@ -82,23 +84,10 @@ _EXPIRE_LEASES = text(
     """
 )
 
-_DUE_RETRIES = text(
-    """
-    WITH due AS (
-        SELECT id FROM jobs
-        WHERE state = 'retrying' AND NOT cancel_requested AND coalesce(not_before, now()) <= now()
-          AND published_attempt <= attempt
-        LIMIT :batch FOR UPDATE SKIP LOCKED
-    )
-    UPDATE jobs j SET published_attempt = j.attempt + 1, published_at = now()
-    FROM due WHERE j.id = due.id
-    RETURNING j.id, j.attempt, j.queue, j.priority
-    """
-)
-
-# A waiting job has a message out for attempt + 1: queued ones since their submission, retrying ones
-# once their retry was published (published_attempt moved past attempt).
-_WAITING = "state IN ('queued', 'retrying') AND published_attempt > attempt AND NOT cancel_requested"
+# A waiting job has a message out for attempt + 1: queued ones once published (at submission, or
+# later when held past their tenant's share), retrying ones once their retry was published
+# (published_attempt moved past attempt). Held jobs have no message, so none is missing.
+_WAITING = f"{fairshare.published('jobs')} AND NOT cancel_requested"
 
 _WAITING_PUBLISHED_BEFORE = text(
     f"""
@@ -147,7 +136,8 @@ class Reconciler:
         counts["leases_expired"] = self._expire_leases()
         recovered = self._recover_lost_broker()
         counts["broker_data_lost"] = int(recovered is not None)
-        counts["retries_published"] = self._publish(_DUE_RETRIES, {})
+        # Held jobs: due retries, and queued jobs past their tenant's share that now have room.
+        counts["retries_published"] = fairshare.refill_all(self.engine, self.celery, self.settings)
         counts["queued_republished"] = (recovered or 0) + self._republish_missing()
         counts.update(retention_pass(self.engine, self.settings))  # last: finished work, old enough to go
         return counts

@@ -97,6 +97,7 @@ def jsonable(value: Any) -> Any:
 # --- what the worker's own transitions return --------------------------------------------------
 # Each transition statement also returns the state it came from and how long the attempt ran.
 TRANSITION_EXTRAS = ("from_state", "run_seconds")
+CLAIM_EXTRAS = ("refill",)  # the claim's own (nexus.jobs.lifecycle.claim)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +111,10 @@ class Claimed:
     tenant: str
     input_key: str | None
     payload: Any
+    queue: str = ""
+    # The tenant has held jobs on this queue and, with this message taken, room to publish one
+    # (nexus.jobs.fairshare): the claiming worker refills at once.
+    refill: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +133,7 @@ class Outcome:
 def returning(record: type) -> str:
     """The RETURNING list for a projection record: its fields that are job columns, as `j.<name>`."""
     names = [f.name for f in fields(record)]
-    unknown = set(names) - set(JOB_COLUMNS) - set(TRANSITION_EXTRAS)
+    unknown = set(names) - set(JOB_COLUMNS) - set(TRANSITION_EXTRAS) - set(CLAIM_EXTRAS)
     if unknown:
         raise TypeError(f"{record.__name__} names fields that are not job columns: {sorted(unknown)}")
     return ", ".join(f"j.{name}" for name in names if name in JOB_COLUMNS)

@@ -15,7 +15,7 @@ from sqlalchemy.exc import OperationalError
 from nexus.jobs.placement import decline_retry
 from nexus.config import Settings
 from nexus.db.engine import autocommit
-from nexus.jobs import lifecycle
+from nexus.jobs import fairshare, lifecycle
 from nexus.jobs.context import JobCancelled, JobContext, JobLost
 from nexus.jobs.failures import failure_kind
 from nexus.jobs.notify import Notifier
@@ -100,9 +100,12 @@ class JobRunner:
         if decline_retry(self.engine, self.submitter.celery, self.settings, job_id, attempt, self.node):
             return "declined"  # it failed here before and another node can take it (nexus.jobs.placement)
         with self.writes.connect() as conn:
-            job = lifecycle.claim(conn, uuid.UUID(job_id), attempt, self.node, self.settings.job_lease_seconds)
+            job = lifecycle.claim(conn, uuid.UUID(job_id), attempt, self.node, self.settings.job_lease_seconds,
+                                  self.settings.max_broker_messages_per_tenant)
         if job is None:
             return "dropped"
+        if job.refill:  # this message was one of its tenant's share of the queue: publish the next held job
+            self._refill(job)
         ctx = JobContext(
             job_id=job.id, attempt=job.attempt, node=self.node, tenant=job.tenant, input_key=job.input_key,
             settings=self.settings, engine=self.engine, storage=self.storage, submitter=self.submitter,
@@ -116,6 +119,12 @@ class JobRunner:
         if row is not None:
             self.notifier.job_finished(row)
         return outcome
+
+    def _refill(self, job: Claimed) -> None:
+        try:
+            fairshare.refill(self.engine, self.submitter.celery, self.settings, job.tenant, job.queue)
+        except Exception as exc:  # the broker or the database is away: the reconciler's pass refills
+            log.warning("could not publish the next held job of %s on %s: %s", job.tenant, job.queue, exc)
 
     def _run(self, ctx: JobContext, job: Claimed) -> tuple[str, Outcome | None]:
         try:

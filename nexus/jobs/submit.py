@@ -1,4 +1,5 @@
-"""Submission: validate, insert rows, commit, then publish one message per new job.
+"""Submission: validate, insert rows, commit, then publish one message per new job (within its
+tenant's share of the queue; the others are held rows, published later by nexus.jobs.fairshare).
 
 Shared by the API, child jobs inside workers, and the client-less benchmarks.
 If publishing fails the new rows are deleted again, so a rejected submission
@@ -145,15 +146,17 @@ class Submitter:
     def submit_specs(self, specs: list[JobSpec]) -> list[tuple[Job, bool]]:
         _check_unique_keys(specs)
         with self.writes.connect() as conn:
-            inserted = lifecycle.insert_jobs(conn, specs)  # all rows or none: one statement
+            # All rows or none, one statement; past its tenant's share of a queue a job is held (not published).
+            inserted = lifecycle.insert_jobs(conn, specs, self.settings.max_broker_messages_per_tenant)
             new_specs = [s for s in specs if s.id in inserted]
+            to_publish = [s for s in new_specs if inserted[s.id].published]
             repeats = [s for s in specs if s.id not in inserted]
             repeated_keys = [s.idempotency_key for s in repeats if s.idempotency_key]
             existing = queries.find_by_idempotency(conn, specs[0].tenant, repeated_keys) if repeats else {}
             # Read after the commit: a worker's standby that replayed this far has the new rows.
-            lsn = commit_lsn(conn) if any(get_job_type(s.type).reads_standby for s in new_specs) else None
+            lsn = commit_lsn(conn) if any(get_job_type(s.type).reads_standby for s in to_publish) else None
         try:
-            self.publish(new_specs, lsn)
+            self.publish(to_publish, lsn)
         except Exception as exc:
             with self.engine.begin() as conn:
                 lifecycle.delete_unstarted(conn, [s.id for s in new_specs])
@@ -161,7 +164,7 @@ class Submitter:
         out: list[tuple[Job, bool]] = []
         for spec in specs:
             if spec.id in inserted:
-                out.append((_row_from_spec(spec, inserted[spec.id]), True))
+                out.append((_row_from_spec(spec, inserted[spec.id].created_at), True))
             else:  # not inserted: an idempotent repeat, so it has a key
                 out.append((existing[str(spec.idempotency_key)], False))
         return out

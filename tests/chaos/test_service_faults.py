@@ -75,11 +75,14 @@ def test_broker_replaced_by_an_empty_one(cluster, profile, report):
     lost_messages: list[float] = []
     log_start = len(cluster.reconciler.log_text())  # count only this test's re-publications
 
+    # The stream is one tenant's: it has at most its share of the queue in the broker (nexus.jobs.fairshare).
+    waiting = min(20, cluster.services.settings.max_broker_messages_per_tenant or 20)
+
     def inject(_tenant):
         for name in cluster.worker_names:
             cluster.kill_worker(name, signal.SIGSTOP)
         try:
-            lost_messages.append(wait_for(lambda: (n := queue_depth(cluster.services.redis, TIER)) >= 20 and n,
+            lost_messages.append(wait_for(lambda: (n := queue_depth(cluster.services.redis, TIER)) >= waiting and n,
                                           timeout=10, interval=0.05, what="messages waiting in the queue"))
             cluster.restart_redis(empty=True)
         finally:

@@ -188,6 +188,7 @@ def test_v1_requests_per_token_are_capped_in_openais_shape(api, services):
     assert refused.status_code == 429 and refused.headers["Retry-After"].isdigit()
     assert refused.json["error"]["code"] == "rate_limit_exceeded" and "type" in refused.json["error"]
     slots.release(principal, held)
+    time.sleep(int(refused.headers["Retry-After"]) + 0.2)  # refused until then (nexus.api.refusals)
     answered = client.post("/v1/chat/completions", headers=auth(alice), json={"model": "m"})
     assert answered.status_code == 400  # served: a bad body, not a full slot
     answered.close()

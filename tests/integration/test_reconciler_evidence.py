@@ -13,15 +13,21 @@ from sqlalchemy import text
 
 from nexus.jobs import lifecycle
 from nexus.jobs.reconciler import Reconciler
+from nexus.jobs.submit import Submitter
 from nexus.queueing import broker
 
 pytestmark = pytest.mark.timeout(120)
 QUEUE = "gpu_peer"
 
 
+# Each test's backlog is one tenant's: without a share, every job of it has a message out (tenants'
+# shares, which keep most of such a backlog as held rows, have their own tests: test_fair_queues.py).
+UNSHARED = {"max_broker_messages_per_tenant": 0}
+
+
 def reconciler_for(services, requeue_after: float | None = 0.5) -> Reconciler:
     # The age rule this replaced re-published every `requeue_after` seconds; today's settings ignore it.
-    update = {} if requeue_after is None else {"requeue_after_seconds": requeue_after}
+    update = UNSHARED if requeue_after is None else {"requeue_after_seconds": requeue_after, **UNSHARED}
     settings = services.settings.model_copy(update=update)
     reconciler = Reconciler(settings, services.engine, services.celery, services.redis)
     reconciler.run_once()  # a running deployment: the broker epoch is set before the backlog comes
@@ -30,8 +36,8 @@ def reconciler_for(services, requeue_after: float | None = 0.5) -> Reconciler:
 
 def backlog(services, n: int, age_seconds: float = 5.0) -> list[str]:
     """`n` jobs submitted `age_seconds` ago (past the reconciler's grace), their messages waiting."""
-    rows = services.submitter.submit_many([{"type": "noop", "requirements": {"tier": "gpu_peer"}}] * n,
-                                          tenant="default")
+    submitter = Submitter(services.settings.model_copy(update=UNSHARED), services.engine, services.celery)
+    rows = submitter.submit_many([{"type": "noop", "requirements": {"tier": "gpu_peer"}}] * n, tenant="default")
     ids = [str(row.id) for row, _ in rows]
     age(services, ids, age_seconds)
     return ids

@@ -1,0 +1,134 @@
+"""Fair shares of a queue: each tenant has at most a few messages waiting in the broker per queue.
+
+A Celery queue on Redis is one FIFO list: a tenant that submitted 10,000 jobs to a tier put
+10,000 messages ahead of everyone else's, and another tenant's job waited for all of them. So
+a tenant's jobs become messages only while that tenant has fewer than
+`Settings.max_broker_messages_per_tenant` of them waiting on the queue (published, not yet
+claimed); the others wait as rows — state `queued` (or `retrying`), not yet published
+(`published_attempt <= attempt`), which is how a due retry has always waited. Whoever frees a
+place publishes the tenant's next held jobs, in priority then submission order:
+
+- the worker that claims one of the tenant's messages, at once (the claim itself tells whether
+  the tenant has held jobs on that queue and room for them: `nexus.jobs.lifecycle.claim`);
+- the reconciler on every pass, for every tenant and queue with held jobs (due retries,
+  manual retries, and whatever a crashed worker did not refill).
+
+Another tenant's job therefore waits behind at most that many messages per other tenant, not
+behind their backlog; a tenant alone still fills every worker (running jobs are not capped, only
+messages waiting). Refills of one tenant and queue take a transaction-level advisory lock, so two
+of them do not both fill the same room; a submission counts without the lock (one statement, the
+token path's one write) and may overshoot by what is submitted at the same instant. Nothing is
+lost or duplicated either way: a held job is a row the refill or the reconciler publishes, and
+publishing marks the row first, inside the transaction that sends the message.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from celery import Celery
+from sqlalchemy import Connection, Engine, text
+
+from nexus.config import Settings
+from nexus.queueing.message import JobMessage, publish_all
+
+log = logging.getLogger(__name__)
+
+# The three conditions, written once: the partial indexes of migration 0009 have the first two as
+# their predicates, and PostgreSQL uses a partial index only for a query that repeats its predicate.
+WAITING_STATES = "('queued', 'retrying')"
+
+
+def published(alias: str) -> str:
+    """A message is out for the job's next attempt (it waits in the broker or in a worker's hands)."""
+    return f"{alias}.state IN {WAITING_STATES} AND {alias}.published_attempt > {alias}.attempt"
+
+
+def held(alias: str) -> str:
+    """Waiting with no message: past the tenant's share, or a retry whose message is not out yet."""
+    return f"{alias}.state IN {WAITING_STATES} AND {alias}.published_attempt <= {alias}.attempt"
+
+
+def ready(alias: str) -> str:
+    """A held job that may be published now: its backoff is over (a queued one has none) and nobody
+    cancelled it. The backoff is compared as migration 0009's index holds it, so the claim's check finds
+    a ready job with one probe, however many of the tenant's retries are still backing off."""
+    return (f"{held(alias)} AND NOT {alias}.cancel_requested "
+            f"AND coalesce({alias}.not_before, '-infinity'::timestamptz) <= now()")
+
+
+def published_count(alias: str, tenant: str, queue: str) -> str:
+    """SQL: how many of the tenant's jobs have a message out on the queue."""
+    return f"(SELECT count(*) FROM jobs {alias} WHERE {alias}.tenant = {tenant} AND {alias}.queue = {queue} " \
+           f"AND {published(alias)})"
+
+
+def has_ready(alias: str, tenant: str, queue: str) -> str:
+    """SQL: the tenant has a held job on the queue that may be published now."""
+    return f"EXISTS (SELECT 1 FROM jobs {alias} WHERE {alias}.tenant = {tenant} AND {alias}.queue = {queue} " \
+           f"AND {ready(alias)})"
+
+
+BATCH = 500  # jobs one refill publishes at most (the whole room when there is no share)
+
+_LOCK = text("SELECT pg_advisory_xact_lock(hashtextextended(:tenant || chr(31) || :queue, 0))")
+
+# :share 0 means no share: publish every ready job (up to the batch).
+_REFILL = text(f"""
+    WITH room AS (
+        SELECT CASE WHEN :share = 0 THEN :batch
+                    ELSE LEAST(:batch, GREATEST(0, :share - {published_count('p', ':tenant', ':queue')})) END AS n
+    ),
+    due AS (
+        SELECT h.id FROM jobs h WHERE h.tenant = :tenant AND h.queue = :queue AND {ready('h')}
+        ORDER BY h.priority DESC, h.created_at, h.id LIMIT (SELECT n FROM room) FOR UPDATE SKIP LOCKED
+    )
+    UPDATE jobs j SET published_attempt = j.attempt + 1, published_at = now()
+    FROM due WHERE j.id = due.id
+    RETURNING j.id, j.attempt, j.queue, j.priority
+""")
+
+# Every (tenant, queue) with held jobs, one index probe each (a loose index scan over the held index):
+# a plain DISTINCT would read every held row, 100,000 of them for one large backlog, on every pass.
+_HELD_PAIRS = text(f"""
+    WITH RECURSIVE pairs AS (
+        (SELECT h.tenant, h.queue FROM jobs h WHERE {held('h')} ORDER BY h.tenant, h.queue LIMIT 1)
+        UNION ALL
+        SELECT next.tenant, next.queue FROM pairs, LATERAL (
+            SELECT h.tenant, h.queue FROM jobs h
+            WHERE {held('h')} AND (h.tenant, h.queue) > (pairs.tenant, pairs.queue)
+            ORDER BY h.tenant, h.queue LIMIT 1) next
+    )
+    SELECT tenant, queue FROM pairs
+""")
+
+
+def refill(engine: Engine, celery: Celery, settings: Settings, tenant: str, queue: str) -> int:
+    """Publish the tenant's next ready jobs on the queue, as many as its share has room for; how many.
+
+    The messages go out inside the transaction that marks the rows: if the broker refuses, the rows
+    stay held and the next refill tries again. A worker that gets a message first waits on the row
+    lock and then sees the committed row."""
+    with engine.begin() as conn:
+        conn.execute(_LOCK, {"tenant": tenant, "queue": queue})
+        rows = conn.execute(_REFILL, {"tenant": tenant, "queue": queue, "share": settings.max_broker_messages_per_tenant,
+                                      "batch": BATCH}).all()
+        if rows:
+            publish_all(celery, [JobMessage(str(r.id), r.attempt + 1, r.queue, r.priority) for r in rows])
+    return len(rows)
+
+
+def held_pairs(conn: Connection) -> list[tuple[str, str]]:
+    return [(r.tenant, r.queue) for r in conn.execute(_HELD_PAIRS)]
+
+
+def refill_all(engine: Engine, celery: Celery, settings: Settings) -> int:
+    """The reconciler's pass: refill every tenant and queue that has held jobs; how many were published."""
+    with engine.connect() as conn:
+        pairs = held_pairs(conn)
+    total = 0
+    for tenant, queue in pairs:
+        while (n := refill(engine, celery, settings, tenant, queue)) == BATCH:  # no share: drain the due ones
+            total += n
+        total += n
+    return total
