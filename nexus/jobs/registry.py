@@ -41,6 +41,11 @@ class JobType:
     # How many child jobs a job with this payload will create, when the payload alone says so
     # (None: not known before it runs). Checked against Settings.max_children_per_job at submit time.
     fan_out: Callable[[Any, "Settings"], int | None] | None = None
+    # Whether its jobs wait for their tenant's share of the queue (nexus.jobs.fairshare). A /v1
+    # request does not: it was admitted against its model's serving slots (shared by all tenants)
+    # and its token's stream slots before it became a job, so it cannot build a backlog, and held
+    # it would wait a claim's round trip longer for its first token.
+    fair_share: bool = True
 
 
 class UnknownJobType(KeyError):

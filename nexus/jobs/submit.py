@@ -147,7 +147,10 @@ class Submitter:
         _check_unique_keys(specs)
         with self.writes.connect() as conn:
             # All rows or none, one statement; past its tenant's share of a queue a job is held (not published).
-            inserted = lifecycle.insert_jobs(conn, specs, self.settings.max_broker_messages_per_tenant)
+            share = self.settings.max_broker_messages_per_tenant
+            if not any(get_job_type(s.type).fair_share for s in specs):
+                share = 0
+            inserted = lifecycle.insert_jobs(conn, specs, share)
             new_specs = [s for s in specs if s.id in inserted]
             to_publish = [s for s in new_specs if inserted[s.id].published]
             repeats = [s for s in specs if s.id not in inserted]

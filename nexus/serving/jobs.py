@@ -87,4 +87,4 @@ def _stream(ctx: JobContext, stream, events: EventWriter) -> dict:
 
 # Internal: the /v1 routes create it and relay its stream; submitted directly, nobody would read it.
 completion = JobType(name="completion", run=run_completion, validate=validate_completion, accepts_input=False,
-                     public=False)
+                     public=False, fair_share=False)

@@ -117,3 +117,12 @@ def _finished(services: Services, tenant: str) -> int:
     with services.engine.connect() as conn:
         return conn.execute(text("SELECT count(*) FROM jobs WHERE tenant = :t AND state = 'succeeded'"),
                             {"t": tenant}).scalar()
+
+
+def test_v1_requests_are_not_held_behind_their_tenants_share(services):
+    """A /v1 request was admitted against its model's serving slots before it became a job: all are published."""
+    raws = [{"type": "completion", "requirements": {"model": "tiny"},
+             "payload": {"endpoint": "completions", "body": {"model": "tiny", "prompt": "hi"}}, "max_attempts": 1}
+            for _ in range(SHARE * 3)]
+    ids = [str(row.id) for row, _ in services.submitter.submit_many(raws, tenant="a", allow_internal=True)]
+    assert messages(services, "model.tiny") == {(job, 1) for job in ids}
