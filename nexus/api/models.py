@@ -42,7 +42,8 @@ class DeployRequest(BaseModel):
 
     tensor_parallel_size: Literal[1, 2, 4, 8] | None = Field(None, description="fixed; placement chooses if unset")
     pipeline_parallel_size: int | None = Field(None, ge=1, le=MAX_PIPELINE_STAGES)
-    nodes: list[str] = Field(default_factory=list, max_length=256, description="place only on these node ids")
+    nodes: list[str] = Field(default_factory=list, max_length=256,
+                             description="place only on these nodes (ids or names)")
 
 
 class StateReport(BaseModel):
@@ -120,10 +121,11 @@ def delete_model(name: str):
 @require()
 def deploy(name: str, body: DeployRequest):
     spec = _spec(name)
-    request = PlacementRequest(spec.vram_mb if spec.backend is not BackendKind.OPENAI else 0, spec.min_tier,
-                               body.tensor_parallel_size, body.pipeline_parallel_size, frozenset(body.nodes))
     now = datetime.now(timezone.utc)
     with services().engine.begin() as conn:
+        node_ids = _node_ids(conn, body.nodes)
+        request = PlacementRequest(spec.vram_mb if spec.backend is not BackendKind.OPENAI else 0, spec.min_tier,
+                                   body.tensor_parallel_size, body.pipeline_parallel_size, frozenset(node_ids))
         # A CPU model goes to a node only when the deploy names nodes (their agents then run it);
         # otherwise it stays unplaced, for any `nexus worker --model` to adopt.
         placeable = request.wants_gpu or body.nodes
@@ -136,6 +138,20 @@ def deploy(name: str, body: DeployRequest):
                            code="no_capacity") from None
         instance = catalog.create_instance(conn, name, plan)
     return catalog.instance_view(instance, False), 201
+
+
+def _node_ids(conn, references: list[str]) -> list[str]:
+    """The ids of the nodes a deploy names by id or name; 400 naming those that match no live node."""
+    from nexus.nodes.store import resolve_node_ids
+
+    if not references:
+        return []
+    resolved = resolve_node_ids(conn, references)
+    unknown = [reference for reference, node_id in resolved.items() if node_id is None]
+    if unknown:
+        raise ApiError(400, f"no live node is named or has the id {', '.join(map(repr, unknown))}",
+                       {"field": "nodes", "unknown": unknown})
+    return [node_id for node_id in resolved.values() if node_id is not None]
 
 
 def _fleet(conn, gpu_only: bool):

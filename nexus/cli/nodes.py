@@ -11,7 +11,7 @@ from rich.table import Table
 
 from nexus.cli.jobs import _fail, client, console
 from nexus.client import NexusError
-from nexus.config import load_settings
+from nexus.config import load_server_settings
 from nexus.queueing.tiers import TIER_ORDER
 
 
@@ -28,7 +28,7 @@ def agent_cmd(name: str | None, data_dir: Path | None, hardware_fixture: str | N
     overrides = {"node_name": name, "data_dir": data_dir, "agent_hardware_fixture": hardware_fixture}
     if hardware_fixture:
         overrides["agent_detector"] = "fixture"
-    agent = Agent(load_settings(**{k: v for k, v in overrides.items() if v is not None}))
+    agent = Agent(load_server_settings(**{k: v for k, v in overrides.items() if v is not None}))
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, agent.request_stop)
     sys.exit(agent.run())
