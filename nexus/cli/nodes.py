@@ -9,9 +9,10 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from nexus.cli.jobs import _fail, client, console
+from nexus.cli.jobs import _fail, client, console, emit_json, json_option
 from nexus.client import NexusError
 from nexus.config import load_server_settings
+from nexus.nodes.states import NodeState
 from nexus.queueing.tiers import TIER_ORDER
 
 
@@ -48,11 +49,12 @@ def _node_rows(nodes: list[dict]) -> Table:
 
 
 @click.command("nodes")
-@click.option("--tier", default=None)
-@click.option("--state", default=None)
+@click.option("--tier", type=click.Choice([t.value for t in TIER_ORDER]), default=None)
+@click.option("--state", type=click.Choice([s.value for s in NodeState]), default=None)
 @click.option("--has-gpu/--no-gpu", default=None)
 @click.option("--model", default=None, help="Nodes that have this model loaded.")
-def nodes_cmd(tier, state, has_gpu, model):
+@json_option
+def nodes_cmd(tier, state, has_gpu, model, as_json):
     """List the nodes (admin)."""
     params = {k: v for k, v in {"tier": tier, "state": state, "has_gpu": has_gpu, "model": model}.items()
               if v is not None}
@@ -60,11 +62,12 @@ def nodes_cmd(tier, state, has_gpu, model):
         nodes = client().request("GET", "/api/v1/nodes", params=params)["nodes"]
     except NexusError as exc:
         _fail(exc)
-    console.print(_node_rows(nodes))
+    emit_json({"nodes": nodes}) if as_json else console.print(_node_rows(nodes))
 
 
 @click.command("status")
-def status_cmd():
+@json_option
+def status_cmd(as_json):
     """The cluster as a table: nodes by tier, GPUs, VRAM, state, jobs, last heartbeat; queues."""
     try:
         nexus = client()
@@ -72,6 +75,9 @@ def status_cmd():
         cluster = nexus.request("GET", "/api/v1/cluster")
     except NexusError as exc:
         _fail(exc)
+    if as_json:
+        emit_json({"cluster": cluster, "nodes": nodes})
+        return
     tiers = Table("tier", "nodes", "by state", "GPUs", "VRAM free/total (MB)", "reserved (MB)")
     for tier in (t.value for t in TIER_ORDER):
         totals = cluster["tiers"][tier]
