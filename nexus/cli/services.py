@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import threading
@@ -78,12 +77,6 @@ def reconciler_cmd() -> None:
 @click.command("flower")
 def flower_cmd() -> None:
     """Flower, behind basic auth, on NEXUS_FLOWER_HOST:NEXUS_FLOWER_PORT, with the Nexus Celery app."""
-    from nexus.queueing.celery_app import make_celery
+    from nexus.queueing.monitor import run_flower
 
-    settings = load_server_settings()
-    # The Nexus app, not a bare broker URL: its queues (the tiers), key separator and priority steps make
-    # Flower's broker page read the real queue lengths. Its broker URL and the basic-auth credentials reach
-    # Flower through the app and Flower's own environment variable, never argv (which `ps` shows everyone).
-    os.environ["FLOWER_BASIC_AUTH"] = f"{settings.flower_user}:{settings.flower_password}"
-    make_celery(settings).start(["flower", f"--address={settings.flower_host}", f"--port={settings.flower_port}",
-                                 "--purge_offline_workers=60"])
+    run_flower(load_server_settings())
