@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from apiflask import APIBlueprint
 from pydantic import BaseModel, ConfigDict, Field
+from werkzeug.routing import PathConverter
 
 from nexus.api.errors import ApiError
 from nexus.api.security import require, services
@@ -19,6 +20,15 @@ from nexus.models.placement import (MAX_PIPELINE_STAGES, PlacementError, Placeme
 from nexus.queueing.tiers import Tier
 
 bp = APIBlueprint("models", __name__, url_prefix="/api/v1/models", tag="Models")
+
+
+class ModelNameConverter(PathConverter):
+    """A model name in a URL: slashes allowed (`org/model`), but never a part that is `instances`, so
+    `/models/<name>` cannot swallow `/models/<name>/instances[/<id>]` and answer for routes (and methods)
+    that are not its own. The catalog refuses such names (`catalog.check_spec`)."""
+
+    _part = rf"(?!{catalog.RESERVED_NAME_SEGMENT}(?:/|$))[^/]+"
+    regex = rf"{_part}(?:/{_part})*"
 
 # How long an instance's VRAM stays promised while it starts (its real use shows in heartbeats after).
 PENDING_RESERVATION = timedelta(minutes=30)
@@ -93,7 +103,7 @@ def list_models():
     return {"models": [_model_view(s, [i for i in instances if i["model"] == s.name]) for s in specs]}
 
 
-@bp.get("/<path:name>")
+@bp.get("/<model_name:name>")
 @bp.doc(security="bearer")
 def get_model(name: str):
     spec = _spec(name)
@@ -101,7 +111,7 @@ def get_model(name: str):
         return _model_view(spec, catalog.list_instances(conn, name))
 
 
-@bp.delete("/<path:name>")
+@bp.delete("/<model_name:name>")
 @bp.doc(security="bearer")
 @require()
 def delete_model(name: str):
@@ -115,7 +125,7 @@ def delete_model(name: str):
     return {"deleted": name, "stopped_instances": len(instances)}
 
 
-@bp.post("/<path:name>/instances")
+@bp.post("/<model_name:name>/instances")
 @bp.input(DeployRequest, arg_name="body")
 @bp.doc(security="bearer", responses={201: "placed, pending", 409: "no node can take it"})
 @require()
@@ -161,7 +171,7 @@ def _fleet(conn, gpu_only: bool):
     return fleet(conn, gpu_only), live_reservations(conn)
 
 
-@bp.get("/<path:name>/instances")
+@bp.get("/<model_name:name>/instances")
 @bp.doc(security="bearer")
 def list_instances(name: str):
     _spec(name)
@@ -179,7 +189,7 @@ def _instance(name: str, instance_id: uuid.UUID) -> dict:
     return row
 
 
-@bp.delete("/<path:name>/instances/<uuid:instance_id>")
+@bp.delete("/<model_name:name>/instances/<uuid:instance_id>")
 @bp.doc(security="bearer")
 @require()
 def stop_instance(name: str, instance_id: uuid.UUID):
@@ -191,7 +201,7 @@ def stop_instance(name: str, instance_id: uuid.UUID):
     return catalog.instance_view(row, False)
 
 
-@bp.put("/<path:name>/instances/<uuid:instance_id>/state")
+@bp.put("/<model_name:name>/instances/<uuid:instance_id>/state")
 @bp.input(StateReport, arg_name="report")
 @bp.doc(security="bearer", summary="Report an instance's state (node agents and workers)")
 @require(Role.WORKER)
