@@ -58,7 +58,7 @@ BODY_ERRORS = {400: "invalid request (details.fields names the fields)", 413: "t
 def document_errors(spec: dict[str, Any]) -> dict[str, Any]:
     """Add the common error answers to every operation of the document that needs a token."""
     for path, operations in spec.get("paths", {}).items():
-        for method, operation in operations.items():
+        for operation in operations.values():
             if not isinstance(operation, dict) or "responses" not in operation or path == "/healthz":
                 continue
             responses = operation["responses"]

@@ -30,10 +30,16 @@ FINAL_VALUES = frozenset(s.value for s in FINAL_STATES)
 bp = APIBlueprint("jobs", __name__, url_prefix="/api/v1/jobs", tag="Jobs")
 
 
-def _answer(description: str, schema: str) -> dict[str, Any]:
+_Answer = dict[str, str | dict[str, dict[str, Any]]]
+
+
+def _answer(description: str, schema: str) -> _Answer:
     """A second success answer of an operation, in the schema its `output` model registered."""
     return {"description": description,
             "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}}
+
+
+_REPEATED: dict[int | str, _Answer] = {200: _answer("an idempotent repeat: the existing job", "JobView")}
 
 
 class JobListQuery(BaseModel):
@@ -94,7 +100,7 @@ class WaitQuery(BaseModel):
 @bp.input(WaitQuery, location="query", arg_name="query")
 @bp.input(JobRequest, arg_name="job")
 @bp.output(JobView, status_code=201, description="created (with ?wait=, as it stands when final or when the wait ends)")
-@bp.doc(security="bearer", responses={200: _answer("an idempotent repeat: the existing job", "JobView")})
+@bp.doc(security="bearer", responses=_REPEATED)
 @require(Role.SUBMITTER)
 def submit(query: WaitQuery, job: JobRequest) -> tuple[dict[str, Any], int]:
     header_key = request.headers.get("Idempotency-Key")

@@ -11,12 +11,13 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import BaseModel, Field
+from pydantic.config import JsonDict
 
 from nexus.jobs.records import Job, jsonable
 from nexus.storage import ObjectStore
 
-_UUID = {"format": "uuid"}
-_TIME = {"format": "date-time"}
+_UUID: JsonDict = {"format": "uuid"}
+_TIME: JsonDict = {"format": "date-time"}
 
 
 def row_view(row: dict[str, Any], fields: tuple[str, ...] | None = None) -> dict[str, Any]:
