@@ -34,10 +34,11 @@ def dev_cmd(workers: int, data_dir: Path, api_port: int | None, model: str, no_m
 @click.option("--workers", default=2, show_default=True, help="gunicorn worker processes.")
 def master_cmd(workers: int) -> None:
     """Apply migrations, create buckets and the admin token, then serve the API (gevent) and the node API."""
-    from nexus.master import prepare_master, serve_api
+    from nexus.master import prepare_in_child, serve_api
 
-    settings = load_server_settings()
-    prepare_master(settings)
+    settings = load_server_settings()  # refused settings end here, with the reason
+    if prepare_in_child() != 0:
+        raise click.ClickException("preparing the master failed (see the log above)")
     sys.exit(serve_api(settings, workers))
 
 
