@@ -169,7 +169,8 @@ class LocalCluster:
         try:
             name = self._declare(nexus, self.model)
             node = self._wait(supervisor, lambda: _ready_node(nexus, "dev-worker-1"), 90, "the first worker to register")
-            if not any(i["state"] != "stopped" for i in nexus.request("GET", f"/api/v1/models/{name}")["instances"]):
+            instances = nexus.request("GET", f"/api/v1/models/{name}")["instances"]
+            if not any(i["state"] not in ("stopped", "error") for i in instances):  # else an earlier start's serves
                 nexus.request("POST", f"/api/v1/models/{name}/instances", json={"nodes": [node]})
             self._wait(supervisor, lambda: nexus.request("GET", f"/api/v1/models/{name}")["live_instances"] > 0,
                        180, f"model {name} to serve")

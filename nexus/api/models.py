@@ -64,6 +64,47 @@ class StateReport(BaseModel):
     worker: str | None = Field(None, max_length=255)
 
 
+# --- answers: each view's answer passes through its model, and the OpenAPI document shows the same ---
+class InstanceView(BaseModel):
+    id: str = Field(json_schema_extra={"format": "uuid"})
+    model: str
+    state: InstanceState
+    node_id: str | None = Field(description="the head node; null while unplaced (a CPU model any worker adopts)")
+    gpus: list[int]
+    plan: dict[str, Any] = Field(description="strategy, tensor/pipeline parallel sizes, stages (node, GPUs)")
+    worker: str | None
+    error: str | None
+    heartbeat_at: str | None = Field(json_schema_extra={"format": "date-time"})
+    created_at: str | None = Field(json_schema_extra={"format": "date-time"})
+    updated_at: str | None = Field(json_schema_extra={"format": "date-time"})
+    live: bool | None = Field(None, description="announced itself in the last seconds (can take requests)")
+
+
+class ModelView(BaseModel):
+    name: str
+    source: str
+    backend: BackendKind
+    args: dict[str, Any] = Field(description="backend options (an api_key shown as ***)")
+    vram_mb: int
+    min_tier: Tier
+    max_model_len: int | None
+    live_instances: int
+    instances: list[InstanceView]
+
+
+class ModelList(BaseModel):
+    models: list[ModelView]
+
+
+class InstanceList(BaseModel):
+    instances: list[InstanceView]
+
+
+class Deleted(BaseModel):
+    deleted: str
+    stopped_instances: int
+
+
 def _spec(name: str) -> ModelSpec:
     with services().statements.connect() as conn:
         spec = catalog.get_model(conn, name)
@@ -80,7 +121,8 @@ def _model_view(spec: ModelSpec, instances: list[dict]) -> dict:
 
 @bp.post("")
 @bp.input(ModelRequest, arg_name="body")
-@bp.doc(security="bearer", responses={201: "declared", 409: "a model of that name exists"})
+@bp.output(ModelView, status_code=201, description="declared")
+@bp.doc(security="bearer", responses={409: "a model of that name exists"})
 @require()
 def create_model(body: ModelRequest):
     spec = ModelSpec(body.name, body.source, body.backend, body.args, body.vram_mb, body.min_tier, body.max_model_len)
@@ -95,6 +137,7 @@ def create_model(body: ModelRequest):
 
 
 @bp.get("")
+@bp.output(ModelList)
 @bp.doc(security="bearer")
 def list_models():
     with services().statements.connect() as conn:
@@ -104,6 +147,7 @@ def list_models():
 
 
 @bp.get("/<model_name:name>")
+@bp.output(ModelView)
 @bp.doc(security="bearer")
 def get_model(name: str):
     spec = _spec(name)
@@ -112,6 +156,7 @@ def get_model(name: str):
 
 
 @bp.delete("/<model_name:name>")
+@bp.output(Deleted)
 @bp.doc(security="bearer")
 @require()
 def delete_model(name: str):
@@ -127,7 +172,8 @@ def delete_model(name: str):
 
 @bp.post("/<model_name:name>/instances")
 @bp.input(DeployRequest, arg_name="body")
-@bp.doc(security="bearer", responses={201: "placed, pending", 409: "no node can take it"})
+@bp.output(InstanceView, status_code=201, description="placed, pending")
+@bp.doc(security="bearer", responses={409: "no node can take it"})
 @require()
 def deploy(name: str, body: DeployRequest):
     spec = _spec(name)
@@ -172,6 +218,7 @@ def _fleet(conn, gpu_only: bool):
 
 
 @bp.get("/<model_name:name>/instances")
+@bp.output(InstanceList)
 @bp.doc(security="bearer")
 def list_instances(name: str):
     _spec(name)
@@ -190,6 +237,7 @@ def _instance(name: str, instance_id: uuid.UUID) -> dict:
 
 
 @bp.delete("/<model_name:name>/instances/<uuid:instance_id>")
+@bp.output(InstanceView)
 @bp.doc(security="bearer")
 @require()
 def stop_instance(name: str, instance_id: uuid.UUID):
@@ -203,7 +251,9 @@ def stop_instance(name: str, instance_id: uuid.UUID):
 
 @bp.put("/<model_name:name>/instances/<uuid:instance_id>/state")
 @bp.input(StateReport, arg_name="report")
-@bp.doc(security="bearer", summary="Report an instance's state (node agents and workers)")
+@bp.output(InstanceView)
+@bp.doc(security="bearer", summary="Report an instance's state (node agents and workers)",
+        responses={409: "the instance was stopped; it stays stopped"})
 @require(Role.WORKER)
 def report_state(name: str, instance_id: uuid.UUID, report: StateReport):
     _instance(name, instance_id)
