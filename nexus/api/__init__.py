@@ -47,9 +47,11 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
 
 
 def refuse_json_that_is_not_an_object() -> None:
-    """Every JSON body the API takes is an object: `null`, a list or a number is a 400 before any view
-    reads it (a view whose fields all have defaults would otherwise take `null` for `{}`)."""
-    if request.method in ("POST", "PUT", "PATCH") and request.is_json and request.content_length:
+    """Every JSON body /api/v1 takes is an object: `null`, a list or a number is a 400 before any view
+    reads it (a view whose fields all have defaults would otherwise take `null` for `{}`). /v1 answers
+    in OpenAI's error shape and checks its own bodies."""
+    if request.method in ("POST", "PUT", "PATCH") and request.path.startswith("/api/") and request.is_json \
+            and request.content_length:
         body = request.get_json(silent=True)
         if not isinstance(body, dict) and (body is not None or request.get_data().strip() == b"null"):
             raise ApiError(400, "the body must be a JSON object", {"body": type(body).__name__})
