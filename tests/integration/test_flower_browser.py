@@ -38,7 +38,7 @@ def dev_cluster(tmp_path):
                                      str(data_dir)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     text=True, start_new_session=True)
         try:
-            wait_for((data_dir / "cluster.json").exists, timeout=150, interval=0.5, what="cluster.json")
+            wait_for((data_dir / "cluster.json").exists, timeout=240, interval=0.5, what="cluster.json")
             yield json.loads((data_dir / "cluster.json").read_text())
         finally:
             launcher.send_signal(signal.SIGTERM)
