@@ -264,3 +264,24 @@ def _is_weak(value: str) -> bool:
 def load_settings(**overrides) -> Settings:
     """Settings from the environment, with explicit overrides (tests, CLI flags) on top."""
     return Settings(**overrides)
+
+
+# What a process of the cluster takes from a running local cluster's cluster.json (`nexus dev` writes it).
+CLUSTER_FILE_SETTINGS = ("api_url", "node_api_url", "database_url", "redis_url", "s3_endpoint", "s3_access_key",
+                         "s3_secret_key", "admin_token", "join_token", "flower_user", "flower_password")
+_CLUSTER_SERVERS = frozenset({"database_url", "redis_url", "s3_endpoint"})
+
+
+def load_server_settings(**overrides) -> Settings:
+    """Settings for a process of the cluster (master, worker, agent, reconciler, Flower), found the way a
+    client finds the cluster: the environment first, else a running local cluster's cluster.json. The file
+    is read only when the environment names none of the servers, so one process never mixes two clusters."""
+    settings = Settings(**overrides)
+    if _CLUSTER_SERVERS & settings.model_fields_set or not settings.cluster_file.is_file():
+        return settings
+    import json
+
+    cluster = json.loads(settings.cluster_file.read_text())
+    found = {name: cluster[name] for name in CLUSTER_FILE_SETTINGS
+             if cluster.get(name) and name not in settings.model_fields_set}
+    return Settings(**{**found, **overrides})

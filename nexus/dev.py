@@ -3,8 +3,10 @@
 Starts real servers installed from the package registries (Redis, PostgreSQL,
 an S3 server) unless NEXUS_* URLs point at running ones, then the API, the
 reconciler, Flower and N workers as supervised child processes (restarted when
-they crash). Writes DIR/cluster.json, prints the URLs and the admin token, and
-stops everything in order on Ctrl-C or SIGTERM.
+they crash). Unless told otherwise it serves a model: the tiny one, made on first
+start under DIR/models, declared and deployed on the first worker. Writes
+DIR/cluster.json, prints the URLs and the admin token, and stops everything in
+order on Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import requests
 
+from nexus.client import NexusClient, NexusError
 from nexus.supervisor import ChildSpec, RestartPolicy, Supervisor
 from nexus.config import Settings
 from nexus.queueing.health import StuckWorkers
@@ -29,6 +32,7 @@ from nexus.localservers import LocalServer, PostgresServer, RedisServer, S3Serve
 log = logging.getLogger(__name__)
 
 NEXUS = (sys.executable, "-m", "nexus")
+TINY_MODEL = "tiny"  # what `nexus dev` serves unless --model names another or --no-model
 
 
 def local_secrets(data_dir: Path) -> dict[str, str]:
@@ -51,9 +55,10 @@ def settings_env(settings: Settings, names: set[str]) -> dict[str, str]:
 
 
 class LocalCluster:
-    def __init__(self, settings: Settings, data_dir: Path, workers: int):
+    def __init__(self, settings: Settings, data_dir: Path, workers: int, model: str | None = TINY_MODEL):
         self.data_dir = data_dir.absolute()
         self.workers = workers
+        self.model = model  # a catalog name or a model folder to serve; None: serve none
         self.base = settings
         self.servers: list[LocalServer] = []
         self.stop_requested = threading.Event()
@@ -130,7 +135,8 @@ class LocalCluster:
                                     unhealthy=StuckWorkers.for_settings(settings))  # alive, not consuming
             supervisor.start()
             self._wait_for_api(settings, supervisor)
-            self._announce(settings)
+            served = self._serve_model(settings, supervisor) if self.model and self.workers else None
+            self._announce(settings, served)
             while not self.stop_requested.wait(0.5):
                 supervisor.poll()
         finally:
@@ -154,7 +160,72 @@ class LocalCluster:
         if not self.stop_requested.is_set():
             raise RuntimeError(f"the API did not become healthy in {timeout:.0f} s; see {self.data_dir}/logs/api.log")
 
-    def _announce(self, settings: Settings) -> None:
+    # --- the model it serves ------------------------------------------------------------------
+    def _serve_model(self, settings: Settings, supervisor: Supervisor) -> str | None:
+        """Declare the model and deploy it on the first worker, then wait until it answers; the
+        model's name, or None (with the reason logged) when it cannot be served."""
+        assert self.model is not None
+        nexus = NexusClient(settings.public_api_url, settings.admin_token)
+        try:
+            name = self._declare(nexus, self.model)
+            node = self._wait(supervisor, lambda: _ready_node(nexus, "dev-worker-1"), 90, "the first worker to register")
+            instances = nexus.request("GET", f"/api/v1/models/{name}")["instances"]
+            if not any(i["state"] not in ("stopped", "error") for i in instances):  # else an earlier start's serves
+                nexus.request("POST", f"/api/v1/models/{name}/instances", json={"nodes": [node]})
+            self._wait(supervisor, lambda: nexus.request("GET", f"/api/v1/models/{name}")["live_instances"] > 0,
+                       180, f"model {name} to serve")
+            return name
+        except (NexusError, ModelUnavailable, TimeoutError) as exc:
+            log.warning("serving no model: %s (see %s/logs/)", exc, self.data_dir)
+            return None
+
+    def _declare(self, nexus: NexusClient, model: str) -> str:
+        """The catalog name to serve: the tiny model (made here on first start), a model folder
+        (declared under its folder's name), or a model the catalog already holds."""
+        if model == TINY_MODEL:
+            folder, name = self._tiny_model(), TINY_MODEL
+        elif Path(model).is_dir():
+            folder, name = Path(model).absolute(), Path(model).absolute().name
+        else:
+            try:
+                return nexus.request("GET", f"/api/v1/models/{model}")["name"]
+            except NexusError as exc:
+                raise ModelUnavailable(f"{model!r} is neither a model folder nor in the catalog ({exc.message})") from None
+        try:
+            nexus.request("POST", "/api/v1/models", json={"name": name, "source": str(folder), "max_model_len": 512})
+        except NexusError as exc:
+            if exc.status != 409:  # 409: declared by an earlier start
+                raise
+        return name
+
+    def _tiny_model(self) -> Path:
+        """Made once (a few seconds, no download) and cached under the data directory."""
+        folder = self.data_dir / "models" / TINY_MODEL
+        if not (folder / "config.json").exists():
+            log.info("making the tiny model in %s", folder)
+            made = subprocess.run([*NEXUS, "models", "make-tiny", str(folder)], capture_output=True, text=True)
+            if made.returncode != 0:
+                last_line = (made.stderr.strip().splitlines() or ["no output"])[-1]
+                raise ModelUnavailable(f"making the tiny model failed ({last_line}); it needs the CPU extra "
+                                       f"(scripts/install.sh installs it)")
+        return folder
+
+    def _wait(self, supervisor: Supervisor, done, timeout: float, what: str):
+        deadline = time.monotonic() + timeout
+        while not self.stop_requested.is_set():
+            supervisor.poll()
+            try:
+                result = done()
+            except NexusError:
+                result = None
+            if result:
+                return result
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"waited {timeout:.0f} s for {what}")
+            time.sleep(0.5)
+        raise TimeoutError("stopping")
+
+    def _announce(self, settings: Settings, model: str | None = None) -> None:
         cluster = {
             "api_url": settings.public_api_url,
             "admin_token": settings.admin_token,
@@ -162,6 +233,9 @@ class LocalCluster:
             "database_url": settings.database_url,
             "redis_url": settings.redis_url,
             "s3_endpoint": settings.s3_endpoint,
+            "s3_access_key": settings.s3_access_key,
+            "s3_secret_key": settings.s3_secret_key,
+            "node_api_url": settings.agent_api_url,
             "flower_url": f"http://{settings.flower_host}:{settings.flower_port}",
             "flower_user": settings.flower_user,
             "flower_password": settings.flower_password,
@@ -183,6 +257,18 @@ Nexus local cluster is up ({self.workers} workers). Ctrl-C stops it.
 Try:  curl -s -X POST {cluster['api_url']}/api/v1/jobs -H "Authorization: Bearer {token_command}" \\
            -H 'Content-Type: application/json' -d '{{"type": "noop", "payload": {{"echo": "hello"}}}}'
 """, flush=True)
+        if model:
+            print(f"""Model {model} is serving:  nexus chat   or any OpenAI client with base_url {cluster['api_url']}/v1
+""", flush=True)
+
+
+class ModelUnavailable(Exception):
+    """The model asked for cannot be served (no CPU extra, an unknown name)."""
+
+
+def _ready_node(nexus: NexusClient, name: str) -> str | None:
+    nodes = nexus.request("GET", "/api/v1/nodes")["nodes"]
+    return next((n["id"] for n in nodes if n["name"] == name and n["state"] == "ready"), None)
 
 
 def _inherited_env() -> dict[str, str]:

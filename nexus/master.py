@@ -1,4 +1,8 @@
-"""Master start-up: database, migrations, buckets and the bootstrap admin and join tokens, then the API servers."""
+"""Master start-up: database, migrations, buckets and the bootstrap admin and join tokens, then the API servers.
+
+`nexus master` prepares in a child process (`python -m nexus.master`) and then only watches the two
+gunicorns: the migrations, the object-store client and the ORM stay out of the process that lives on.
+"""
 
 from __future__ import annotations
 
@@ -10,16 +14,17 @@ import subprocess
 import sys
 import threading
 
-from nexus.auth import ensure_bootstrap_admin, ensure_bootstrap_join
-from nexus.config import Settings
-from nexus.db.migrate import ensure_database, upgrade_head
-from nexus.services import Services
+from nexus.config import Settings, load_server_settings
 
 log = logging.getLogger(__name__)
 
 
 def prepare_master(settings: Settings) -> None:
     """Idempotent: safe to run on every start and from several masters at once."""
+    from nexus.auth import ensure_bootstrap_admin, ensure_bootstrap_join
+    from nexus.db.migrate import ensure_database, upgrade_head
+    from nexus.services import Services
+
     services = Services(settings)
     try:
         ensure_database(settings.database_url)
@@ -30,6 +35,11 @@ def prepare_master(settings: Settings) -> None:
     ensure_bootstrap_admin(services.engine, settings.admin_token)
     ensure_bootstrap_join(services.engine, settings.join_token)
     log.info("master ready: migrations applied, buckets %s present", ", ".join(settings.buckets))
+
+
+def prepare_in_child() -> int:
+    """prepare_master in a process of its own, with the settings this one found; its exit status."""
+    return subprocess.run([sys.executable, "-m", "nexus.master"]).returncode
 
 
 # The node API carries only register and heartbeat: about 2.6 ms of CPU per beat (bench/heartbeat.py),
@@ -113,3 +123,8 @@ def serve_api(settings: Settings, workers: int) -> int:
         log.error("an API server exited (%s); stopping the other", exited)
         return exited[0] or 1
     return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    prepare_master(load_server_settings())

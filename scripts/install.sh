@@ -12,4 +12,9 @@ if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; the
   fi
 fi
 python -m pip install -q "torch==2.13.0"
+# The distribution was once called `nexus` (a name another PyPI package owns): drop that install of this
+# checkout, so one distribution provides the `nexus` command and the job-type entry points.
+if python -m pip show nexus 2>/dev/null | grep -qx "Editable project location: $PWD"; then
+  python -m pip uninstall -q -y nexus
+fi
 python -m pip install -q -e ".[local,cpu,dev]"

@@ -9,10 +9,12 @@ from __future__ import annotations
 import logging
 
 from apiflask import APIFlask
+from flask import request
 
 import nexus
-from nexus.api.errors import install_error_handlers
+from nexus.api.errors import ApiError, install_error_handlers
 from nexus.api.limits import Slots, install_rate_limit, install_refusal_gate
+from nexus.api.models import ModelNameConverter
 from nexus.api.refusals import LONG_POLL, STREAM
 from nexus.api.security import TokenCache, authenticate_request
 from nexus.config import Settings, load_settings
@@ -29,10 +31,12 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         JSON_SORT_KEYS=False,
     )
     app.security_schemes = {"bearer": {"type": "http", "scheme": "bearer"}}
+    app.url_map.converters["model_name"] = ModelNameConverter
     app.extensions["nexus"] = services or Services(settings)
     app.extensions["nexus_settings"] = settings
     install_error_handlers(app)
     app.before_request(authenticate_request)
+    app.before_request(refuse_json_that_is_not_an_object)
     app.extensions["nexus_token_cache"] = TokenCache(
         settings.auth_cache_seconds if auth_cache_seconds is None else auth_cache_seconds)
     refusals = install_refusal_gate(app)  # before everything: a token refused a moment ago is answered at once
@@ -42,6 +46,17 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     for blueprint in blueprints or _blueprints():
         app.register_blueprint(blueprint)
     return app
+
+
+def refuse_json_that_is_not_an_object() -> None:
+    """Every JSON body /api/v1 takes is an object: `null`, a list or a number is a 400 before any view
+    reads it (a view whose fields all have defaults would otherwise take `null` for `{}`). /v1 answers
+    in OpenAI's error shape and checks its own bodies."""
+    if request.method in ("POST", "PUT", "PATCH") and request.path.startswith("/api/") and request.is_json \
+            and request.content_length:
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict) and (body is not None or request.get_data().strip() == b"null"):
+            raise ApiError(400, "the body must be a JSON object", {"body": type(body).__name__})
 
 
 def _blueprints():

@@ -7,10 +7,12 @@ logged with its traceback and answered 500 in the same shape, without the trace.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import redis
 from apiflask import APIFlask, HTTPError
 from flask import request
+from pydantic import BaseModel, Field
 from kombu.exceptions import OperationalError as BrokerError
 from sqlalchemy.exc import TimeoutError as PoolTimeout, DBAPIError, OperationalError
 from urllib3.exceptions import HTTPError as StorageConnectionError
@@ -32,11 +34,49 @@ class ApiError(HTTPError):
         super().__init__(status, message, detail=details or {}, headers=headers, extra_data={"code": code} if code else None)
 
 
+class ErrorInfo(BaseModel):
+    code: str = Field(description="machine-readable: bad_request, invalid_job, not_found, too_many_requests, ...")
+    message: str = Field(description="what is wrong, for a person")
+    details: dict[str, Any] = Field(description="which field, limit or dependency; {} when nothing more to say")
+
+
+def error_schema() -> dict[str, Any]:
+    """The OpenAPI schema of every error answer, from the model the handlers below fill."""
+    return {"type": "object", "properties": {"error": ErrorInfo.model_json_schema()}, "required": ["error"],
+            "description": "every error: a 4xx, or 503 when a dependency is down"}
+
+
+# Answers any route behind a token may give besides its own (auth, role, rate and concurrency limits,
+# a dependency down); the document lists them on every such operation.
+COMMON_ERRORS = {401: "missing, invalid, expired or revoked token", 403: "the token's role may not call this",
+                 429: "over a per-token limit (Retry-After says when to retry)",
+                 503: "a dependency (database, broker, object store) is unavailable"}
+BODY_ERRORS = {400: "invalid request (details.fields names the fields)", 413: "the body or a payload is too large",
+               415: "the body is not JSON"}
+
+
+def document_errors(spec: dict[str, Any]) -> dict[str, Any]:
+    """Add the common error answers to every operation of the document that needs a token."""
+    for path, operations in spec.get("paths", {}).items():
+        for operation in operations.values():
+            if not isinstance(operation, dict) or "responses" not in operation or path == "/healthz":
+                continue
+            responses = operation["responses"]
+            errors = {**COMMON_ERRORS, **(BODY_ERRORS if "requestBody" in operation or "parameters" in operation
+                                          else {})}
+            for status, description in errors.items():
+                responses.setdefault(str(status), {"description": description, "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/HTTPError"}}}})
+    return spec
+
+
 def error_body(status: int, message: str, details=None, code: str | None = None) -> dict:
     return {"error": {"code": code or _CODES.get(status, "error"), "message": message, "details": details or {}}}
 
 
 def install_error_handlers(app: APIFlask) -> None:
+    app.config.update(HTTP_ERROR_SCHEMA=error_schema(), VALIDATION_ERROR_SCHEMA=error_schema())
+    app.spec_processor(document_errors)
     @app.error_processor
     def shape(error: HTTPError):
         message = error.message or "error"

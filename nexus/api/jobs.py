@@ -17,7 +17,7 @@ from nexus.api.errors import ApiError
 from nexus.api.inputs import tenant_prefix
 from nexus.api.limits import check_priority, long_poll
 from nexus.api.security import caller, require, services
-from nexus.api.views import job_view, row_view
+from nexus.api.views import BulkAnswer, JobEvents, JobPage, JobView, job_view, row_view
 from nexus.auth import Role
 from nexus.jobs import lifecycle, queries
 from nexus.jobs.records import Job
@@ -28,6 +28,18 @@ from nexus.jobs.states import FINAL_STATES, JobState
 FINAL_VALUES = frozenset(s.value for s in FINAL_STATES)
 
 bp = APIBlueprint("jobs", __name__, url_prefix="/api/v1/jobs", tag="Jobs")
+
+
+_Answer = dict[str, str | dict[str, dict[str, Any]]]
+
+
+def _answer(description: str, schema: str) -> _Answer:
+    """A second success answer of an operation, in the schema its `output` model registered."""
+    return {"description": description,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}}
+
+
+_REPEATED: dict[int | str, _Answer] = {200: _answer("an idempotent repeat: the existing job", "JobView")}
 
 
 class JobListQuery(BaseModel):
@@ -87,8 +99,8 @@ class WaitQuery(BaseModel):
 @bp.post("")
 @bp.input(WaitQuery, location="query", arg_name="query")
 @bp.input(JobRequest, arg_name="job")
-@bp.doc(security="bearer", responses={201: "created (with ?wait=, as it stands when final or when the wait ends)",
-                                      200: "an idempotent repeat: the existing job"})
+@bp.output(JobView, status_code=201, description="created (with ?wait=, as it stands when final or when the wait ends)")
+@bp.doc(security="bearer", responses=_REPEATED)
 @require(Role.SUBMITTER)
 def submit(query: WaitQuery, job: JobRequest) -> tuple[dict[str, Any], int]:
     header_key = request.headers.get("Idempotency-Key")
@@ -113,6 +125,7 @@ def submit(query: WaitQuery, job: JobRequest) -> tuple[dict[str, Any], int]:
 
 @bp.post("/bulk")
 @bp.input(BulkJobRequest, arg_name="bulk")
+@bp.output(BulkAnswer, status_code=201)
 @bp.doc(security="bearer")
 @require(Role.SUBMITTER)
 def submit_bulk(bulk: BulkJobRequest) -> tuple[dict[str, Any], int]:
@@ -132,6 +145,7 @@ def submit_bulk(bulk: BulkJobRequest) -> tuple[dict[str, Any], int]:
 
 @bp.get("/<uuid:job_id>")
 @bp.input(WaitQuery, location="query", arg_name="query")
+@bp.output(JobView)
 @bp.doc(security="bearer")
 def get_job(job_id: uuid.UUID, query: WaitQuery) -> dict[str, Any]:
     if not query.wait:
@@ -158,6 +172,7 @@ def _wait_until_final(job_id: uuid.UUID, seconds: float) -> Job:
 
 @bp.get("")
 @bp.input(JobListQuery, location="query", arg_name="query")
+@bp.output(JobPage)
 @bp.doc(security="bearer")
 def list_jobs(query: JobListQuery) -> dict[str, Any]:
     """Newest first; pass `next_cursor` back as `cursor` for the next page."""
@@ -172,6 +187,7 @@ def list_jobs(query: JobListQuery) -> dict[str, Any]:
 
 
 @bp.get("/<uuid:job_id>/events")
+@bp.output(JobEvents)
 @bp.doc(security="bearer")
 def job_events(job_id: uuid.UUID) -> dict[str, Any]:
     load_job(job_id)
@@ -183,6 +199,7 @@ def job_events(job_id: uuid.UUID) -> dict[str, Any]:
 
 
 @bp.post("/<uuid:job_id>/cancel")
+@bp.output(JobView)
 @bp.doc(security="bearer")
 @require(Role.SUBMITTER)
 def cancel(job_id: uuid.UUID) -> dict[str, Any]:
@@ -194,7 +211,8 @@ def cancel(job_id: uuid.UUID) -> dict[str, Any]:
 
 
 @bp.post("/<uuid:job_id>/retry")
-@bp.doc(security="bearer")
+@bp.output(JobView)
+@bp.doc(security="bearer", responses={409: "only failed or cancelled jobs can be retried"})
 @require(Role.SUBMITTER)
 def retry(job_id: uuid.UUID) -> dict[str, Any]:
     """Give a failed or cancelled job one more attempt."""

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from apiflask import APIBlueprint
 from pydantic import BaseModel, ConfigDict, Field
+from werkzeug.routing import PathConverter
 
 from nexus.api.errors import ApiError
 from nexus.api.security import require, services
@@ -19,6 +20,15 @@ from nexus.models.placement import (MAX_PIPELINE_STAGES, PlacementError, Placeme
 from nexus.queueing.tiers import Tier
 
 bp = APIBlueprint("models", __name__, url_prefix="/api/v1/models", tag="Models")
+
+
+class ModelNameConverter(PathConverter):
+    """A model name in a URL: slashes allowed (`org/model`), but never a part that is `instances`, so
+    `/models/<name>` cannot swallow `/models/<name>/instances[/<id>]` and answer for routes (and methods)
+    that are not its own. The catalog refuses such names (`catalog.check_spec`)."""
+
+    _part = rf"(?!{catalog.RESERVED_NAME_SEGMENT}(?:/|$))[^/]+"
+    regex = rf"{_part}(?:/{_part})*"
 
 # How long an instance's VRAM stays promised while it starts (its real use shows in heartbeats after).
 PENDING_RESERVATION = timedelta(minutes=30)
@@ -42,7 +52,8 @@ class DeployRequest(BaseModel):
 
     tensor_parallel_size: Literal[1, 2, 4, 8] | None = Field(None, description="fixed; placement chooses if unset")
     pipeline_parallel_size: int | None = Field(None, ge=1, le=MAX_PIPELINE_STAGES)
-    nodes: list[str] = Field(default_factory=list, max_length=256, description="place only on these node ids")
+    nodes: list[str] = Field(default_factory=list, max_length=256,
+                             description="place only on these nodes (ids or names)")
 
 
 class StateReport(BaseModel):
@@ -51,6 +62,47 @@ class StateReport(BaseModel):
     state: InstanceState
     error: str | None = Field(None, max_length=8000)
     worker: str | None = Field(None, max_length=255)
+
+
+# --- answers: each view's answer passes through its model, and the OpenAPI document shows the same ---
+class InstanceView(BaseModel):
+    id: str = Field(json_schema_extra={"format": "uuid"})
+    model: str
+    state: InstanceState
+    node_id: str | None = Field(description="the head node; null while unplaced (a CPU model any worker adopts)")
+    gpus: list[int]
+    plan: dict[str, Any] = Field(description="strategy, tensor/pipeline parallel sizes, stages (node, GPUs)")
+    worker: str | None
+    error: str | None
+    heartbeat_at: str | None = Field(json_schema_extra={"format": "date-time"})
+    created_at: str | None = Field(json_schema_extra={"format": "date-time"})
+    updated_at: str | None = Field(json_schema_extra={"format": "date-time"})
+    live: bool | None = Field(None, description="announced itself in the last seconds (can take requests)")
+
+
+class ModelView(BaseModel):
+    name: str
+    source: str
+    backend: BackendKind
+    args: dict[str, Any] = Field(description="backend options (an api_key shown as ***)")
+    vram_mb: int
+    min_tier: Tier
+    max_model_len: int | None
+    live_instances: int
+    instances: list[InstanceView]
+
+
+class ModelList(BaseModel):
+    models: list[ModelView]
+
+
+class InstanceList(BaseModel):
+    instances: list[InstanceView]
+
+
+class Deleted(BaseModel):
+    deleted: str
+    stopped_instances: int
 
 
 def _spec(name: str) -> ModelSpec:
@@ -69,7 +121,8 @@ def _model_view(spec: ModelSpec, instances: list[dict]) -> dict:
 
 @bp.post("")
 @bp.input(ModelRequest, arg_name="body")
-@bp.doc(security="bearer", responses={201: "declared", 409: "a model of that name exists"})
+@bp.output(ModelView, status_code=201, description="declared")
+@bp.doc(security="bearer", responses={409: "a model of that name exists"})
 @require()
 def create_model(body: ModelRequest):
     spec = ModelSpec(body.name, body.source, body.backend, body.args, body.vram_mb, body.min_tier, body.max_model_len)
@@ -84,6 +137,7 @@ def create_model(body: ModelRequest):
 
 
 @bp.get("")
+@bp.output(ModelList)
 @bp.doc(security="bearer")
 def list_models():
     with services().statements.connect() as conn:
@@ -92,7 +146,8 @@ def list_models():
     return {"models": [_model_view(s, [i for i in instances if i["model"] == s.name]) for s in specs]}
 
 
-@bp.get("/<path:name>")
+@bp.get("/<model_name:name>")
+@bp.output(ModelView)
 @bp.doc(security="bearer")
 def get_model(name: str):
     spec = _spec(name)
@@ -100,7 +155,8 @@ def get_model(name: str):
         return _model_view(spec, catalog.list_instances(conn, name))
 
 
-@bp.delete("/<path:name>")
+@bp.delete("/<model_name:name>")
+@bp.output(Deleted)
 @bp.doc(security="bearer")
 @require()
 def delete_model(name: str):
@@ -114,16 +170,18 @@ def delete_model(name: str):
     return {"deleted": name, "stopped_instances": len(instances)}
 
 
-@bp.post("/<path:name>/instances")
+@bp.post("/<model_name:name>/instances")
 @bp.input(DeployRequest, arg_name="body")
-@bp.doc(security="bearer", responses={201: "placed, pending", 409: "no node can take it"})
+@bp.output(InstanceView, status_code=201, description="placed, pending")
+@bp.doc(security="bearer", responses={409: "no node can take it"})
 @require()
 def deploy(name: str, body: DeployRequest):
     spec = _spec(name)
-    request = PlacementRequest(spec.vram_mb if spec.backend is not BackendKind.OPENAI else 0, spec.min_tier,
-                               body.tensor_parallel_size, body.pipeline_parallel_size, frozenset(body.nodes))
     now = datetime.now(timezone.utc)
     with services().engine.begin() as conn:
+        node_ids = _node_ids(conn, body.nodes)
+        request = PlacementRequest(spec.vram_mb if spec.backend is not BackendKind.OPENAI else 0, spec.min_tier,
+                                   body.tensor_parallel_size, body.pipeline_parallel_size, frozenset(node_ids))
         # A CPU model goes to a node only when the deploy names nodes (their agents then run it);
         # otherwise it stays unplaced, for any `nexus worker --model` to adopt.
         placeable = request.wants_gpu or body.nodes
@@ -146,6 +204,20 @@ def _measured(conn, model: str) -> dict[str, float]:
     return records.capacity_by_node_id(conn, model)
 
 
+def _node_ids(conn, references: list[str]) -> list[str]:
+    """The ids of the nodes a deploy names by id or name; 400 naming those that match no live node."""
+    from nexus.nodes.store import resolve_node_ids
+
+    if not references:
+        return []
+    resolved = resolve_node_ids(conn, references)
+    unknown = [reference for reference, node_id in resolved.items() if node_id is None]
+    if unknown:
+        raise ApiError(400, f"no live node is named or has the id {', '.join(map(repr, unknown))}",
+                       {"field": "nodes", "unknown": unknown})
+    return [node_id for node_id in resolved.values() if node_id is not None]
+
+
 def _fleet(conn, gpu_only: bool):
     """The (GPU) nodes and their live reservations, as the node agent records them ."""
     from nexus.nodes.reservations import fleet, live_reservations
@@ -153,7 +225,8 @@ def _fleet(conn, gpu_only: bool):
     return fleet(conn, gpu_only), live_reservations(conn)
 
 
-@bp.get("/<path:name>/instances")
+@bp.get("/<model_name:name>/instances")
+@bp.output(InstanceList)
 @bp.doc(security="bearer")
 def list_instances(name: str):
     _spec(name)
@@ -171,7 +244,8 @@ def _instance(name: str, instance_id: uuid.UUID) -> dict:
     return row
 
 
-@bp.delete("/<path:name>/instances/<uuid:instance_id>")
+@bp.delete("/<model_name:name>/instances/<uuid:instance_id>")
+@bp.output(InstanceView)
 @bp.doc(security="bearer")
 @require()
 def stop_instance(name: str, instance_id: uuid.UUID):
@@ -183,9 +257,11 @@ def stop_instance(name: str, instance_id: uuid.UUID):
     return catalog.instance_view(row, False)
 
 
-@bp.put("/<path:name>/instances/<uuid:instance_id>/state")
+@bp.put("/<model_name:name>/instances/<uuid:instance_id>/state")
 @bp.input(StateReport, arg_name="report")
-@bp.doc(security="bearer", summary="Report an instance's state (node agents and workers)")
+@bp.output(InstanceView)
+@bp.doc(security="bearer", summary="Report an instance's state (node agents and workers)",
+        responses={409: "the instance was stopped; it stays stopped"})
 @require(Role.WORKER)
 def report_state(name: str, instance_id: uuid.UUID, report: StateReport):
     _instance(name, instance_id)

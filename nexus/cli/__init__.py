@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 
 import click
+
+import nexus
 from pydantic import ValidationError
 
 from nexus.cli.config import config_cmd
@@ -35,7 +37,7 @@ def _reason(error: dict) -> str:
 
 @click.group(cls=_NexusGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-@click.version_option(package_name="nexus")
+@click.version_option(nexus.__version__, package_name="nexus-cluster")
 def main(verbose: bool) -> None:
     """Nexus: one compute cluster out of a rack of mixed GPU machines."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,

@@ -12,8 +12,17 @@ from rich.table import Table
 
 from nexus.client import NexusClient, NexusError
 from nexus.config import load_settings
+from nexus.jobs.states import JobState
 
 console = Console()
+status_console = Console(stderr=True)  # human notes beside a JSON answer: stdout stays one document
+
+# `--json` on a command that prints data: one JSON document on stdout, for scripts and `| jq`.
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+
+
+def emit_json(data) -> None:
+    click.echo(json.dumps(data, indent=2))
 
 
 def client() -> NexusClient:
@@ -44,7 +53,8 @@ def _fail(exc: NexusError) -> None:
 @click.option("--idempotency-key", default=None)
 @click.option("-w", "--wait", is_flag=True, help="Wait for the result with a progress bar.")
 @click.option("--timeout", default=600.0, show_default=True, help="Seconds to wait with --wait.")
-def submit_cmd(job_type, payload, requirements, priority, idempotency_key, wait, timeout):
+@json_option
+def submit_cmd(job_type, payload, requirements, priority, idempotency_key, wait, timeout, as_json):
     """Submit a job, e.g. `nexus submit sleep -p '{"seconds": 2}' --wait`."""
     fields = {"priority": priority, "requirements": _json_arg(requirements, "--requirements") or {}}
     if idempotency_key:
@@ -52,21 +62,21 @@ def submit_cmd(job_type, payload, requirements, priority, idempotency_key, wait,
     nexus = client()
     try:
         job = nexus.submit(job_type, _json_arg(payload, "--payload"), **fields)
-        console.print(f"submitted [bold]{job['id']}[/bold] ({job['type']}, queue {job['queue']})")
+        status_console.print(f"submitted [bold]{job['id']}[/bold] ({job['type']}, queue {job['queue']})")
         if wait:
             job = wait_with_progress(nexus, job["id"], timeout)
     except NexusError as exc:
         _fail(exc)
     except TimeoutError as exc:
         raise click.ClickException(str(exc)) from None
-    console.print_json(data=job)
+    emit_json(job) if as_json else console.print_json(data=job)
     if job["state"] in ("failed", "cancelled"):
         sys.exit(1)
 
 
 def wait_with_progress(nexus: NexusClient, job_id: str, timeout: float) -> dict:
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=console, transient=True) as progress:
+                  TimeElapsedColumn(), console=status_console, transient=True) as progress:
         task = progress.add_task("queued", total=None)
 
         def update(job: dict) -> None:
@@ -78,31 +88,43 @@ def wait_with_progress(nexus: NexusClient, job_id: str, timeout: float) -> dict:
 
 
 @click.command("jobs")
-@click.option("--state", default=None)
+@click.option("--state", type=click.Choice([s.value for s in JobState]), default=None)
 @click.option("--type", "job_type", default=None)
 @click.option("-n", "--limit", default=20, show_default=True)
-def jobs_cmd(state, job_type, limit):
-    """List recent jobs."""
-    table = Table("id", "type", "state", "attempt", "node", "created", "error")
+@json_option
+def jobs_cmd(state, job_type, limit, as_json):
+    """List recent jobs, newest first."""
+    jobs = []
     try:
-        for index, job in enumerate(client().list(state=state, type=job_type)):
-            if index >= limit:
+        for job in client().list(state=state, type=job_type):
+            if len(jobs) >= limit:
                 break
-            table.add_row(job["id"], job["type"], job["state"], f"{job['attempt']}/{job['max_attempts']}",
-                          job["node"] or "", job["created_at"][:19], (job["error"] or "")[:40])
+            jobs.append(job)
     except NexusError as exc:
         _fail(exc)
+    if as_json:
+        emit_json({"jobs": jobs})
+        return
+    table = Table("id", "type", "state", "attempt", "node", "created", "error")
+    for job in jobs:
+        table.add_row(job["id"], job["type"], job["state"], f"{job['attempt']}/{job['max_attempts']}",
+                      job["node"] or "", job["created_at"][:19], (job["error"] or "")[:40])
     console.print(table)
 
 
 @click.command("job")
 @click.argument("job_id")
 @click.option("--events", is_flag=True, help="Show the job's event log too.")
-def job_cmd(job_id, events):
+@json_option
+def job_cmd(job_id, events, as_json):
     """Show one job."""
     try:
         nexus = client()
-        console.print_json(data=nexus.get(job_id))
+        job = nexus.get(job_id)
+        if as_json:
+            emit_json({**job, "events": nexus.events(job_id)} if events else job)
+            return
+        console.print_json(data=job)
         if events:
             table = Table("at", "from", "to", "attempt", "node", "cause", "message")
             for e in nexus.events(job_id):

@@ -10,7 +10,7 @@ import requests
 from rich.console import Console
 from rich.table import Table
 
-from nexus.cli.jobs import _fail, client
+from nexus.cli.jobs import _fail, client, emit_json, json_option
 from nexus.client import NexusClient, NexusError
 
 console = Console()
@@ -52,10 +52,14 @@ def add_cmd(name, source, backend, vram_mb, min_tier, max_model_len, args_json) 
 
 
 @models_cmd.command("list")
-def list_cmd() -> None:
+@json_option
+def list_cmd(as_json: bool) -> None:
     """Models, their backends and how many instances serve each."""
     try:
-        _models_table(client())
+        if as_json:
+            emit_json(client().request("GET", "/api/v1/models"))
+        else:
+            _models_table(client())
     except NexusError as exc:
         _fail(exc)
 
@@ -64,12 +68,20 @@ def list_cmd() -> None:
 @click.argument("name")
 @click.option("--tp", "tensor_parallel_size", type=click.Choice(["1", "2", "4", "8"]), default=None)
 @click.option("--pp", "pipeline_parallel_size", type=click.IntRange(1, 8), default=None)
-def deploy_cmd(name, tensor_parallel_size, pipeline_parallel_size) -> None:
+@click.option("--node", "nodes", multiple=True, metavar="NODE",
+              help="Place it only on this node: name, id or id prefix (repeatable). A CPU model is placed "
+                   "on a node only when one is named.")
+def deploy_cmd(name, tensor_parallel_size, pipeline_parallel_size, nodes) -> None:
     """Place an instance of the model (placement picks nodes, GPUs and a parallelism plan)."""
-    body = {k: v for k, v in {"tensor_parallel_size": int(tensor_parallel_size) if tensor_parallel_size else None,
-                              "pipeline_parallel_size": pipeline_parallel_size}.items() if v is not None}
+    from nexus.cli.nodes import resolve_node
+
+    nexus = client()
+    body: dict = {k: v for k, v in {"tensor_parallel_size": int(tensor_parallel_size) if tensor_parallel_size else None,
+                                    "pipeline_parallel_size": pipeline_parallel_size}.items() if v is not None}
     try:
-        console.print_json(data=client().request("POST", f"/api/v1/models/{name}/instances", json=body))
+        if nodes:
+            body["nodes"] = [resolve_node(nexus, reference) for reference in nodes]
+        console.print_json(data=nexus.request("POST", f"/api/v1/models/{name}/instances", json=body))
     except NexusError as exc:
         _fail(exc)
 
@@ -132,7 +144,7 @@ def chat_cmd(model: str | None, max_tokens: int, temperature: float) -> None:
 def _command(nexus: NexusClient, line: str, history: list[dict]) -> bool:
     try:
         if line == "status":
-            console.print_json(data=nexus.health())
+            _health_table(nexus.health())
         elif line == "models":
             _models_table(nexus)
         elif line == "nodes":
@@ -147,6 +159,16 @@ def _command(nexus: NexusClient, line: str, history: list[dict]) -> bool:
     except NexusError as exc:
         console.print(f"[red]{exc.message}[/red]")
     return True
+
+
+def _health_table(health: dict) -> None:
+    """/healthz as a table: each dependency and the workers, whether they answer and how."""
+    table = Table("part", "ok", "details", title=f"cluster {health.get('status', '?')}")
+    parts = {**(health.get("dependencies") or {}), "workers": health.get("workers") or {}}
+    for part, checks in parts.items():
+        details = ", ".join(f"{k} {v}" for k, v in checks.items() if k != "ok")
+        table.add_row(part, "yes" if checks.get("ok") else "no", details)
+    console.print(table)
 
 
 def _nodes_table(nexus: NexusClient) -> None:

@@ -9,9 +9,10 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from nexus.cli.jobs import _fail, client, console
+from nexus.cli.jobs import _fail, client, console, emit_json, json_option
 from nexus.client import NexusError
-from nexus.config import load_settings
+from nexus.config import load_server_settings
+from nexus.nodes.states import NodeState
 from nexus.queueing.tiers import TIER_ORDER
 
 
@@ -28,7 +29,7 @@ def agent_cmd(name: str | None, data_dir: Path | None, hardware_fixture: str | N
     overrides = {"node_name": name, "data_dir": data_dir, "agent_hardware_fixture": hardware_fixture}
     if hardware_fixture:
         overrides["agent_detector"] = "fixture"
-    agent = Agent(load_settings(**{k: v for k, v in overrides.items() if v is not None}))
+    agent = Agent(load_server_settings(**{k: v for k, v in overrides.items() if v is not None}))
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, agent.request_stop)
     sys.exit(agent.run())
@@ -54,11 +55,12 @@ def _measured(entries: list[dict]) -> str:
 
 
 @click.command("nodes")
-@click.option("--tier", default=None)
-@click.option("--state", default=None)
+@click.option("--tier", type=click.Choice([t.value for t in TIER_ORDER]), default=None)
+@click.option("--state", type=click.Choice([s.value for s in NodeState]), default=None)
 @click.option("--has-gpu/--no-gpu", default=None)
 @click.option("--model", default=None, help="Nodes that have this model loaded.")
-def nodes_cmd(tier, state, has_gpu, model):
+@json_option
+def nodes_cmd(tier, state, has_gpu, model, as_json):
     """List the nodes (admin)."""
     params = {k: v for k, v in {"tier": tier, "state": state, "has_gpu": has_gpu, "model": model}.items()
               if v is not None}
@@ -66,11 +68,12 @@ def nodes_cmd(tier, state, has_gpu, model):
         nodes = client().request("GET", "/api/v1/nodes", params=params)["nodes"]
     except NexusError as exc:
         _fail(exc)
-    console.print(_node_rows(nodes))
+    emit_json({"nodes": nodes}) if as_json else console.print(_node_rows(nodes))
 
 
 @click.command("status")
-def status_cmd():
+@json_option
+def status_cmd(as_json):
     """The cluster as a table: nodes by tier, GPUs, VRAM, state, jobs, last heartbeat; queues."""
     try:
         nexus = client()
@@ -78,6 +81,9 @@ def status_cmd():
         cluster = nexus.request("GET", "/api/v1/cluster")
     except NexusError as exc:
         _fail(exc)
+    if as_json:
+        emit_json({"cluster": cluster, "nodes": nodes})
+        return
     tiers = Table("tier", "nodes", "by state", "GPUs", "VRAM free/total (MB)", "reserved (MB)")
     for tier in (t.value for t in TIER_ORDER):
         totals = cluster["tiers"][tier]

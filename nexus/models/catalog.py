@@ -20,6 +20,7 @@ from nexus.models.placement import ParallelismPlan
 from nexus.queueing.tiers import Tier
 
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"  # what routing.Requirements accepts
+RESERVED_NAME_SEGMENT = "instances"
 S3_SCHEME = "s3://"
 
 
@@ -86,6 +87,9 @@ def check_spec(spec: ModelSpec) -> None:
     """ValueError saying what is wrong with a catalog entry."""
     if not re.match(MODEL_NAME_PATTERN, spec.name):
         raise ValueError("name must be letters, digits and . _ : / - (at most 128)")
+    if RESERVED_NAME_SEGMENT in spec.name.split("/"):
+        raise ValueError(f"no part of a name between slashes may be {RESERVED_NAME_SEGMENT!r} (the API's "
+                         f"/models/<name>/{RESERVED_NAME_SEGMENT} routes would swallow it)")
     unknown = set(spec.args) - _ARG_KEYS[spec.backend]
     if unknown:
         raise ValueError(f"unknown args for backend {spec.backend.value}: {sorted(unknown)}; "

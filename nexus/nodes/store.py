@@ -176,6 +176,15 @@ def list_nodes(conn: Connection, tier: str | None = None, state: str | None = No
     return [dict(row) for row in rows]
 
 
+def resolve_node_ids(conn: Connection, references: list[str]) -> dict[str, str | None]:
+    """Each reference (a node's id or its name) to the id of the live node it names; None where none does.
+    A name is unique among nodes that are not removed (registration keeps it so)."""
+    rows = conn.execute(text("SELECT id::text AS id, name FROM nodes WHERE state <> 'removed' "
+                             "AND (id::text = ANY(:refs) OR name = ANY(:refs))"), {"refs": references}).all()
+    by_reference = {**{row.name: row.id for row in rows}, **{row.id: row.id for row in rows}}
+    return {reference: by_reference.get(reference) for reference in references}
+
+
 # --- the admin's actions ---------------------------------------------------------------------------
 
 class NodeRemoved(Exception):

@@ -170,7 +170,8 @@ def install_consumption_probe(app: Celery, settings: Settings) -> None:
     """Register the probe task and, in a worker, its own probe queue and the probing thread."""
     answers: list[redis.Redis] = []
 
-    @app.task(name=PROBE_TASK, ignore_result=True, acks_late=False)
+    # No task events: a probe every few seconds per worker would bury the jobs in Flower's task list.
+    @app.task(name=PROBE_TASK, ignore_result=True, acks_late=False, send_events=False)
     def probe(hostname: str, nonce: str) -> None:
         if not answers:
             answers.append(redis.Redis.from_url(settings.redis_url, socket_timeout=5))

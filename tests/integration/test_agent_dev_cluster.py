@@ -29,7 +29,8 @@ def test_dev_cluster_shows_three_cpu_nodes_and_drains_one(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_")}
     env.update(NEXUS_API_PORT=str(free_port()), NEXUS_FLOWER_PORT=str(free_port()), NEXUS_HEARTBEAT_INTERVAL_SECONDS="1",
                NEXUS_CLUSTER_FILE=str(data_dir / "cluster.json"))
-    launcher = subprocess.Popen([sys.executable, "-m", "nexus", "dev", "-n", "3", "--data-dir", str(data_dir)],
+    launcher = subprocess.Popen([sys.executable, "-m", "nexus", "dev", "-n", "3", "--no-model", "--data-dir",
+                                 str(data_dir)],
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)
     try:

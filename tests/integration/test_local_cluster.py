@@ -22,7 +22,7 @@ def test_nexus_dev_starts_a_working_cluster_and_stops_everything(tmp_path):
     api_port, flower_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_")}
     env.update(NEXUS_API_PORT=str(api_port), NEXUS_FLOWER_PORT=str(flower_port))
-    launcher = subprocess.Popen([sys.executable, "-m", "nexus", "dev", "-n", "1", "--data-dir", str(data_dir)],
+    launcher = subprocess.Popen([sys.executable, "-m", "nexus", "dev", "-n", "1", "--no-model", "--data-dir", str(data_dir)],
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)
     try:

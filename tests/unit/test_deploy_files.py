@@ -170,7 +170,7 @@ def test_flower_has_basic_auth_and_binds_the_internal_address():
     env = environment_of(flower)
     assert env["NEXUS_FLOWER_USER"] and not _is_weak(env["NEXUS_FLOWER_USER"] * 12)
     assert "${NEXUS_FLOWER_PASSWORD:?" in raw_text("master")  # no password, no Flower
-    assert "FLOWER_BASIC_AUTH" in (ROOT / "nexus/cli/services.py").read_text()
+    assert "FLOWER_BASIC_AUTH" in (ROOT / "nexus/queueing/monitor.py").read_text()
     [(host_ip, _, _)] = published(flower)
     assert host_ip == load_env("master")["MASTER_HOST_IP"]
 
