@@ -35,7 +35,7 @@ def desired_instances(conn: Connection, node_id: str) -> list[dict]:
     member tears its Ray node down until the instance is placed again."""
     rows = conn.execute(text(
         "SELECT i.*, head.resources->>'address' AS head_address FROM model_instances i "
-        "LEFT JOIN nodes head ON head.id = i.node_id "
+        "LEFT JOIN nodes head ON CAST(head.id AS text) = i.node_id "
         "WHERE (i.node_id = :node OR (i.plan ? 'ray' AND i.plan->'stages' @> CAST(:member AS jsonb))) "
         "AND i.state IN ('pending', 'downloading', 'starting', 'running', 'error') "
         "AND NOT (i.plan ? 'ray' AND i.state = 'error' AND coalesce(i.error, '') LIKE :lost) "

@@ -179,7 +179,7 @@ _LOST = text(f"""
     FROM (SELECT i2.id, string_agg(coalesce(n.name, s.stage->>'node_id'), ', ') AS names
           FROM model_instances i2
           CROSS JOIN LATERAL jsonb_array_elements(i2.plan->'stages') AS s(stage)
-          LEFT JOIN nodes n ON n.id::text = s.stage->>'node_id'
+          LEFT JOIN nodes n ON CAST(n.id AS text) = s.stage->>'node_id'
           WHERE i2.plan ? 'ray' AND i2.state IN ('pending', 'downloading', 'starting', 'running')
             AND (n.id IS NULL OR n.state IN {_LOST_STATES!r})
           GROUP BY i2.id) AS lost
