@@ -139,9 +139,10 @@ class Settings(BaseSettings):
     # Each Ray node of an instance keeps its sockets and logs under here; short, because Ray's Unix
     # socket paths must stay under 108 bytes.
     ray_temp_root: Path = Path("/tmp/nexus-ray")
-    # Master: the first port of the blocks of 100 (nexus/models/ray_clusters.py) given to multi-node
-    # instances, and how many blocks there are (multi-node instances at once).
-    ray_port_base: int = Field(30000, ge=1024, le=65436)
+    # Master: the first port of the blocks of 200 (nexus/models/ray_clusters.py) given to multi-node
+    # instances, and how many blocks there are (multi-node instances at once). Below Linux's ephemeral
+    # ports (32768 up), so no outgoing connection holds one.
+    ray_port_base: int = Field(20000, ge=1024, le=65336)
     ray_port_slots: int = Field(16, ge=1, le=300)
 
     # --- proof jobs ---------------------------------------------------

@@ -13,13 +13,15 @@ its nodes (nexus.agent.ray_node) and torn down with the instance:
     a member is lost    fail_lost_members(): the instance goes to `error`, the orders stop (every
                         member tears its Ray node down), and replace_failed() places it again
 
-The same block on every member (Ray's processes listen on these ports), so the
-firewall rule between nodes is one range per instance slot:
+One block of PORT_BLOCK ports per instance, cut by member (the nodes in plan
+order, the head first), so the firewall rule between nodes is one range per
+instance slot, and two members never need the same port (on one test machine,
+they cannot have it):
 
-    base + 0   GCS (head only)           base + 4   dashboard agent gRPC
-    base + 1   node manager              base + 5   dashboard agent HTTP
-    base + 2   object manager            base + 6   metrics export
-    base + 3   runtime env agent         base + 10 .. base + 99   Ray worker processes (vLLM's actors)
+    base + 0                         GCS (the head's; the others join it)
+    base + 8 + 24*m + 0 .. + 5       member m: node manager, object manager, runtime env agent,
+                                     dashboard agent gRPC and HTTP, metrics export
+    base + 8 + 24*m + 6 .. + 23      member m: Ray worker processes (vLLM's actors, one per GPU)
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ from nexus.models import catalog
 from nexus.models.placement import (PENDING_RESERVATION, ParallelismPlan, PlacementError, PlacementRequest,
                                     pending_reservations, place)
 
-PORT_BLOCK = 100
-WORKER_PORT_OFFSET = 10
+PORT_BLOCK = 200
+MEMBER_PORTS = 24  # per member: 6 for Ray's own processes, 18 for its workers
+FIRST_MEMBER_PORT = 8
 LOST_MEMBER = "member node lost: "  # the error of an instance this module takes down and places again
 _LOCK_KEY = 0x6E787261  # advisory lock: two deploys at once never take the same port block
 # Member states whose agent has stopped (or will stop) its Ray node: drained, quarantined, gone.
@@ -46,45 +49,50 @@ _LOST_STATES = ("draining", "quarantined", "offline", "removed")
 
 @dataclass(frozen=True)
 class RayPorts:
-    """The ports of one instance's Ray nodes (the same numbers on every member)."""
+    """The ports of member `member`'s Ray node in the instance's block."""
 
     base: int
+    member: int = 0
 
     @property
     def gcs(self) -> int:
         return self.base
 
     @property
+    def _first(self) -> int:
+        return self.base + FIRST_MEMBER_PORT + MEMBER_PORTS * self.member
+
+    @property
     def node_manager(self) -> int:
-        return self.base + 1
+        return self._first
 
     @property
     def object_manager(self) -> int:
-        return self.base + 2
+        return self._first + 1
 
     @property
     def runtime_env_agent(self) -> int:
-        return self.base + 3
+        return self._first + 2
 
     @property
     def dashboard_agent_grpc(self) -> int:
-        return self.base + 4
+        return self._first + 3
 
     @property
     def dashboard_agent_http(self) -> int:
-        return self.base + 5
+        return self._first + 4
 
     @property
     def metrics_export(self) -> int:
-        return self.base + 6
+        return self._first + 5
 
     @property
     def min_worker(self) -> int:
-        return self.base + WORKER_PORT_OFFSET
+        return self._first + 6
 
     @property
     def max_worker(self) -> int:
-        return self.base + PORT_BLOCK - 1
+        return self._first + MEMBER_PORTS - 1
 
 
 @dataclass(frozen=True)
@@ -117,10 +125,11 @@ class RayOrder:
     token: str
     gpus: tuple[int, ...]  # this node's GPUs in the plan
     nodes: int  # members in all, the head included
+    member: int = 0  # this node's place among them (the head is 0): which ports of the block are its own
 
     @property
     def ports(self) -> RayPorts:
-        return RayPorts(self.port_base)
+        return RayPorts(self.port_base, self.member)
 
     @property
     def head(self) -> bool:
@@ -132,12 +141,12 @@ class RayOrder:
 
     def to_dict(self) -> dict[str, Any]:
         return {"role": self.role, "head_address": self.head_address, "port_base": self.port_base,
-                "token": self.token, "gpus": list(self.gpus), "nodes": self.nodes}
+                "token": self.token, "gpus": list(self.gpus), "nodes": self.nodes, "member": self.member}
 
     @classmethod
     def from_dict(cls, data: dict) -> "RayOrder":
         return cls(str(data["role"]), str(data.get("head_address") or ""), int(data["port_base"]), str(data["token"]),
-                   tuple(int(g) for g in data.get("gpus", ())), int(data["nodes"]))
+                   tuple(int(g) for g in data.get("gpus", ())), int(data["nodes"]), int(data.get("member", 0)))
 
 
 def ray_order(row: dict, node_id: str, head_address: str | None) -> RayOrder | None:
@@ -148,7 +157,8 @@ def ray_order(row: dict, node_id: str, head_address: str | None) -> RayOrder | N
     plan = ParallelismPlan.from_dict(row["plan"])
     gpus = tuple(g for stage in plan.stages if stage.node_id == node_id for g in stage.gpus)
     role = "head" if str(row["node_id"]) == node_id else "member"
-    return RayOrder(role, head_address or "", cluster.port_base, cluster.token, gpus, len(plan.node_ids))
+    member = plan.node_ids.index(node_id) if node_id in plan.node_ids else 0
+    return RayOrder(role, head_address or "", cluster.port_base, cluster.token, gpus, len(plan.node_ids), member)
 
 
 def without_ray(plan: dict | None) -> dict:

@@ -65,7 +65,7 @@ def test_members_are_told_their_part_and_a_lost_member_fails_the_instance_until_
     beat(api, member, address[member["node_id"]], state="stopped")
     counts = reconcile_multi_node(services.engine, settings)
     assert counts == {"instances_member_lost": 1, "instances_placed_again": 0}  # nowhere to go yet
-    failed = api.get(f"/api/v1/models/big/instances", headers=auth()).json["instances"][0]
+    failed = api.get("/api/v1/models/big/instances", headers=auth()).json["instances"][0]
     assert failed["state"] == "error" and failed["error"] == f"{LOST_MEMBER}{member_name(member)}"
     assert beat(api, head, address[head["node_id"]])["instances"] == []
 
@@ -73,7 +73,7 @@ def test_members_are_told_their_part_and_a_lost_member_fails_the_instance_until_
     beat(api, member, address[member["node_id"]])
     assert reconcile_multi_node(services.engine, settings) == {"instances_member_lost": 0,
                                                                "instances_placed_again": 1}
-    again = api.get(f"/api/v1/models/big/instances", headers=auth()).json["instances"][0]
+    again = api.get("/api/v1/models/big/instances", headers=auth()).json["instances"][0]
     assert again["state"] == "pending" and again["error"].startswith("placed again after " + LOST_MEMBER)
     assert again["plan"]["ray"]["port_base"] != settings.ray_port_base
     orders = [beat(api, n, address[n["node_id"]])["instances"][0]["ray"] for n in (a, b)]

@@ -12,7 +12,8 @@ from nexus.config import Settings
 from nexus.models.catalog import instance_view
 from nexus.models.instances import reconcile
 from nexus.models.placement import ParallelismPlan, Stage, Strategy
-from nexus.models.ray_clusters import PORT_BLOCK, RayCluster, RayOrder, plan_record, ray_order
+from nexus.models.placement import MAX_PIPELINE_STAGES
+from nexus.models.ray_clusters import PORT_BLOCK, RayCluster, RayOrder, RayPorts, plan_record, ray_order
 
 TOKEN = "t" * 64
 PLAN = ParallelismPlan(Strategy.HYBRID_TP_PP, 2, 2, (Stage("node-a", (0, 1)), Stage("node-b", (4, 5))), 30_000)
@@ -34,6 +35,9 @@ def test_each_member_is_told_its_role_its_gpus_and_the_heads_address():
     head, member = ray_order(row(), "node-a", "10.0.0.1"), ray_order(row(), "node-b", "10.0.0.1")
     assert (head.role, head.gpus, head.nodes) == ("head", (0, 1), 2)
     assert (member.role, member.gpus, member.gcs_address) == ("member", (4, 5), "10.0.0.1:30100")
+    assert (head.member, member.member) == (0, 1)
+    last = RayPorts(30_100, MAX_PIPELINE_STAGES - 1)  # the eighth member's ports still fit the block
+    assert last.max_worker == 30_100 + PORT_BLOCK - 1
     assert head.token == member.token == TOKEN
     single = {"node_id": "node-a", "plan": PLAN.to_dict()}
     assert ray_order(single, "node-a", "10.0.0.1") is None  # one node: no Ray cluster
@@ -68,12 +72,14 @@ def test_the_ray_start_command_lines_are_what_ray_parses():
     params = parse_ray_start(ray_start_command(head, "10.0.0.1", temp_dir(settings, "0123456789abcdef", "node-a")))
     assert params["head"] and params["block"] and params["port"] == 30_100 and params["num_gpus"] == 2
     assert params["node_ip_address"] == "10.0.0.1" and params["temp_dir"] == "/tmp/nexus-ray/01234567-node-a"
-    assert (params["min_worker_port"], params["max_worker_port"]) == (30_110, 30_100 + PORT_BLOCK - 1)
+    assert (params["node_manager_port"], params["object_manager_port"]) == (30_108, 30_109)
+    assert (params["min_worker_port"], params["max_worker_port"]) == (30_114, 30_131)
     assert params["include_dashboard"] is False
     member = RayOrder.from_dict(order_for("node-b")["ray"])
     params = parse_ray_start(ray_start_command(member, "10.0.0.2", temp_dir(settings, "0123456789abcdef", "node-b")))
     assert not params["head"] and params["address"] == "10.0.0.1:30100" and params["num_gpus"] == 2
-    assert params["node_manager_port"] == 30_101 and params["object_manager_port"] == 30_102
+    assert params["node_manager_port"] == 30_132 and params["object_manager_port"] == 30_133  # its own ports
+    assert params["max_worker_port"] == 30_155 < 30_100 + PORT_BLOCK
     with pytest.raises(click.UsageError):
         parse_ray_start(["ray", "start", "--no-such-option"])
 
