@@ -167,7 +167,9 @@ def test_two_agents_form_and_tear_down_a_ray_cluster_for_a_two_node_instance(
                "NEXUS_NODE_ADDRESS": ADDRESSES[name], "NEXUS_HEARTBEAT_INTERVAL_SECONDS": "0.5",
                "NEXUS_AGENT_DRAIN_GRACE_SECONDS": "30", "NEXUS_VLLM_EXECUTABLE": str(vllm),
                "NEXUS_VLLM_STARTUP_TIMEOUT_SECONDS": "240", "NEXUS_RAY_TEMP_ROOT": str(temp_root),
-               "STANDIN_REPORT_DIR": str(reports)}
+               "STANDIN_REPORT_DIR": str(reports),
+               # Ray drains a node for up to 30 s on SIGTERM; nothing runs on these after their instance stops.
+               "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "2"}
         agents[name] = NexusProcess(settings, ["agent", "--hardware-fixture", str(FIXTURES / "rtx4090.json")],
                                     tmp_path, name, env).start()
         return agents[name]
