@@ -135,6 +135,20 @@ class Settings(BaseSettings):
     agent_restart_reset_after_seconds: float = Field(60.0, gt=0)  # a child up this long was healthy
     agent_request_timeout_seconds: float = Field(10.0, gt=0)
 
+    # --- multi-node instances: one Ray cluster per instance whose plan spans nodes ------
+    # Where the other nodes reach this one (Ray, vLLM's NCCL): empty takes the address of the
+    # interface that routes towards the master.
+    node_address: str = ""
+    ray_executable: str = "ray"
+    # Each Ray node of an instance keeps its sockets and logs under here; short, because Ray's Unix
+    # socket paths must stay under 108 bytes.
+    ray_temp_root: Path = Path("/tmp/nexus-ray")
+    # Master: the first port of the blocks of 200 (nexus/models/ray_clusters.py) given to multi-node
+    # instances, and how many blocks there are (multi-node instances at once). Below Linux's ephemeral
+    # ports (32768 up), so no outgoing connection holds one.
+    ray_port_base: int = Field(20000, ge=1024, le=65336)
+    ray_port_slots: int = Field(16, ge=1, le=300)
+
     # --- proof jobs ---------------------------------------------------
     proof_torch_threads: int = Field(0, ge=0, le=1024)  # torch intra-op threads in a worker; 0 keeps torch's default
     proof_poll_seconds: float = Field(0.5, gt=0)  # how often a waiting proof job looks at its segments

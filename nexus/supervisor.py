@@ -12,6 +12,7 @@ killed workers (their leases expire, or the agent's final heartbeat says so).
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import time
@@ -30,6 +31,9 @@ class ChildSpec:
     name: str
     argv: tuple[str, ...]
     env: Mapping[str, str] | None = None  # None: inherit the agent's environment
+    # SIGKILL reaches the child's whole process group (it runs in a session of its own): a Ray node's
+    # processes, which SIGTERM asks `ray start` itself to stop.
+    kill_group: bool = False
 
 
 @dataclass(frozen=True)
@@ -184,7 +188,7 @@ class Supervisor:
             child.stuck_since = now
             _signal(child.process, signal.SIGTERM)
         elif child.stuck_since is not None and now - child.stuck_since > STUCK_KILL_AFTER_SECONDS:
-            _signal(child.process, signal.SIGKILL)
+            _kill(child.process, child.spec)
 
     def _on_exit(self, child: _Child, now: float) -> None:
         code = child.process.returncode
@@ -205,7 +209,7 @@ class Supervisor:
             process.wait(timeout=max(0.0, deadline - self.clock()))
         except subprocess.TimeoutExpired:
             log.warning("%s did not stop within the grace period: killing it", child.spec.name)
-            _signal(process, signal.SIGKILL)
+            _kill(process, child.spec)
             process.wait()
             self._event("killed", child, self.clock(), pid=process.pid)
         child.process, child.last_exit_code = None, process.returncode
@@ -219,3 +223,13 @@ def _signal(process: subprocess.Popen, signum: int) -> None:
         process.send_signal(signum)
     except ProcessLookupError:
         pass  # it exited between poll and signal
+
+
+def _kill(process: subprocess.Popen, spec: ChildSpec) -> None:
+    if not spec.kill_group:
+        _signal(process, signal.SIGKILL)
+        return
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        _signal(process, signal.SIGKILL)

@@ -45,6 +45,7 @@ def heartbeat_body(
     workers: Sequence[Mapping],
     cpu_percent: float | None,
     sent_at: float,
+    address: str | None = None,
 ) -> dict:
     """What the master stores from each beat: the changing resources, not the static description."""
     return {
@@ -65,6 +66,7 @@ def heartbeat_body(
             "ram_available_mb": hardware.ram_available_mb,
             "disk_free_mb": hardware.disk_free_mb,
             "cpu_percent": cpu_percent,
+            "address": address,  # where the other members of a multi-node instance reach this node
         },
         "running_jobs": list(running_jobs),
         "loaded_models": list(loaded_models),

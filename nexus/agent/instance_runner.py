@@ -9,6 +9,10 @@ into starts and stops:
     runner.poll()                        # reap and restart crashed workers (backoff)
     runner.stop(grace)                   # draining / SIGTERM: every instance worker stops
 
+An instance whose plan spans nodes also has this node's Ray node as a child
+(nexus.agent.ray_node): on every member, and on the head beside the serving
+worker, which then runs `vllm serve` against that Ray cluster.
+
 A worker's instance states (downloading, starting, running, error) are written
 by the worker itself (nexus.serving.host); a deleted instance is already
 `stopped` on the master, so the agent only has to stop its process. The
@@ -24,7 +28,9 @@ from typing import Callable, Mapping
 from nexus.agent.master import HeartbeatReply
 from nexus.supervisor import ChildSpec, RestartPolicy, Supervisor
 from nexus.config import Settings
-from nexus.models.instances import reconcile
+from nexus.agent.ray_node import ray_child, remove_temp_dir, serving_env
+from nexus.models.instances import RAY_CHILD_PREFIX, ray_child_name, reconcile
+from nexus.models.ray_clusters import RayOrder
 from nexus.worker.processes import instance_child
 
 log = logging.getLogger(__name__)
@@ -35,8 +41,9 @@ CONCURRENCY_VARIABLE = "NEXUS_INFERENCE_CONCURRENCY"
 class InstanceRunner:
     def __init__(self, node_id: str, node_name: str, settings: Settings, base_env: Mapping[str, str],
                  policy: RestartPolicy, unhealthy: Callable[[int], bool] | None = None,
-                 supervisor: Supervisor | None = None) -> None:
+                 supervisor: Supervisor | None = None, address: str = "127.0.0.1") -> None:
         self.node_id, self.node_name = node_id, node_name
+        self.address = address  # where the other members of a multi-node instance reach this node
         self.settings = settings
         self.base_env = dict(base_env)
         self.supervisor = supervisor or Supervisor([], policy, unhealthy=unhealthy)
@@ -56,24 +63,42 @@ class InstanceRunner:
         if reply.instances is None:
             return  # a master that does not send instances: leave them as they are
         children = self.supervisor.children
-        stale = [name for name, spec in children.items() if _concurrency(spec) != str(concurrency)]
+        stale = [name for name, spec in children.items()
+                 if not name.startswith(RAY_CHILD_PREFIX) and _concurrency(spec) != str(concurrency)]
         start, gone = reconcile(reply.instances, [name for name in children if name not in stale])
         if gone or stale:
             log.info("stopping instance workers: %s", ", ".join([*gone, *(f"{n} (max_concurrent)" for n in stale)]))
             self.supervisor.remove([*gone, *stale], self.settings.agent_drain_grace_seconds)
             for name in gone:
-                self._orders.pop(name, None)
-        for instance in start:
-            spec = instance_child(instance, self.node_id, self.node_name, self.settings, self.base_env, concurrency)
+                self._forget(name)
+        for instance, name in start:
+            spec = self._child(instance, name, concurrency)
             log.info("starting %s: model %s, %s requests in flight", spec.name, instance["model"], concurrency)
             self._orders[spec.name] = instance
             self.supervisor.add(spec)
+
+    def _child(self, instance: dict, name: str, concurrency: int) -> ChildSpec:
+        """The serving worker of an instance (on the head, with its Ray cluster's address), or this node's Ray node."""
+        if name == ray_child_name(instance):
+            return ray_child(instance, self.node_id, self.settings, self.base_env, self.address)
+        env = self.base_env
+        if instance.get("ray"):
+            env = {**env, **serving_env(RayOrder.from_dict(instance["ray"]), self.address)}
+        return instance_child(instance, self.node_id, self.node_name, self.settings, env, concurrency)
+
+    def _forget(self, name: str) -> None:
+        instance = self._orders.pop(name, None)
+        if instance is not None and name == ray_child_name(instance):
+            remove_temp_dir(self.settings, str(instance["id"]), self.node_id)
 
     def poll(self) -> None:
         self.supervisor.poll()
 
     def stop(self, grace_seconds: float) -> None:
         self.supervisor.stop(grace_seconds)
+        for name, instance in self._orders.items():
+            if name == ray_child_name(instance):
+                remove_temp_dir(self.settings, str(instance["id"]), self.node_id)
 
     def status(self) -> list[dict]:
         """The supervisor's view of each worker, with the instance and model it serves (for heartbeats)."""

@@ -26,6 +26,7 @@ from nexus.agent.detect import Detector, make_detector
 from nexus.agent.heartbeat import HeartbeatLoop, heartbeat_body, registration_body
 from nexus.agent.identity import NodeIdentity, load_identity, save_identity
 from nexus.agent.instance_runner import InstanceRunner
+from nexus.agent.ray_node import advertised_address
 from nexus.agent.master import (BadRequest, HeartbeatReply, MasterClient, MasterUnavailable, NodeRevoked,
                                 RegistrationRefused)
 from nexus.supervisor import RestartPolicy, Supervisor
@@ -70,6 +71,7 @@ class Agent:
         self._revoked = threading.Event()
         self._draining = False
         self._worker_status: list[dict] = []
+        self.address = advertised_address(settings)
 
     # --- the whole life ------------------------------------------------------------------------
     def run(self) -> int:
@@ -140,7 +142,7 @@ class Agent:
                               running_jobs=self.parts.board.running_jobs(),
                               loaded_models=self.parts.board.loaded_models(),
                               workers=self._worker_status, cpu_percent=psutil.cpu_percent(None),
-                              sent_at=time.time())
+                              sent_at=time.time(), address=self.address)
 
     def _on_reply(self, reply: HeartbeatReply) -> None:
         if self._reply is None or reply.state != self._reply.state:
@@ -161,7 +163,7 @@ class Agent:
         supervisor = self._supervisor(identity, plans, concurrency)
         instances = InstanceRunner(identity.node_id, identity.node_name, self.settings, os.environ,
                                    RestartPolicy.from_settings(self.settings),
-                                   unhealthy=StuckWorkers.for_settings(self.settings))
+                                   unhealthy=StuckWorkers.for_settings(self.settings), address=self.address)
         try:
             while not self.stop_requested.wait(POLL_SECONDS):
                 reply = self._reply

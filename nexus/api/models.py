@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Any, Literal
 
 from apiflask import APIBlueprint
@@ -15,8 +15,9 @@ from nexus.api.security import require, services
 from nexus.auth import Role
 from nexus.models import catalog, liveness
 from nexus.models.catalog import BackendKind, InstanceState, ModelSpec
-from nexus.models.placement import (MAX_PIPELINE_STAGES, PlacementError, PlacementRequest, pending_reservations,
-                                       place)
+from nexus.models import ray_clusters
+from nexus.models.placement import (MAX_PIPELINE_STAGES, PENDING_RESERVATION, PlacementError, PlacementRequest,
+                                    pending_reservations, place)
 from nexus.queueing.tiers import Tier
 
 bp = APIBlueprint("models", __name__, url_prefix="/api/v1/models", tag="Models")
@@ -29,9 +30,6 @@ class ModelNameConverter(PathConverter):
 
     _part = rf"(?!{catalog.RESERVED_NAME_SEGMENT}(?:/|$))[^/]+"
     regex = rf"{_part}(?:/{_part})*"
-
-# How long an instance's VRAM stays promised while it starts (its real use shows in heartbeats after).
-PENDING_RESERVATION = timedelta(minutes=30)
 
 
 class ModelRequest(BaseModel):
@@ -189,10 +187,14 @@ def deploy(name: str, body: DeployRequest):
         reservations += pending_reservations(catalog.list_instances(conn, active_only=True), now + PENDING_RESERVATION)
         try:
             plan = place(request, nodes, reservations, now, _measured(conn, name) if placeable else None)
+            # A plan across nodes runs on a Ray cluster of its own: a port block and a token for its members.
+            cluster = ray_clusters.allocate(conn, services().settings) if plan.multi_node else None
         except PlacementError as exc:
             raise ApiError(409, str(exc), {"vram_mb": spec.vram_mb, "min_tier": spec.min_tier.value},
                            code="no_capacity") from None
-        instance = catalog.create_instance(conn, name, plan)
+        if plan.multi_node:
+            _check_multi_node(spec)
+        instance = catalog.create_instance(conn, name, plan, ray_clusters.plan_record(plan, cluster))
     return catalog.instance_view(instance, False), 201
 
 
@@ -216,6 +218,18 @@ def _node_ids(conn, references: list[str]) -> list[str]:
         raise ApiError(400, f"no live node is named or has the id {', '.join(map(repr, unknown))}",
                        {"field": "nodes", "unknown": unknown})
     return [node_id for node_id in resolved.values() if node_id is not None]
+
+
+def _check_multi_node(spec: ModelSpec) -> None:
+    """A plan across nodes is vLLM's on Ray, and every member's workers read the weights from the same path."""
+    if spec.backend is not BackendKind.VLLM:
+        raise ApiError(409, f"a plan across nodes needs the vllm backend (model {spec.name!r} uses "
+                            f"{spec.backend.value}); pin tensor_parallel_size/nodes to one node",
+                       {"backend": spec.backend.value}, code="unsupported_plan")
+    if spec.s3_location:
+        raise ApiError(409, "a plan across nodes needs the model at a path every member node sees (shared "
+                            "storage): vLLM's workers on the other nodes read it there; only the head downloads "
+                            "s3:// sources", {"source": spec.source}, code="unsupported_plan")
 
 
 def _fleet(conn, gpu_only: bool):

@@ -65,14 +65,19 @@ def worker_cmd(tier: str | None, queues: str | None, concurrency: int | None, po
 @click.command("reconciler")
 def reconciler_cmd() -> None:
     """Re-publish lost messages and expire dead workers' leases, every few seconds, until stopped."""
+    from functools import partial
+
     from nexus.jobs.reconciler import Reconciler
+    from nexus.models.ray_clusters import reconcile_multi_node
     from nexus.services import Services
 
     services = Services(load_server_settings())
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    Reconciler(services.settings, services.engine, services.celery, services.redis).run_forever(stop)
+    # Multi-node instances that lost a member: to error, then placed again.
+    multi_node = partial(reconcile_multi_node, services.engine, services.settings)
+    Reconciler(services.settings, services.engine, services.celery, services.redis, [multi_node]).run_forever(stop)
 
 
 @click.command("flower")

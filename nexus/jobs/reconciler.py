@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import redis
 from celery import Celery
@@ -123,7 +123,10 @@ _REPUBLISH = text(
 
 
 class Reconciler:
-    def __init__(self, settings: Settings, engine: Engine, celery: Celery, redis_client: redis.Redis):
+    def __init__(self, settings: Settings, engine: Engine, celery: Celery, redis_client: redis.Redis,
+                 passes: Sequence[Callable[[], dict[str, int]]] = ()):
+        """`passes`: more work for each pass, from the packages above this one (multi-node instances)."""
+        self.passes = tuple(passes)
         self.settings = settings
         self.engine = engine
         self.celery = celery
@@ -139,6 +142,8 @@ class Reconciler:
         # Held jobs: due retries, and queued jobs past their tenant's share that now have room.
         counts["retries_published"] = fairshare.refill_all(self.engine, self.celery, self.settings)
         counts["queued_republished"] = (recovered or 0) + self._republish_missing()
+        for extra in self.passes:
+            counts.update(extra())
         counts.update(retention_pass(self.engine, self.settings))  # last: finished work, old enough to go
         return counts
 

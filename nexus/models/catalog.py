@@ -141,14 +141,26 @@ def delete_model(conn: Connection, name: str) -> bool:
 # --- instances -------------------------------------------------------------------
 
 
-def create_instance(conn: Connection, model: str, plan: ParallelismPlan) -> dict:
+def create_instance(conn: Connection, model: str, plan: ParallelismPlan, record: dict | None = None) -> dict:
+    """`record`: the plan as the row keeps it, when it carries more than the plan (a Ray cluster)."""
     head = plan.head
     row = conn.execute(text(
         "INSERT INTO model_instances (id, model, node_id, gpus, plan) VALUES (:id, :model, :node, :gpus, :plan) "
         "RETURNING *").bindparams(bindparam("plan", type_=JSONB)),
         {"id": uuid.uuid4(), "model": model, "node": head.node_id if head else None,
-         "gpus": list(head.gpus) if head else [], "plan": plan.to_dict()}).mappings().one()
+         "gpus": list(head.gpus) if head else [], "plan": record or plan.to_dict()}).mappings().one()
     return dict(row)
+
+
+def replace_instance(conn: Connection, instance_id, plan: ParallelismPlan, record: dict, note: str) -> None:
+    """Give an instance a new plan (placed again): pending, for the agents of its new nodes."""
+    head = plan.head
+    conn.execute(text(
+        "UPDATE model_instances SET plan = :plan, node_id = :node, gpus = :gpus, state = 'pending', "
+        "error = :error, worker = NULL, updated_at = now() WHERE id = :id").bindparams(
+        bindparam("plan", type_=JSONB)),
+        {"id": instance_id, "plan": record, "node": head.node_id if head else None,
+         "gpus": list(head.gpus) if head else [], "error": note[:2000]})
 
 
 def list_instances(conn: Connection, model: str | None = None, active_only: bool = False) -> list[dict]:
@@ -236,12 +248,20 @@ def instance_heartbeat(conn: Connection, instance_id, model: str, node_id: str |
 
 def instance_view(row: dict, live: bool | None = None) -> dict:
     view = {"id": str(row["id"]), "model": row["model"], "state": row["state"], "node_id": row["node_id"],
-            "gpus": list(row["gpus"] or []), "plan": row["plan"], "worker": row["worker"], "error": row["error"],
+            "gpus": list(row["gpus"] or []), "plan": _public_plan(row["plan"]), "worker": row["worker"],
+            "error": row["error"],
             "heartbeat_at": _iso(row["heartbeat_at"]), "created_at": _iso(row["created_at"]),
             "updated_at": _iso(row["updated_at"])}
     if live is not None:
         view["live"] = live
     return view
+
+
+def _public_plan(plan: dict | None) -> dict | None:
+    """The plan as the API shows it: a Ray cluster's token stays with the master and the member nodes."""
+    if not plan or "ray" not in plan:
+        return plan
+    return {**plan, "ray": {"port_base": plan["ray"]["port_base"]}}
 
 
 def _iso(value) -> str | None:

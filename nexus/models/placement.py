@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import Enum
 from typing import Iterable, Mapping, Sequence
 
@@ -37,6 +37,8 @@ TENSOR_PARALLEL_SIZES = (1, 2, 4, 8)  # attention heads divide by these in pract
 MAX_PIPELINE_STAGES = 8
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.90
 MIN_GPU_MEMORY_UTILIZATION = 0.05
+# How long a placed instance's VRAM stays promised while it starts (its real use shows in heartbeats after).
+PENDING_RESERVATION = timedelta(minutes=30)
 
 
 class Strategy(str, Enum):

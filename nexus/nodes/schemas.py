@@ -48,6 +48,8 @@ class Resources(_Strict):
     ram_available_mb: int | None = Field(None, ge=0, le=1_000_000_000)
     disk_free_mb: int | None = Field(None, ge=0, le=1_000_000_000_000)
     cpu_percent: float | None = Field(None, ge=0, le=100)
+    # Where the other nodes reach this one (a multi-node instance's Ray cluster forms on it).
+    address: str | None = Field(None, max_length=253, pattern=r"^[A-Za-z0-9.:_-]+$")
 
 
 class HeartbeatRequest(_Strict):

@@ -160,7 +160,7 @@ def test_an_agent_runs_a_worker_per_instance(api, services, settings, session_di
         from nexus.models.catalog import get_instance
 
         instance = get_instance(conn, deployed["id"])
-    [to_start], stop = reconcile([instance], running=[])
+    [(to_start, _)], stop = reconcile([instance], running=[])
     assert stop == []
     child = instance_child(to_start, "node-x", "box-x", settings, {**os.environ, **settings_env(settings)})
     log = open(session_dir / "agent-child.log", "ab")

@@ -16,7 +16,7 @@ def instance(id_: str, model: str = "llama", plan: ParallelismPlan | None = None
 def test_reconcile_starts_the_new_and_stops_the_gone():
     a, b = instance("a"), instance("b")
     start, stop = reconcile([a, b], {child_name(a), "model-old", "cpu"})
-    assert start == [b] and stop == ["model-old"]  # tier workers ("cpu") are not the instances' business
+    assert start == [(b, "model-b")] and stop == ["model-old"]  # tier workers ("cpu") are not the instances' business
     assert reconcile([], []) == ([], [])
 
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
+
+import pytest
 
 from nexus.serving.backends.vllm_backend import Backoff, VllmLaunch, vllm_command, vllm_env
 from nexus.models.placement import ParallelismPlan, Stage, Strategy
@@ -87,3 +91,36 @@ def test_nothing_imports_vllm():
     import nexus.serving.backends.vllm_backend  # noqa: F401
 
     assert "vllm" not in sys.modules
+
+
+# --- the command line against the pinned vLLM's own option names -------------------------------------
+
+PINNED = json.loads((Path(__file__).parents[1] / "fixtures" / "vllm" / "serve-options-0.33.0.json").read_text())
+PLANS = {
+    "single_gpu": ParallelismPlan(Strategy.SINGLE_GPU, 1, 1, (Stage("a", (0,)),), 14_000),
+    "tensor_parallel": ParallelismPlan(Strategy.TENSOR_PARALLEL, 4, 1, (Stage("a", (0, 1, 2, 3)),), 70_000),
+    "pipeline_parallel_one_node": ParallelismPlan(Strategy.PIPELINE_PARALLEL, 1, 3,
+                                                  (Stage("a", (0,)), Stage("a", (1,)), Stage("a", (2,))), 20_000),
+    "pipeline_parallel_across_nodes": ParallelismPlan(Strategy.PIPELINE_PARALLEL, 1, 2,
+                                                      (Stage("a", (0,)), Stage("b", (0,))), 20_000),
+    "hybrid_tp_pp": ParallelismPlan(Strategy.HYBRID_TP_PP, 8, 2, (Stage("a", tuple(range(8))),
+                                                                  Stage("b", tuple(range(8)))), 62_500),
+}
+
+
+def test_the_fixture_is_of_the_vllm_the_gpu_extra_pins():
+    pyproject = (Path(__file__).parents[2] / "pyproject.toml").read_text()
+    assert f'"vllm=={PINNED["vllm"]}"' in pyproject, "bump tests/fixtures/vllm/ with the vllm pin"
+
+
+@pytest.mark.parametrize("name", sorted(PLANS))
+def test_every_flag_of_every_plan_is_an_option_of_the_pinned_vllm(name):
+    launch = launch_for(PLANS[name], max_model_len=4096)
+    argv = vllm_command(VllmLaunch(**{**launch.__dict__, "api_key": "k"}))
+    used = [a for a in argv if a.startswith("--")]
+    assert {"--tensor-parallel-size", "--pipeline-parallel-size", "--distributed-executor-backend"} <= set(used)
+    unknown = sorted(set(used) - set(PINNED["options"]))
+    assert not unknown, f"vllm {PINNED['vllm']} has no option {unknown}"
+    backend = flags(argv)["--distributed-executor-backend"]
+    assert backend in PINNED["distributed_executor_backend"]
+    assert backend == ("ray" if PLANS[name].multi_node else "mp")

@@ -24,6 +24,7 @@ from typing import Mapping, Sequence
 import requests
 
 from nexus.serving.backends.openai_backend import OpenAIBackend
+from nexus.serving.ray_probe import wait_for_nodes
 from nexus.models.placement import ParallelismPlan
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class VllmLaunch:
     gpu_memory_utilization: float = 0.90
     max_model_len: int | None = None
     multi_node: bool = False  # stages on other nodes join through a Ray cluster
+    ray_nodes: int = 1  # the members of that cluster, this node included
     host: str = "127.0.0.1"  # loopback: only this node's worker talks to it
     api_key: str | None = None
     extra_args: tuple[str, ...] = ()  # from the model's catalog entry
@@ -54,7 +56,7 @@ class VllmLaunch:
                    gpus=head.gpus if head else (0,), tensor_parallel_size=plan.tensor_parallel_size,
                    pipeline_parallel_size=plan.pipeline_parallel_size,
                    gpu_memory_utilization=plan.gpu_memory_utilization, max_model_len=max_model_len,
-                   multi_node=plan.multi_node, extra_args=tuple(extra_args))
+                   multi_node=plan.multi_node, ray_nodes=len(plan.node_ids), extra_args=tuple(extra_args))
 
     @property
     def base_url(self) -> str:
@@ -125,7 +127,13 @@ class VllmServer:
     _thread: threading.Thread | None = field(default=None, init=False)
 
     def start(self, startup_timeout_seconds: float) -> None:
-        """Start the server and wait for /health; then keep it alive in a background thread."""
+        """Start the server and wait for /health; then keep it alive in a background thread.
+
+        Across nodes, first wait until every member has joined the instance's Ray cluster (the agent
+        starts this node's Ray head beside this worker, the members join it): vLLM's placement group
+        then finds every GPU it asks for."""
+        if self.launch.multi_node:
+            wait_for_nodes(_ray_address(), self.launch.ray_nodes, startup_timeout_seconds)
         self._spawn()
         if not self.wait_healthy(startup_timeout_seconds):
             self.stop()
@@ -199,6 +207,14 @@ class VllmServer:
             except subprocess.TimeoutExpired:
                 _signal_group(self._process, signal.SIGKILL)
                 self._process.wait(10)
+
+
+def _ray_address() -> str:
+    # Set by the agent for the head's serving worker (nexus.agent.ray_node); vLLM's ray.init reads it too.
+    address = os.environ.get("RAY_ADDRESS", "")
+    if not address:
+        raise ServerStartError("a plan across nodes needs RAY_ADDRESS (the agent sets it for the head's worker)")
+    return address
 
 
 def _signal_group(process: subprocess.Popen, signum: int) -> None:
