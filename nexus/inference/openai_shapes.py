@@ -179,10 +179,15 @@ def _invalid(exc: pydantic.ValidationError) -> InvalidRequestError:
     if errors[0]["type"] == "missing":
         return InvalidRequestError(f"'{param}' is required", param=param, code="missing_required_parameter")
     if len(same) > 1:  # a field of several accepted shapes matched none of them
-        shapes = ", ".join(dict.fromkeys(str(e["loc"][-1]) for e in same))
+        shapes = ", ".join(dict.fromkeys(_shape(e["loc"]) for e in same))
         return InvalidRequestError(f"'{param}' must be one of: {shapes}", param=param, code="invalid_type")
     kind = "invalid_type" if errors[0]["type"].endswith(("_type", "_parsing")) else "invalid_value"
     return InvalidRequestError(f"'{param}': {errors[0]['msg']}", param=param, code=kind)
+
+
+def _shape(loc: tuple) -> str:
+    """The union member an error is about (pydantic's tag in the location: `str`, `list[int]`…)."""
+    return next((str(p) for p in loc if isinstance(p, str) and p not in schema.FIELD_NAMES), "?")
 
 
 def _param(loc: tuple) -> str:

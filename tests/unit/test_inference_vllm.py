@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+import pytest
+
 from nexus.serving.backends.vllm_backend import Backoff, VllmLaunch, vllm_command, vllm_env
 from nexus.models.placement import ParallelismPlan, Stage, Strategy
 
@@ -87,3 +89,18 @@ def test_nothing_imports_vllm():
     import nexus.serving.backends.vllm_backend  # noqa: F401
 
     assert "vllm" not in sys.modules
+
+
+def test_an_embedding_model_runs_vllm_as_a_pooling_server():
+    from nexus.models.catalog import BackendKind, ModelSpec, check_spec
+    from nexus.serving.backends import vllm_extra_args
+
+    spec = ModelSpec("e5", "/models/e5", BackendKind.VLLM, {"task": "embed", "extra_args": ["--seed", "1"]}, vram_mb=1)
+    check_spec(spec)
+    plan = ParallelismPlan(Strategy.SINGLE_GPU, 1, 1, (Stage("n1", (0,)),), 1_000)
+    argv = vllm_command(launch_for(plan, extra_args=vllm_extra_args(spec)))
+    # vLLM 0.33's names (vllm/engine/arg_utils.py: --runner, --convert); `--task embed` no longer exists.
+    assert argv[-6:] == ["--runner", "pooling", "--convert", "embed", "--seed", "1"]
+    assert vllm_extra_args(ModelSpec("l", "/m", BackendKind.VLLM, {}, vram_mb=1)) == ()
+    with pytest.raises(ValueError, match="args.task"):
+        check_spec(ModelSpec("e5", "/m", BackendKind.VLLM, {"task": "classify"}, vram_mb=1))

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 from nexus.inference.capabilities import PASS_THROUGH, Capabilities
 from nexus.inference.openai_shapes import UnsupportedParameterError
@@ -50,7 +51,7 @@ def collect_stream(events: Iterator[StreamDelta | Usage]) -> GenerationResult:
     """Assemble a full result from a stream; lets a backend implement generate() once."""
     texts: dict[int, list[str]] = {}
     finishes: dict[int, FinishReason] = {}
-    logprobs: dict[int, object] = {}
+    logprobs: dict[int, Mapping[str, Any] | None] = {}
     usage: Usage | None = None
     for event in events:
         if isinstance(event, Usage):
@@ -58,10 +59,10 @@ def collect_stream(events: Iterator[StreamDelta | Usage]) -> GenerationResult:
             continue
         texts.setdefault(event.index, []).append(event.text)
         if event.logprobs is not None:
-            logprobs[event.index] = merge_logprobs(logprobs.get(event.index), event.logprobs)  # type: ignore[arg-type]
+            logprobs[event.index] = merge_logprobs(logprobs.get(event.index), event.logprobs)
         if event.finish_reason is not None:
             finishes[event.index] = event.finish_reason
     if usage is None:
         raise RuntimeError("the stream ended without usage")
-    choices = tuple(Choice(i, "".join(texts[i]), finishes[i], logprobs.get(i)) for i in sorted(texts))  # type: ignore[arg-type]
+    choices = tuple(Choice(i, "".join(texts[i]), finishes[i], logprobs.get(i)) for i in sorted(texts))
     return GenerationResult(choices=choices, usage=usage)
