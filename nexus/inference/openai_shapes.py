@@ -1,8 +1,10 @@
 """OpenAI wire shapes: validate request bodies, build responses, stream chunks and errors.
 
-Pure functions over dicts. The /v1 blueprint, the batch runner and the model
-server all use these, so every surface answers in the same shape the official
-`openai` SDK expects.
+Bodies are validated through the pydantic models of `openai_schema` (a wrong
+field is a 400 naming it, as OpenAI names parameters) into the value types the
+backends take; responses are built as plain dicts. The /v1 blueprint, the batch
+runner and the model server all use these, so every surface answers in the
+same shape the official `openai` SDK expects.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import uuid
 from array import array
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, TypeVar, get_args
+from typing import Any, TypeVar
 
 import pydantic
 
@@ -35,7 +37,6 @@ from nexus.inference.types import (
 
 M = TypeVar("M", bound=pydantic.BaseModel)
 
-CHAT_ROLES = frozenset(get_args(schema.ChatRole))
 SSE_DONE = "data: [DONE]\n\n"
 
 
