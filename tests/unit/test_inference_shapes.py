@@ -51,6 +51,8 @@ def test_batch_lines_accept_openai_batch_shape_and_bare_bodies():
     assert batch.custom_id == "a" and batch.call.endpoint is Endpoint.COMPLETIONS and batch.call.model == "tiny"
     bare = parse_line(1, json.dumps({"messages": [{"role": "user", "content": "x"}]}), "tiny")
     assert bare.custom_id == "line-1" and bare.call.endpoint is Endpoint.CHAT
+    named = parse_line(2, json.dumps({"custom_id": "b", "prompt": "x"}), "tiny")
+    assert named.custom_id == "b" and "custom_id" not in named.call.request.fields()  # not refused as a field
 
 
 @pytest.mark.parametrize("raw, message", [
