@@ -233,8 +233,9 @@ def merge_deltas(events: list[Event]) -> list[Event]:
             deltas.append(event)
             continue
         before = deltas[at]
+        logprobs = before.logprobs if event.logprobs is None else merge_logprobs(before.logprobs, event.logprobs)
         deltas[at] = StreamDelta(event.index, before.text + event.text, event.finish_reason or before.finish_reason,
-                                 merge_logprobs(before.logprobs, event.logprobs))
+                                 logprobs)
     return [*deltas, *rest]
 
 
