@@ -150,7 +150,7 @@ def parse_chat_body(body: Any) -> ApiCall:
 
 def parse_embedding_body(body: Any) -> ApiCall:
     request = _validate(schema.EmbeddingRequest, body)
-    inputs = _prompt(request.input)
+    inputs = _prompt(request.input, "input")
     return ApiCall(Endpoint.EMBEDDINGS, request.model,
                    EmbeddingRequest((inputs,) if isinstance(inputs, str) else inputs, body=body))
 
@@ -204,7 +204,7 @@ def _param(loc: tuple) -> str:
     return out
 
 
-def _prompt(prompt: str | list) -> str | tuple[Prompt, ...]:
+def _prompt(prompt: str | list, param: str = "prompt") -> str | tuple[Prompt, ...]:
     """A text, or each prompt of a list: texts and token-id tuples. A list of one text is that text."""
     if isinstance(prompt, str):
         return prompt
@@ -213,7 +213,7 @@ def _prompt(prompt: str | list) -> str | tuple[Prompt, ...]:
     if len(prompt) == 1 and isinstance(prompt[0], str):
         return prompt[0]
     if not prompt:
-        raise InvalidRequestError("the prompt list is empty", param="prompt")
+        raise InvalidRequestError(f"'{param}' is an empty list", param=param)
     return tuple(p if isinstance(p, str) else tuple(p) for p in prompt)
 
 

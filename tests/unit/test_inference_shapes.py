@@ -208,6 +208,8 @@ def test_bodies_keep_every_field_as_sent_and_parse_the_ones_nexus_reads():
     (Endpoint.COMPLETIONS, {"model": "m", "prompt": "x", "presence_penalty": 3}, "presence_penalty"),
     (Endpoint.COMPLETIONS, {"model": "m", "prompt": "x", "n": 1.0}, "n"),
     (Endpoint.EMBEDDINGS, {"model": "m", "input": 5}, "input"),
+    (Endpoint.EMBEDDINGS, {"model": "m", "input": []}, "input"),
+    (Endpoint.COMPLETIONS, {"model": "m", "prompt": []}, "prompt"),
     (Endpoint.EMBEDDINGS, {"model": "m", "input": "x", "encoding_format": "hex"}, "encoding_format"),
 ])
 def test_wrong_fields_are_named(endpoint, body, param):
