@@ -323,14 +323,14 @@ def test_the_v1_bodies_are_in_the_openapi_document(live_api):
 
 
 @pytest.fixture(scope="module")
-def relay_worker(settings, session_dir, live_api):
+def relay_worker(settings, session_services, session_dir, live_api):
     """A worker whose `openai` backend is this same API, asking for the tiny model: the pass-through path."""
     from tests.inference_support import MODEL_ENV
     from tests.support import start_worker
 
+    declare(session_services.engine, _relay_spec(live_api))
     worker = start_worker(settings, session_dir, name="relay-worker", extra_env=MODEL_ENV,
-                          extra_args=["-Q", "model.relay", "--model", "relay"]) if _declare_relay(settings, live_api) \
-        else None
+                          extra_args=["-Q", "model.relay", "--model", "relay"])
     yield worker
     worker.stop()
 
@@ -340,13 +340,6 @@ def _relay_spec(live_api):
 
     url, token = live_api
     return ModelSpec("relay", "", BackendKind.OPENAI, {"url": url + "/v1", "api_key": token, "served_model_name": TINY})
-
-
-def _declare_relay(settings, live_api) -> bool:
-    from nexus.services import Services
-
-    declare(Services(settings).engine, _relay_spec(live_api))
-    return True
 
 
 def test_an_openai_backend_passes_the_body_through(sdk, services, relay_worker, live_api):
