@@ -65,11 +65,17 @@ def is_live(services, name: str = TINY) -> bool:
 @pytest.fixture
 def tiny_served(services, model_worker, tiny_model_dir):
     """The catalog entry and a live instance, after the per-test emptying of tables and Redis."""
-    declare(services.engine, tiny_spec(tiny_model_dir))
+    return serve_again(services, tiny_spec(tiny_model_dir))
+
+
+def serve_again(services, spec: ModelSpec) -> str:
+    """Declare `spec` and wait until the worker started for it (standing by since the per-test
+    emptying of tables and Redis) serves it again."""
+    declare(services.engine, spec)
     try:
-        wait_for(lambda: is_live(services), timeout=3, what="the tiny model's heartbeat")
+        wait_for(lambda: is_live(services, spec.name), timeout=3, what=f"{spec.name}'s heartbeat")
     except TimeoutError:  # the worker saw its model vanish and stands by: give it an instance to adopt
         with services.engine.begin() as conn:
-            catalog.create_instance(conn, TINY, ParallelismPlan(Strategy.CPU))
-        wait_for(lambda: is_live(services), timeout=20, what="the tiny model serving again")
-    return TINY
+            catalog.create_instance(conn, spec.name, ParallelismPlan(Strategy.CPU))
+        wait_for(lambda: is_live(services, spec.name), timeout=20, what=f"{spec.name} serving again")
+    return spec.name

@@ -45,6 +45,10 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.extensions["nexus_slots"] = {kind: Slots(redis, kind, refusals) for kind in (LONG_POLL, STREAM)}
     for blueprint in blueprints or _blueprints():
         app.register_blueprint(blueprint)
+    if "openai" in app.blueprints:
+        from nexus.api.openai import document_bodies
+
+        app.spec_callback = document_bodies  # the /v1 bodies' pydantic models in /openapi.json
     return app
 
 

@@ -1,11 +1,14 @@
-"""The OpenAI-compatible API: /v1/models, /v1/completions, /v1/chat/completions.
+"""The OpenAI-compatible API: /v1/models, /v1/completions, /v1/chat/completions, /v1/embeddings.
 
 Each request becomes a `completion` job on its model's queue; the worker
 serving the model writes events to the job's Redis stream and this view
 relays them (server-sent events when `stream` is true, one JSON body
 otherwise). API keys are Nexus tokens. Every error, including a missing or
 bad token, answers in OpenAI's shape {"error": {message, type, param, code}}
-so the official SDK raises its usual exceptions.
+so the official SDK raises its usual exceptions. A field the model's backend
+cannot honour is refused here, before anything is queued
+(nexus.inference.capabilities). The request and response bodies are the
+pydantic models of nexus.inference.openai_schema, in the OpenAPI document too.
 """
 
 from __future__ import annotations
@@ -25,13 +28,14 @@ from nexus.api.security import caller, services
 from nexus.auth import Role
 from nexus.models import catalog
 from nexus.models.admission import NoInstance, Slot
+from nexus.inference import openai_schema as schema
 from nexus.inference.openai_shapes import (ApiCall, AuthenticationError, ContextLengthExceededError, Endpoint,
-                                           ModelBusyError, ModelNotFoundError, ModelUnavailableError, OpenAIError,
-                                           SSE_DONE,
-                                           build_chunk, build_models_list, build_response, build_usage_chunk,
-                                           new_response_id, parse_body, sse_event)
+                                           ModelBusyError, ModelCard, ModelNotFoundError, ModelUnavailableError,
+                                           OpenAIError, SSE_DONE, build_chunk, build_embeddings, build_models_list,
+                                           build_response, build_usage_chunk, new_response_id, parse_body, sse_event)
 from nexus.inference.streams import GenerationFailed, read_batches, stream_key
-from nexus.inference.types import GenerationResult, StreamDelta, Usage
+from nexus.inference.types import EmbeddingResult, GenerationRequest, GenerationResult, StreamDelta, Usage
+from nexus.serving.backends import CAPABILITIES
 from nexus.jobs import lifecycle
 from nexus.jobs.submit import PayloadTooLarge
 
@@ -80,21 +84,26 @@ def _require_submitter() -> None:
                           type="permission_error", code="permission_denied")
 
 
+def _card(spec: catalog.ModelSpec) -> ModelCard:
+    return ModelCard(spec.name, int(spec.created_at.timestamp()) if spec.created_at else 0, spec.max_model_len)
+
+
 @bp.get("/models")
-@bp.doc(security="bearer")
+@bp.doc(security="bearer", summary="List the models (OpenAI-compatible)")
 def list_models():
     with services().statements.connect() as conn:
         models = catalog.list_models(conn)
-    return build_models_list([m.name for m in models])
+    return build_models_list([_card(m) for m in models])
 
 
 @bp.get("/models/<path:name>")
-@bp.doc(security="bearer")
+@bp.doc(security="bearer", summary="Describe one model (OpenAI-compatible)")
 def get_model(name: str):
     with services().statements.connect() as conn:
-        if catalog.get_model(conn, name) is None:
-            raise ModelNotFoundError(f"The model '{name}' does not exist", param="model")
-    return build_models_list([name])["data"][0]
+        spec = catalog.get_model(conn, name)
+    if spec is None:
+        raise ModelNotFoundError(f"The model '{name}' does not exist", param="model")
+    return _card(spec).as_dict()
 
 
 @bp.post("/completions")
@@ -107,6 +116,12 @@ def completions():
 @bp.doc(security="bearer", summary="Create a chat completion (OpenAI-compatible)")
 def chat_completions():
     return _serve(Endpoint.CHAT)
+
+
+@bp.post("/embeddings")
+@bp.doc(security="bearer", summary="Create embeddings (OpenAI-compatible)")
+def embeddings():
+    return _serve(Endpoint.EMBEDDINGS)
 
 
 def _serve(endpoint: Endpoint):
@@ -191,6 +206,9 @@ def _check_servable(call: ApiCall) -> None:
     if spec is None:
         raise ModelNotFoundError(f"The model '{call.model}' does not exist; GET /v1/models lists the models",
                                  param="model")
+    CAPABILITIES[spec.backend].check(call.request)
+    if not isinstance(call.request, GenerationRequest):
+        return
     max_tokens = call.request.params.max_tokens
     if spec.max_model_len and max_tokens is not None and max_tokens >= spec.max_model_len:
         raise ContextLengthExceededError(
@@ -285,6 +303,8 @@ def _complete(call: ApiCall, job_id: str, batches, slot: Slot) -> dict:
                     raise event.error
                 if isinstance(event, GenerationResult):
                     return build_response(call, event)
+                if isinstance(event, EmbeddingResult):
+                    return build_embeddings(call, event)
     finally:
         _forget(job_id, slot)
     raise OpenAIError("the worker ended the request without an answer", status=502, type="server_error")
@@ -321,6 +341,46 @@ def _sse(call: ApiCall, job_id: str, batches, slot: Slot):
         if not finished:  # the client went away: stop the generation
             _cancel(job_id)
         _forget(job_id, slot)
+
+
+_BODIES = {  # path -> (request model, response model) for the OpenAPI document
+    "/v1/completions": (schema.CompletionRequest, schema.Completion),
+    "/v1/chat/completions": (schema.ChatCompletionRequest, schema.ChatCompletion),
+    "/v1/embeddings": (schema.EmbeddingRequest, schema.EmbeddingList),
+    "/v1/models": (None, schema.ModelList),
+    "/v1/models/{name}": (None, schema.Model),
+}
+
+
+def document_bodies(spec: dict) -> dict:
+    """Put the /v1 request and response models into the OpenAPI document (an APIFlask spec processor).
+
+    The views read their bodies themselves, so that a wrong field answers in OpenAI's error shape
+    with OpenAI's status (400, not APIFlask's validation error)."""
+    components = spec.setdefault("components", {}).setdefault("schemas", {})
+
+    def ref(model) -> dict:
+        document = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(document.pop("$defs", {}))
+        components[model.__name__] = document
+        return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+    error = {"application/json": {"schema": ref(schema.Error)}}
+    for path, (request_model, response_model) in _BODIES.items():
+        operation = next(iter(spec.get("paths", {}).get(path, {}).values()), None)
+        if operation is None:
+            continue
+        if request_model is not None:
+            operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": ref(request_model)}}}
+        operation["responses"] = {
+            "200": {"description": "the answer (with `stream`: server-sent events, each a chunk of this shape)",
+                    "content": {"application/json": {"schema": ref(response_model)}}},
+            "400": {"description": "a wrong or unsupported field, named in `param`", "content": error},
+            "401": {"description": "a missing or bad API key", "content": error},
+            "404": {"description": "no such model", "content": error},
+        }
+    ref(schema.ChatCompletionChunk)
+    return spec
 
 
 def _cancel(job_id: str) -> None:

@@ -1,38 +1,49 @@
 """OpenAI wire shapes: validate request bodies, build responses, stream chunks and errors.
 
-Pure functions over dicts. The /v1 blueprint, the batch runner and the model
-server all use these, so every surface answers in the same shape the official
-`openai` SDK expects.
+Bodies are validated through the pydantic models of `openai_schema` (a wrong
+field is a 400 naming it, as OpenAI names parameters) into the value types the
+backends take; responses are built as plain dicts. The /v1 blueprint, the batch
+runner and the model server all use these, so every surface answers in the
+same shape the official `openai` SDK expects.
 """
 
 from __future__ import annotations
 
+import base64
 import json
+import sys
 import time
 import uuid
+from array import array
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import Any, TypeVar
 
+import pydantic
+
+from nexus.inference import openai_schema as schema
 from nexus.inference.types import (
     ChatMessage,
     Choice,
+    EmbeddingRequest,
+    EmbeddingResult,
     GenerationRequest,
     GenerationResult,
+    Prompt,
     SamplingParams,
     StreamDelta,
     Usage,
 )
 
-MAX_N = 16
-MAX_STOP_SEQUENCES = 4
-CHAT_ROLES = frozenset({"system", "user", "assistant", "developer", "tool"})
+M = TypeVar("M", bound=pydantic.BaseModel)
+
 SSE_DONE = "data: [DONE]\n\n"
 
 
 class Endpoint(str, Enum):
     COMPLETIONS = "completions"
     CHAT = "chat.completions"
+    EMBEDDINGS = "embeddings"
 
 
 class OpenAIError(Exception):
@@ -61,6 +72,12 @@ class InvalidRequestError(OpenAIError):
 
 class ContextLengthExceededError(OpenAIError):
     code = "context_length_exceeded"
+
+
+class UnsupportedParameterError(OpenAIError):
+    """A field the model's backend cannot honour: refused by name, never ignored."""
+
+    code = "unsupported_parameter"
 
 
 class ModelNotFoundError(OpenAIError):
@@ -102,155 +119,138 @@ class ApiCall:
 
     endpoint: Endpoint
     model: str
-    request: GenerationRequest
+    request: GenerationRequest | EmbeddingRequest
     stream: bool = False
     include_usage: bool = False  # stream_options.include_usage
+
+    @property
+    def generation(self) -> GenerationRequest:
+        assert isinstance(self.request, GenerationRequest), "an embeddings call has no generation request"
+        return self.request
 
 
 # --- request validation -------------------------------------------------------
 
 
 def parse_completion_body(body: Any) -> ApiCall:
-    body = _require_object(body)
-    prompt = _parse_prompt(body.get("prompt"))
-    params = _parse_sampling(body, default_max_tokens=16)
-    return _api_call(Endpoint.COMPLETIONS, body, GenerationRequest(prompt=prompt, params=params))
+    request = _validate(schema.CompletionRequest, body)
+    prompt = _prompt(request.prompt)
+    params = _sampling(request, request.max_tokens, request.logprobs)
+    return _api_call(Endpoint.COMPLETIONS, request, GenerationRequest(prompt=prompt, params=params, body=body))
 
 
 def parse_chat_body(body: Any) -> ApiCall:
-    body = _require_object(body)
-    messages = _parse_messages(body.get("messages"))
-    if body.get("max_completion_tokens") is not None and body.get("max_tokens") is None:
-        body = {**body, "max_tokens": body["max_completion_tokens"]}
-    params = _parse_sampling(body, default_max_tokens=None)
-    return _api_call(Endpoint.CHAT, body, GenerationRequest(messages=messages, params=params))
+    request = _validate(schema.ChatCompletionRequest, body)
+    messages = tuple(ChatMessage(m.role, _message_text(m.content)) for m in request.messages)
+    max_tokens = request.max_tokens if request.max_tokens is not None else request.max_completion_tokens
+    logprobs = (request.top_logprobs or 0) if request.logprobs else None
+    params = _sampling(request, max_tokens, logprobs)
+    return _api_call(Endpoint.CHAT, request, GenerationRequest(messages=messages, params=params, body=body))
+
+
+def parse_embedding_body(body: Any) -> ApiCall:
+    request = _validate(schema.EmbeddingRequest, body)
+    inputs = _prompt(request.input, "input")
+    return ApiCall(Endpoint.EMBEDDINGS, request.model,
+                   EmbeddingRequest((inputs,) if isinstance(inputs, str) else inputs, body=body))
+
+
+_PARSERS = {Endpoint.COMPLETIONS: parse_completion_body, Endpoint.CHAT: parse_chat_body,
+            Endpoint.EMBEDDINGS: parse_embedding_body}
 
 
 def parse_body(endpoint: Endpoint, body: Any) -> ApiCall:
-    return parse_chat_body(body) if endpoint is Endpoint.CHAT else parse_completion_body(body)
+    return _PARSERS[endpoint](body)
 
 
-def _api_call(endpoint: Endpoint, body: dict, request: GenerationRequest) -> ApiCall:
-    stream = _optional_bool(body, "stream", False)
-    options = body.get("stream_options")
-    if options is not None and not isinstance(options, dict):
-        raise InvalidRequestError("stream_options must be an object", param="stream_options")
-    include_usage = bool(options and options.get("include_usage"))
-    return ApiCall(endpoint, _parse_model(body.get("model")), request, stream, include_usage)
-
-
-def _require_object(body: Any) -> dict:
+def _validate(model: type[M], body: Any) -> M:
     if not isinstance(body, dict):
         raise InvalidRequestError("the request body must be a JSON object", code="invalid_json")
-    return body
+    try:
+        return model.model_validate(body)
+    except pydantic.ValidationError as exc:
+        raise _invalid(exc) from None
 
 
-def _parse_model(model: Any) -> str:
-    if not isinstance(model, str) or not model.strip():
-        raise InvalidRequestError("'model' is required and must be a non-empty string", param="model",
-                                  code="missing_required_parameter" if model is None else "invalid_type")
-    return model
+def _invalid(exc: pydantic.ValidationError) -> InvalidRequestError:
+    """The first wrong field, named as OpenAI names parameters (`messages[0].role`)."""
+    errors = exc.errors(include_url=False)
+    param = _param(errors[0]["loc"])
+    same = [e for e in errors if _param(e["loc"]) == param]
+    if errors[0]["type"] == "missing":
+        return InvalidRequestError(f"'{param}' is required", param=param, code="missing_required_parameter")
+    if len(same) > 1:  # a field of several accepted shapes matched none of them
+        shapes = ", ".join(dict.fromkeys(_shape(e["loc"]) for e in same))
+        return InvalidRequestError(f"'{param}' must be one of: {shapes}", param=param, code="invalid_type")
+    kind = "invalid_type" if errors[0]["type"].endswith(("_type", "_parsing")) else "invalid_value"
+    return InvalidRequestError(f"'{param}': {errors[0]['msg']}", param=param, code=kind)
 
 
-def _parse_prompt(prompt: Any) -> str:
-    # OpenAI also accepts a list of prompts or token arrays; we serve one text prompt per request.
-    if isinstance(prompt, list) and len(prompt) == 1:
-        prompt = prompt[0]
-    if prompt is None:
-        raise InvalidRequestError("'prompt' is required", param="prompt", code="missing_required_parameter")
-    if not isinstance(prompt, str):
-        raise InvalidRequestError("'prompt' must be a string (or a list holding one string)",
-                                  param="prompt", code="invalid_type")
-    return prompt
+def _shape(loc: tuple) -> str:
+    """The union member an error is about (pydantic's tag in the location: `str`, `list[int]`…)."""
+    return next((str(p) for p in loc if isinstance(p, str) and p not in schema.FIELD_NAMES), "?")
 
 
-def _parse_messages(messages: Any) -> tuple[ChatMessage, ...]:
-    if messages is None:
-        raise InvalidRequestError("'messages' is required", param="messages", code="missing_required_parameter")
-    if not isinstance(messages, list) or not messages:
-        raise InvalidRequestError("'messages' must be a non-empty array", param="messages", code="invalid_type")
-    return tuple(_parse_message(i, m) for i, m in enumerate(messages))
+def _param(loc: tuple) -> str:
+    """A pydantic location as a parameter name, without the union-member tags it inserts."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in schema.FIELD_NAMES:
+            out += f".{part}" if out else part
+        else:
+            break
+    return out
 
 
-def _parse_message(index: int, message: Any) -> ChatMessage:
-    param = f"messages[{index}]"
-    if not isinstance(message, dict):
-        raise InvalidRequestError(f"{param} must be an object", param=param, code="invalid_type")
-    role = message.get("role")
-    if role not in CHAT_ROLES:
-        raise InvalidRequestError(f"{param}.role must be one of {sorted(CHAT_ROLES)}", param=f"{param}.role")
-    return ChatMessage(role=role, content=_message_text(param, message.get("content")))
+def _prompt(prompt: str | list, param: str = "prompt") -> str | tuple[Prompt, ...]:
+    """A text, or each prompt of a list: texts and token-id tuples. A list of one text is that text."""
+    if isinstance(prompt, str):
+        return prompt
+    if prompt and all(isinstance(t, int) for t in prompt):
+        return (tuple(prompt),)  # one prompt as token ids
+    if len(prompt) == 1 and isinstance(prompt[0], str):
+        return prompt[0]
+    if not prompt:
+        raise InvalidRequestError(f"'{param}' is an empty list", param=param)
+    return tuple(p if isinstance(p, str) else tuple(p) for p in prompt)
 
 
-def _message_text(param: str, content: Any) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-        return "".join(str(p.get("text", "")) for p in content)
-    raise InvalidRequestError(f"{param}.content must be a string or an array of text parts",
-                              param=f"{param}.content", code="invalid_type")
+def _message_text(content: str | list[schema.ContentPart] | None) -> str:
+    """The text of a message; parts that are not text stay in the request's body for engines that take them."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    return "".join(p.text or "" for p in content if p.type == "text")
 
 
-def _parse_sampling(body: dict, default_max_tokens: int | None) -> SamplingParams:
+def _sampling(request: schema.CompletionRequest | schema.ChatCompletionRequest, max_tokens: int | None,
+              logprobs: int | None) -> SamplingParams:
+    bias = tuple((_token_id(k), v) for k, v in (request.logit_bias or {}).items())
     return SamplingParams(
-        max_tokens=_optional_int(body, "max_tokens", default_max_tokens, minimum=1),
-        temperature=_optional_number(body, "temperature", 1.0, low=0.0, high=2.0),
-        top_p=_optional_number(body, "top_p", 1.0, low=0.0, high=1.0, low_open=True),
-        stop=_parse_stop(body.get("stop")),
-        n=_optional_int(body, "n", 1, minimum=1, maximum=MAX_N),
-        seed=_optional_int(body, "seed", None),
+        max_tokens=max_tokens,
+        temperature=1.0 if request.temperature is None else request.temperature,
+        top_p=1.0 if request.top_p is None else request.top_p,
+        stop=(request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ()),
+        n=request.n or 1,
+        seed=request.seed,
+        logprobs=logprobs,
+        presence_penalty=request.presence_penalty or 0.0,
+        frequency_penalty=request.frequency_penalty or 0.0,
+        logit_bias=bias,
     )
 
 
-def _parse_stop(stop: Any) -> tuple[str, ...]:
-    if stop is None:
-        return ()
-    values = [stop] if isinstance(stop, str) else stop
-    if not isinstance(values, list) or not all(isinstance(s, str) and s for s in values):
-        raise InvalidRequestError("'stop' must be a non-empty string or an array of them", param="stop",
-                                  code="invalid_type")
-    if len(values) > MAX_STOP_SEQUENCES:
-        raise InvalidRequestError(f"'stop' takes at most {MAX_STOP_SEQUENCES} sequences", param="stop")
-    return tuple(values)
+def _token_id(key: str) -> int:
+    if not key.isdigit():
+        raise InvalidRequestError(f"logit_bias keys are token ids, got {key!r}", param="logit_bias")
+    return int(key)
 
 
-def _optional_int(body: dict, name: str, default: int | None, minimum: int | None = None,
-                  maximum: int | None = None) -> int | None:
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidRequestError(f"'{name}' must be an integer", param=name, code="invalid_type")
-    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
-        raise InvalidRequestError(f"'{name}' must be between {minimum} and {maximum}, got {value}"
-                                  if maximum is not None else f"'{name}' must be at least {minimum}, got {value}",
-                                  param=name)
-    return value
-
-
-def _optional_number(body: dict, name: str, default: float, low: float, high: float,
-                     low_open: bool = False) -> float:
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidRequestError(f"'{name}' must be a number", param=name, code="invalid_type")
-    too_low = value <= low if low_open else value < low
-    if too_low or value > high:
-        bracket = "(" if low_open else "["
-        raise InvalidRequestError(f"'{name}' must be in {bracket}{low}, {high}], got {value}", param=name)
-    return float(value)
-
-
-def _optional_bool(body: dict, name: str, default: bool) -> bool:
-    value = body.get(name)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise InvalidRequestError(f"'{name}' must be a boolean", param=name, code="invalid_type")
-    return value
+def _api_call(endpoint: Endpoint, request: schema.CompletionRequest | schema.ChatCompletionRequest,
+              generation: GenerationRequest) -> ApiCall:
+    include_usage = bool(request.stream_options and request.stream_options.include_usage)
+    return ApiCall(endpoint, request.model, generation, bool(request.stream), include_usage)
 
 
 # --- responses ----------------------------------------------------------------
@@ -275,29 +275,40 @@ def build_response(call: ApiCall, result: GenerationResult, response_id: str | N
 
 
 def _completion_choice(choice: Choice) -> dict[str, Any]:
-    return {"index": choice.index, "text": choice.text, "logprobs": None,
+    return {"index": choice.index, "text": choice.text, "logprobs": choice.logprobs,
             "finish_reason": choice.finish_reason.value}
 
 
 def _chat_choice(choice: Choice) -> dict[str, Any]:
-    return {"index": choice.index, "message": {"role": "assistant", "content": choice.text},
-            "logprobs": None, "finish_reason": choice.finish_reason.value}
+    message: dict[str, Any] = {"role": "assistant", "content": choice.text}
+    if choice.extra:
+        message.update(choice.extra)
+        if not choice.text and message.get("tool_calls"):
+            message["content"] = None  # as OpenAI answers a message that is only tool calls
+    return {"index": choice.index, "message": message, "logprobs": choice.logprobs,
+            "finish_reason": choice.finish_reason.value}
 
 
 def build_chunk(call: ApiCall, response_id: str, created: int, delta: StreamDelta,
                 first: bool = False) -> dict[str, Any]:
-    """One streamed chunk; `first` marks the first chunk of a chat choice (it carries the role)."""
+    """One streamed chunk; `first` marks the first chunk of a chat choice (it carries the role).
+    With stream_options.include_usage every chunk but the last has `usage: null`, as OpenAI sends it."""
     finish = delta.finish_reason.value if delta.finish_reason else None
     if call.endpoint is Endpoint.CHAT:
-        content: dict[str, str] = {"role": "assistant"} if first else {}
+        content: dict[str, Any] = {"role": "assistant"} if first else {}
         if delta.text or not first:
             content["content"] = delta.text
-        choice = {"index": delta.index, "delta": content, "logprobs": None, "finish_reason": finish}
+        if delta.extra:
+            content.update(delta.extra)
+        choice = {"index": delta.index, "delta": content, "logprobs": delta.logprobs, "finish_reason": finish}
         obj = "chat.completion.chunk"
     else:
-        choice = {"index": delta.index, "text": delta.text, "logprobs": None, "finish_reason": finish}
+        choice = {"index": delta.index, "text": delta.text, "logprobs": delta.logprobs, "finish_reason": finish}
         obj = "text_completion"
-    return {"id": response_id, "object": obj, "created": created, "model": call.model, "choices": [choice]}
+    chunk = {"id": response_id, "object": obj, "created": created, "model": call.model, "choices": [choice]}
+    if call.include_usage:
+        chunk["usage"] = None
+    return chunk
 
 
 def build_usage_chunk(call: ApiCall, response_id: str, created: int, usage: Usage) -> dict[str, Any]:
@@ -310,9 +321,48 @@ def sse_event(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
 
-def build_models_list(names: list[str], created: int = 0, owned_by: str = "nexus") -> dict[str, Any]:
-    return {"object": "list",
-            "data": [{"id": n, "object": "model", "created": created, "owned_by": owned_by} for n in names]}
+def build_embeddings(call: ApiCall, result: EmbeddingResult) -> dict[str, Any]:
+    """The embeddings list, each vector as floats or, as the client asked, base64 of float32."""
+    as_base64 = call.request.body.get("encoding_format") == "base64"
+    data = [{"object": "embedding", "index": i,
+             "embedding": base64.b64encode(vector).decode() if as_base64 else floats(vector)}
+            for i, vector in enumerate(result.vectors)]
+    return {"object": "list", "data": data, "model": call.model,
+            "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}}
+
+
+def floats(vector: bytes) -> list[float]:
+    values = array("f")
+    values.frombytes(vector)
+    if sys.byteorder == "big":
+        values.byteswap()
+    return values.tolist()
+
+
+def float32_bytes(values) -> bytes:
+    """Little-endian float32 bytes of a sequence of numbers."""
+    packed = array("f", values)
+    if sys.byteorder == "big":
+        packed.byteswap()
+    return packed.tobytes()
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What /v1/models says about one model."""
+
+    id: str
+    created: int  # when it was declared, seconds since the epoch
+    max_model_len: int | None = None
+    owned_by: str = "nexus"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "object": "model", "created": self.created, "owned_by": self.owned_by,
+                "max_model_len": self.max_model_len}
+
+
+def build_models_list(cards: list[ModelCard]) -> dict[str, Any]:
+    return {"object": "list", "data": [card.as_dict() for card in cards]}
 
 
 def error_from_body(status: int, body: Any) -> OpenAIError:

@@ -13,6 +13,7 @@ all the text a request produced since the last one (one engine step or
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import queue
@@ -25,7 +26,8 @@ from dataclasses import dataclass
 import redis
 
 from nexus.inference.openai_shapes import OpenAIError
-from nexus.inference.types import Choice, FinishReason, GenerationResult, StreamDelta, Usage
+from nexus.inference.types import (Choice, EmbeddingResult, FinishReason, GenerationResult, StreamDelta, Usage,
+                                   merge_logprobs)
 
 log = logging.getLogger(__name__)
 
@@ -65,18 +67,20 @@ class EventWriter:
         pipe.expire(self._key, self._ttl)
 
     def delta(self, delta: StreamDelta) -> None:
-        finish = delta.finish_reason.value if delta.finish_reason else None
+        entry = _delta_entry(delta)
         with self._lock:
             if not self._started or not self._interval:  # the first text goes out at once: time to first token
                 self._started = True
-                self._add({"t": "deltas", "d": [[delta.index, delta.text, finish]]})
+                self._add({"t": "deltas", "d": [entry]})
                 return
             last = self._pending[-1] if self._pending else None
-            if last is not None and last[0] == delta.index and last[2] is None:
+            if last is not None and last[0] == delta.index and last[2] is None and _mergeable(last, entry):
                 last[1] += delta.text
-                last[2] = finish
+                last[2] = entry[2]
+                if len(entry) > 3:
+                    last[3] = merge_logprobs(last[3], entry[3])
             else:
-                self._pending.append([delta.index, delta.text, finish])
+                self._pending.append(entry)
         _flusher_for(self._redis, self._interval).watch(self)
 
     def flush_into(self, pipe) -> bool:
@@ -98,11 +102,49 @@ class EventWriter:
         self._final({"t": "usage", "p": usage.prompt_tokens, "c": usage.completion_tokens})
 
     def result(self, result: GenerationResult) -> None:
-        self._final({"t": "result", "choices": [[c.index, c.text, c.finish_reason.value] for c in result.choices],
+        self._final({"t": "result", "choices": [_choice_entry(c) for c in result.choices],
                      "p": result.usage.prompt_tokens, "c": result.usage.completion_tokens})
+
+    def embeddings(self, result: EmbeddingResult) -> None:
+        self._final({"t": "embeddings", "v": [base64.b64encode(v).decode() for v in result.vectors],
+                     "p": result.prompt_tokens})
 
     def error(self, error: OpenAIError) -> None:
         self._final({"t": "error", "status": error.status, "body": error.body()})
+
+
+def _delta_entry(delta: StreamDelta) -> list:
+    """[index, text, finish] and, only when there are any, its logprobs and extra fields: the
+    plain text of a stream stays as small as it was."""
+    entry: list = [delta.index, delta.text, delta.finish_reason.value if delta.finish_reason else None]
+    if delta.logprobs is not None or delta.extra is not None:
+        entry.append(delta.logprobs)
+    if delta.extra is not None:
+        entry.append(delta.extra)
+    return entry
+
+
+def _mergeable(last: list, entry: list) -> bool:
+    """Text merges with text, logprobs with logprobs; a delta with extra fields (tool calls) never merges."""
+    return len(last) == len(entry) and len(entry) <= 4
+
+
+def _choice_entry(choice: Choice) -> list:
+    entry: list = [choice.index, choice.text, choice.finish_reason.value]
+    if choice.logprobs is not None or choice.extra is not None:
+        entry += [choice.logprobs, choice.extra]
+    return entry
+
+
+def _delta_from(entry: list) -> StreamDelta:
+    index, text, finish = entry[0], entry[1], entry[2]
+    return StreamDelta(index, text, FinishReason(finish) if finish else None,
+                       entry[3] if len(entry) > 3 else None, entry[4] if len(entry) > 4 else None)
+
+
+def _choice_from(entry: list) -> Choice:
+    return Choice(entry[0], entry[1], FinishReason(entry[2]), entry[3] if len(entry) > 3 else None,
+                  entry[4] if len(entry) > 4 else None)
 
 
 class _Flusher:
@@ -154,37 +196,49 @@ def _flusher_for(client: redis.Redis, interval: float) -> _Flusher:
         return flusher
 
 
-Event = StreamDelta | Usage | GenerationResult | GenerationFailed
+Event = StreamDelta | Usage | GenerationResult | EmbeddingResult | GenerationFailed
+FINAL_EVENTS = (Usage, GenerationResult, EmbeddingResult, GenerationFailed)
 
 
 def decode_event(event: dict) -> list[Event]:
     kind = event["t"]
     if kind == "deltas":
-        return [StreamDelta(i, text, FinishReason(f) if f else None) for i, text, f in event["d"]]
+        return [_delta_from(entry) for entry in event["d"]]
     if kind == "delta":  # one token per entry, from a worker of an earlier version
         return [StreamDelta(event["i"], event["x"], FinishReason(event["f"]) if event["f"] else None)]
     if kind == "usage":
         return [Usage(event["p"], event["c"])]
     if kind == "result":
-        choices = tuple(Choice(i, text, FinishReason(reason)) for i, text, reason in event["choices"])
-        return [GenerationResult(choices, Usage(event["p"], event["c"]))]
+        return [GenerationResult(tuple(_choice_from(c) for c in event["choices"]), Usage(event["p"], event["c"]))]
+    if kind == "embeddings":
+        return [EmbeddingResult(tuple(base64.b64decode(v) for v in event["v"]), event["p"])]
     body = event["body"]["error"]
     return [GenerationFailed(OpenAIError(body["message"], param=body.get("param"), code=body.get("code"),
                                          status=event["status"], type=body.get("type")))]
 
 
 def merge_deltas(events: list[Event]) -> list[Event]:
-    """One delta per choice (its texts joined, the last finish reason), then the other events in order."""
-    merged: dict[int, StreamDelta] = {}
+    """One delta per choice (its texts and logprobs joined, the last finish reason), then the other
+    events in order. A delta with extra fields (tool calls) stays one of its own, in its place."""
+    deltas: list[StreamDelta] = []
+    open_at: dict[int, int] = {}  # choice -> the position of its delta that later text may join
     rest: list[Event] = []
     for event in events:
-        if isinstance(event, StreamDelta):
-            before = merged.get(event.index)
-            merged[event.index] = event if before is None else StreamDelta(
-                event.index, before.text + event.text, event.finish_reason or before.finish_reason)
-        else:
+        if not isinstance(event, StreamDelta):
             rest.append(event)
-    return [*merged.values(), *rest]
+            continue
+        at = open_at.get(event.index)
+        if at is None or event.extra is not None:
+            open_at.pop(event.index, None)
+            if event.extra is None:
+                open_at[event.index] = len(deltas)
+            deltas.append(event)
+            continue
+        before = deltas[at]
+        logprobs = before.logprobs if event.logprobs is None else merge_logprobs(before.logprobs, event.logprobs)
+        deltas[at] = StreamDelta(event.index, before.text + event.text, event.finish_reason or before.finish_reason,
+                                 logprobs)
+    return [*deltas, *rest]
 
 
 class StreamHub:
@@ -289,10 +343,10 @@ def read_batches(client: redis.Redis, job_id, idle_check, block_ms: int = 1000) 
             batch: list[Event] = []
             for _, fields in entries:
                 batch += decode_event(json.loads(fields[b"e"] if b"e" in fields else fields["e"]))
-                if not isinstance(batch[-1], StreamDelta):
+                if isinstance(batch[-1], FINAL_EVENTS):
                     break
             yield merge_deltas(batch)
-            if not isinstance(batch[-1], StreamDelta):
+            if isinstance(batch[-1], FINAL_EVENTS):
                 return
     finally:  # also when the reader stops early (the client went away): the generator is closed
         hub.unsubscribe(subscription)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from datetime import datetime
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -39,10 +40,11 @@ class InstanceState(str, Enum):
     STOPPED = "stopped"  # asked to stop (DELETE); terminal
 
 
+VLLM_TASKS = frozenset({"generate", "embed"})  # embed: a pooling server for /v1/embeddings only
 ACTIVE_STATES = (InstanceState.PENDING, InstanceState.DOWNLOADING, InstanceState.STARTING, InstanceState.RUNNING)
 _ARG_KEYS = {
     BackendKind.TRANSFORMERS: {"max_batch_size", "batch_window_ms", "torch_threads", "device"},
-    BackendKind.VLLM: {"extra_args", "served_model_name"},
+    BackendKind.VLLM: {"extra_args", "served_model_name", "task"},
     BackendKind.OPENAI: {"url", "served_model_name", "api_key"},
 }
 
@@ -56,6 +58,7 @@ class ModelSpec:
     vram_mb: int = 0
     min_tier: Tier = Tier.CPU_ONLY
     max_model_len: int | None = None
+    created_at: datetime | None = field(default=None, compare=False)  # set by the database
 
     @property
     def served_model_name(self) -> str:
@@ -76,7 +79,8 @@ class ModelSpec:
     @classmethod
     def from_row(cls, row) -> "ModelSpec":
         return cls(name=row["name"], source=row["source"], backend=BackendKind(row["backend"]), args=dict(row["args"]),
-                   vram_mb=row["vram_mb"], min_tier=Tier(row["min_tier"]), max_model_len=row["max_model_len"])
+                   vram_mb=row["vram_mb"], min_tier=Tier(row["min_tier"]), max_model_len=row["max_model_len"],
+                   created_at=row.get("created_at"))
 
 
 def _public_args(args: dict) -> dict:
@@ -99,6 +103,8 @@ def check_spec(spec: ModelSpec) -> None:
     extra = spec.args.get("extra_args", [])
     if not isinstance(extra, list) or not all(isinstance(a, str) for a in extra):
         raise ValueError("args.extra_args must be a list of strings (vLLM flags)")
+    if spec.args.get("task", "generate") not in VLLM_TASKS:
+        raise ValueError(f"args.task must be one of {sorted(VLLM_TASKS)}")
     if spec.backend is BackendKind.VLLM and spec.vram_mb <= 0:
         raise ValueError("a vllm model needs vram_mb, the VRAM estimate placement uses")
     if spec.backend is not BackendKind.OPENAI and not spec.source:

@@ -65,7 +65,8 @@ def _body_and_endpoint(obj: dict) -> tuple[dict, Endpoint]:
         if not isinstance(obj["body"], dict):
             raise OpenAIError("body must be an object", param="body")
         return obj["body"], URL_ENDPOINTS[url]
-    return obj, Endpoint.CHAT if "messages" in obj else Endpoint.COMPLETIONS
+    body = {k: v for k, v in obj.items() if k != "custom_id"}  # the line's id, not a request field
+    return body, Endpoint.CHAT if "messages" in obj else Endpoint.COMPLETIONS
 
 
 def success_line(line: BatchLine, response: dict) -> dict[str, Any]:

@@ -171,7 +171,7 @@ def run_chunk(ctx: JobContext, payload: dict) -> dict:
 
 def _generate(backend, line: BatchLine) -> dict:
     try:
-        return success_line(line, build_response(line.call, backend.generate(line.call.request)))
+        return success_line(line, build_response(line.call, backend.generate(line.call.generation)))
     except OpenAIError as exc:
         return error_line(line.number, line.custom_id, exc)
 

@@ -5,12 +5,14 @@ and seeded generators (so a seeded request gives the same answer whatever it
 is batched with). `IncrementalDecoder` keeps the text of one choice's tokens
 without decoding them all again at each step, and `StopTracker` turns that
 growing text into deltas, holding back text that may still become a stop
-string or an unfinished UTF-8 character.
+string or an unfinished UTF-8 character. `adjust_logits` applies penalties and logit bias,
+and `token_logprobs` / `LogprobsBuilder` report what the model thought of each token.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 REPLACEMENT_CHAR = "\ufffd"  # what a byte-level tokenizer decodes half a character to
 
@@ -111,3 +113,85 @@ def _top_p_filter(probs, top_ps):
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
     sorted_probs = sorted_probs.masked_fill(mass_before >= top_ps[:, None], 0.0)
     return torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+
+
+def adjust_logits(logits, params: Sequence, generated: Sequence[Sequence[int]]):
+    """A copy of `logits` with each row's penalties and logit bias applied (rows whose params are None
+    stay as they are). Presence and frequency penalties count the row's generated tokens, as OpenAI
+    and vLLM define them; a bias is added to its token's logit."""
+    import torch
+
+    with torch.inference_mode():
+        out = logits.float().clone()
+        vocab = out.shape[-1]
+        for i, p in enumerate(params):
+            if p is None:
+                continue
+            if (p.presence_penalty or p.frequency_penalty) and generated[i]:
+                counts = torch.bincount(torch.tensor(generated[i], device=out.device), minlength=vocab)[:vocab]
+                out[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+            for token, bias in p.logit_bias:
+                if 0 <= token < vocab:
+                    out[i, token] += bias
+    return out
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]  # the most likely tokens at that step, most likely first
+
+
+def token_logprobs(logits, chosen: Sequence[int], top: int) -> list[TokenLogprob]:
+    """Log-softmax of each row: the chosen token's logprob and the `top` most likely alternatives."""
+    import torch
+
+    with torch.inference_mode():
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        picked = logprobs.gather(-1, torch.tensor(chosen, device=logprobs.device)[:, None])[:, 0].tolist()
+        if top:
+            values, ids = logprobs.topk(top, dim=-1)
+            alternatives = [tuple(zip(r_ids, r_values)) for r_ids, r_values in zip(ids.tolist(), values.tolist())]
+        else:
+            alternatives = [()] * len(chosen)
+    return [TokenLogprob(t, lp, alt) for t, lp, alt in zip(chosen, picked, alternatives)]
+
+
+class LogprobsBuilder:
+    """One choice's token logprobs, handed out in OpenAI's wire shape with the text they produced.
+
+    Tokens accumulate until the text they make is emitted (a stop string or half a character may
+    hold text back); `take` returns the logprobs object for the tokens since the last call."""
+
+    def __init__(self, token_text: Callable[[int], str], top: int, chat: bool) -> None:
+        self._text, self._top, self._chat = token_text, top, chat
+        self._pending: list[TokenLogprob] = []
+        self._offset = 0  # characters of the completion before the pending tokens
+
+    def add(self, entry: TokenLogprob) -> None:
+        self._pending.append(entry)
+
+    def take(self) -> dict | None:
+        entries, self._pending = self._pending, []
+        if not entries:
+            return None
+        return self._chat_shape(entries) if self._chat else self._completion_shape(entries)
+
+    def _chat_shape(self, entries: list[TokenLogprob]) -> dict:
+        def one(token: int, logprob: float) -> dict:
+            text = self._text(token)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+        return {"content": [{**one(e.token, e.logprob),
+                             "top_logprobs": [one(t, lp) for t, lp in e.top[:self._top]]} for e in entries]}
+
+    def _completion_shape(self, entries: list[TokenLogprob]) -> dict:
+        tokens = [self._text(e.token) for e in entries]
+        offsets = []
+        for text in tokens:
+            offsets.append(self._offset)
+            self._offset += len(text)
+        return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
+                "top_logprobs": [{self._text(t): lp for t, lp in e.top[:self._top]} for e in entries],
+                "text_offset": offsets}

@@ -222,3 +222,149 @@ def test_requests_beyond_the_free_slots_wait_and_are_all_answered(sdk, services)
     assert services.admission.in_flight(TINY) == len(taken)  # every finished request gave its slot back
     for slot in taken:
         slot.release()
+
+
+def test_models_say_when_they_were_declared_and_their_context(sdk):
+    model = sdk.models.retrieve(TINY)
+    assert abs(model.created - time.time()) < 3600 and model.owned_by == "nexus"
+    assert model.max_model_len == 512  # as vLLM answers it (an extra field the SDK keeps)
+    assert [m.max_model_len for m in sdk.models.list() if m.id == TINY] == [512]
+
+
+def test_embeddings_in_base64_and_floats(sdk):
+    import math
+
+    texts = ["Nexus turns racks into clusters", "A job is a row", "Nexus turns racks into clusters"]
+    packed = sdk.embeddings.create(model=TINY, input=texts)  # the SDK asks for base64 and unpacks it
+    assert [d.index for d in packed.data] == [0, 1, 2] and packed.model == TINY
+    vectors = [d.embedding for d in packed.data]
+    assert len({len(v) for v in vectors}) == 1 and len(vectors[0]) > 8
+    assert all(math.isclose(sum(x * x for x in v), 1.0, rel_tol=1e-4) for v in vectors)
+    assert vectors[0] == vectors[2] != vectors[1]
+    assert packed.usage.prompt_tokens == packed.usage.total_tokens > 3
+    floats = sdk.embeddings.create(model=TINY, input=texts[1], encoding_format="float")
+    assert all(math.isclose(a, b, abs_tol=1e-5) for a, b in zip(floats.data[0].embedding, vectors[1], strict=True))
+    tokens = sdk.embeddings.create(model=TINY, input=[[5, 6, 7], [8]], encoding_format="float")
+    assert len(tokens.data) == 2 and tokens.usage.prompt_tokens == 4
+    with pytest.raises(openai.BadRequestError) as caught:  # the tiny model has no smaller vectors to give
+        sdk.embeddings.create(model=TINY, input="x", dimensions=4)
+    assert (caught.value.code, caught.value.param) == ("unsupported_parameter", "dimensions")
+
+
+def test_logprobs_with_top_logprobs(sdk):
+    response = sdk.chat.completions.create(model=TINY, messages=CHAT, max_tokens=6, temperature=0, logprobs=True,
+                                           top_logprobs=3)
+    [choice] = response.choices
+    entries = choice.logprobs.content
+    assert entries and all(len(e.top_logprobs) == 3 and e.logprob <= 0 for e in entries)
+    assert all(e.top_logprobs[0].logprob >= e.top_logprobs[-1].logprob for e in entries)
+    assert "".join(e.token for e in entries).startswith(choice.message.content)
+    chunks = list(sdk.chat.completions.create(model=TINY, messages=CHAT, max_tokens=6, temperature=0, logprobs=True,
+                                              top_logprobs=3, stream=True))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in entries]
+    legacy = sdk.completions.create(model=TINY, prompt="The cluster", max_tokens=5, temperature=0, logprobs=2)
+    lp = legacy.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) >= 1
+    assert all(len(top) == 2 for top in lp.top_logprobs)
+    assert sdk.chat.completions.create(model=TINY, messages=CHAT, max_tokens=3).choices[0].logprobs is None
+
+
+def test_two_choices_streamed_with_usage(sdk, live_api):
+    import json
+
+    import requests
+
+    whole = sdk.chat.completions.create(model=TINY, messages=CHAT, max_tokens=8, n=2, seed=3, temperature=0.8)
+    chunks = list(sdk.chat.completions.create(model=TINY, messages=CHAT, max_tokens=8, n=2, seed=3, temperature=0.8,
+                                              stream=True, stream_options={"include_usage": True}))
+    for index in (0, 1):
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == index)
+        assert text == whole.choices[index].message.content
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    url, token = live_api
+    raw = requests.post(url + "/v1/completions", headers={"Authorization": f"Bearer {token}"}, stream=True, timeout=60,
+                        json={"model": TINY, "prompt": "Hello", "max_tokens": 4, "stream": True,
+                              "stream_options": {"include_usage": True}})
+    events = [json.loads(line[6:]) for line in raw.iter_lines(decode_unicode=True)
+              if line.startswith("data: {")]
+    assert all("usage" in e and e["usage"] is None for e in events[:-1])  # as OpenAI sends them
+    assert events[-1]["usage"]["completion_tokens"] >= 1
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"tools": [{"type": "function", "function": {"name": "now", "parameters": {"type": "object"}}}],
+      "tool_choice": "required"}, "tool_choice"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"extra_body": {"top_k": 5}}, "top_k"),
+])
+def test_what_the_cpu_backend_cannot_honour_is_refused_by_name(sdk, fields, param):
+    with pytest.raises(openai.BadRequestError) as caught:
+        sdk.chat.completions.create(model=TINY, messages=CHAT, max_tokens=4, **fields)
+    assert caught.value.code == "unsupported_parameter" and caught.value.param == param
+    assert "transformers" in caught.value.message
+
+
+def test_penalties_and_prompt_lists(sdk):
+    response = sdk.completions.create(model=TINY, prompt=["Hello", "The cluster"], max_tokens=4, temperature=0, n=2)
+    assert [c.index for c in response.choices] == [0, 1, 2, 3]
+    alone = sdk.completions.create(model=TINY, prompt="The cluster", max_tokens=4, temperature=0).choices[0].text
+    assert response.choices[2].text == response.choices[3].text == alone
+    penalised = sdk.completions.create(model=TINY, prompt="Hello", max_tokens=4, temperature=0, frequency_penalty=2,
+                                       presence_penalty=1, logit_bias={"5": 1.5})
+    assert penalised.choices[0].finish_reason in ("stop", "length")
+
+
+def test_the_v1_bodies_are_in_the_openapi_document(live_api):
+    import requests
+
+    spec = requests.get(live_api[0] + "/openapi.json", timeout=10).json()
+    body = spec["paths"]["/v1/embeddings"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body == {"$ref": "#/components/schemas/EmbeddingRequest"}
+    chat = spec["components"]["schemas"]["ChatCompletionRequest"]["properties"]
+    assert {"messages", "logprobs", "top_logprobs", "tools", "stream_options"} <= set(chat)
+    answer = spec["paths"]["/v1/chat/completions"]["post"]["responses"]["200"]["content"]["application/json"]
+    assert answer["schema"] == {"$ref": "#/components/schemas/ChatCompletion"}
+    assert "ModelList" in spec["components"]["schemas"] and "ChatCompletionChunk" in spec["components"]["schemas"]
+
+
+@pytest.fixture(scope="module")
+def relay_worker(settings, session_services, session_dir, live_api):
+    """A worker whose `openai` backend is this same API, asking for the tiny model: the pass-through path."""
+    from tests.inference_support import MODEL_ENV
+    from tests.support import start_worker
+
+    declare(session_services.engine, _relay_spec(live_api))
+    worker = start_worker(settings, session_dir, name="relay-worker", extra_env=MODEL_ENV,
+                          extra_args=["-Q", "model.relay", "--model", "relay"])
+    yield worker
+    worker.stop()
+
+
+def _relay_spec(live_api):
+    from nexus.models.catalog import BackendKind, ModelSpec
+
+    url, token = live_api
+    return ModelSpec("relay", "", BackendKind.OPENAI, {"url": url + "/v1", "api_key": token, "served_model_name": TINY})
+
+
+def test_an_openai_backend_passes_the_body_through(sdk, services, relay_worker, live_api):
+    from tests.inference_support import serve_again
+
+    serve_again(services, _relay_spec(live_api))
+    direct = sdk.chat.completions.create(model=TINY, messages=CHAT, max_tokens=5, temperature=0, logprobs=True,
+                                         top_logprobs=2)
+    relayed = sdk.chat.completions.create(model="relay", messages=CHAT, max_tokens=5, temperature=0, logprobs=True,
+                                          top_logprobs=2)
+    assert relayed.model == "relay" and relayed.choices[0].message.content == direct.choices[0].message.content
+    assert relayed.choices[0].logprobs.content == direct.choices[0].logprobs.content  # the engine's answer, kept
+    # The relay's own backend refuses nothing: the engine behind it judges, and its 400 comes back as it was.
+    with pytest.raises(openai.BadRequestError) as caught:
+        sdk.chat.completions.create(model="relay", messages=CHAT, max_tokens=4, tool_choice="required",
+                                    tools=[{"type": "function", "function": {"name": "now"}}])
+    assert caught.value.code == "unsupported_parameter" and caught.value.param == "tool_choice"
+    assert "'tiny'" in caught.value.message  # refused by the model behind the relay, not by the relay
+    relayed_vectors = [d.embedding for d in sdk.embeddings.create(model="relay", input=["a", "b"]).data]
+    direct_vectors = [d.embedding for d in sdk.embeddings.create(model=TINY, input=["a", "b"]).data]
+    assert len(relayed_vectors) == 2 and all(abs(x - y) < 1e-5 for r, d in zip(relayed_vectors, direct_vectors)
+                                             for x, y in zip(r, d, strict=True))

@@ -42,7 +42,7 @@ POLICY = {
     "models.list_models": ANY, "models.get_model": ANY, "models.list_instances": ANY,
     "models.report_state": WORKER,
     "openai.list_models": ANY, "openai.get_model": ANY, "openai.completions": SUBMITTER,
-    "openai.chat_completions": SUBMITTER,
+    "openai.chat_completions": SUBMITTER, "openai.embeddings": SUBMITTER,
     "proofs.submit": SUBMITTER, "proofs.verify": SUBMITTER, "proofs.get_proof": ANY, "proofs.weights": ANY,
     "benchmarks.submit": SUBMITTER, "benchmarks.list_benchmarks": ANY, "benchmarks.get_benchmark": ANY,
     "benchmarks.get_plot": ANY,

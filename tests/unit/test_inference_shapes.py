@@ -51,6 +51,8 @@ def test_batch_lines_accept_openai_batch_shape_and_bare_bodies():
     assert batch.custom_id == "a" and batch.call.endpoint is Endpoint.COMPLETIONS and batch.call.model == "tiny"
     bare = parse_line(1, json.dumps({"messages": [{"role": "user", "content": "x"}]}), "tiny")
     assert bare.custom_id == "line-1" and bare.call.endpoint is Endpoint.CHAT
+    named = parse_line(2, json.dumps({"custom_id": "b", "prompt": "x"}), "tiny")
+    assert named.custom_id == "b" and "custom_id" not in named.call.request.fields()  # not refused as a field
 
 
 @pytest.mark.parametrize("raw, message", [
@@ -179,3 +181,134 @@ def test_a_read_batch_is_one_delta_per_choice_then_the_final_event():
     assert merge_deltas(events) == [StreamDelta(0, "ab", FinishReason.LENGTH), StreamDelta(1, "xy", FinishReason.STOP),
                                     Usage(1, 4)]
     assert decode_event({"t": "delta", "i": 0, "x": "old", "f": None}) == [StreamDelta(0, "old")]  # earlier workers
+
+
+def test_bodies_keep_every_field_as_sent_and_parse_the_ones_nexus_reads():
+    body = {"model": "m", "prompt": [[1, 2, 3], [4]], "logprobs": 2, "presence_penalty": 0.5, "top_k": 4,
+            "logit_bias": {"7": -1}, "response_format": {"type": "json_object"}}
+    call = parse_body(Endpoint.COMPLETIONS, body)
+    assert call.request.body == body and call.request.fields() == set(body) - set()
+    assert call.request.prompts == ((1, 2, 3), (4,))
+    with pytest.raises(InvalidRequestError, match="str, list.str., list.int., list.list.int"):
+        parse_body(Endpoint.COMPLETIONS, {"model": "m", "prompt": [[1], "mixed"]})
+    assert call.request.params.logprobs == 2 and call.request.params.logit_bias == ((7, -1.0),)
+    chat = parse_body(Endpoint.CHAT, {"model": "m", "messages": [{"role": "user", "content": "x"}], "logprobs": True,
+                                      "top_logprobs": 3, "tool_choice": None})
+    assert chat.request.params.logprobs == 3 and "tool_choice" not in chat.request.fields()  # null is absent
+    assert parse_body(Endpoint.COMPLETIONS, {"model": "m", "prompt": [5, 6]}).request.prompts == ((5, 6),)
+    embed = parse_body(Endpoint.EMBEDDINGS, {"model": "m", "input": ["a", "b"]})
+    assert embed.endpoint is Endpoint.EMBEDDINGS and embed.request.inputs == ("a", "b")
+
+
+@pytest.mark.parametrize("endpoint, body, param", [
+    (Endpoint.CHAT, {"model": "m", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 21}, "top_logprobs"),
+    (Endpoint.CHAT, {"model": "m", "messages": [{"role": "user", "content": 3}]}, "messages[0].content"),
+    (Endpoint.CHAT, {"model": "m", "messages": []}, "messages"),
+    (Endpoint.COMPLETIONS, {"model": "m", "prompt": "x", "logit_bias": {"a": 1}}, "logit_bias"),
+    (Endpoint.COMPLETIONS, {"model": "m", "prompt": "x", "presence_penalty": 3}, "presence_penalty"),
+    (Endpoint.COMPLETIONS, {"model": "m", "prompt": "x", "n": 1.0}, "n"),
+    (Endpoint.EMBEDDINGS, {"model": "m", "input": 5}, "input"),
+    (Endpoint.EMBEDDINGS, {"model": "m", "input": []}, "input"),
+    (Endpoint.COMPLETIONS, {"model": "m", "prompt": []}, "prompt"),
+    (Endpoint.EMBEDDINGS, {"model": "m", "input": "x", "encoding_format": "hex"}, "encoding_format"),
+])
+def test_wrong_fields_are_named(endpoint, body, param):
+    with pytest.raises(InvalidRequestError) as caught:
+        parse_body(endpoint, body)
+    assert caught.value.param == param and caught.value.status == 400
+
+
+def test_capabilities_refuse_what_the_backend_cannot_honour_and_pass_the_rest():
+    from nexus.inference.capabilities import IN_PROCESS, PASS_THROUGH
+    from nexus.inference.openai_shapes import UnsupportedParameterError
+
+    messages = [{"role": "user", "content": "x"}]
+    for endpoint, extra, param in [
+        (Endpoint.CHAT, {"tools": [{"type": "function"}], "tool_choice": "required"}, "tool_choice"),
+        (Endpoint.CHAT, {"response_format": {"type": "json_object"}}, "response_format"),
+        (Endpoint.COMPLETIONS, {"echo": True}, "echo"),
+        (Endpoint.COMPLETIONS, {"min_p": 0.1}, "min_p"),  # a vLLM extra, unknown to OpenAI
+        (Endpoint.EMBEDDINGS, {"dimensions": 8}, "dimensions"),
+        (Endpoint.CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+         "messages[0].content"),
+        (Endpoint.CHAT, {"messages": [{"role": "assistant", "content": "", "tool_calls": []}]},
+         "messages[0].tool_calls"),
+    ]:
+        base = {"model": "tiny", **({"messages": messages} if endpoint is Endpoint.CHAT else
+                                    {"prompt": "x"} if endpoint is Endpoint.COMPLETIONS else {"input": "x"})}
+        call = parse_body(endpoint, {**base, **extra})
+        with pytest.raises(UnsupportedParameterError) as caught:
+            IN_PROCESS.check(call.request)
+        assert (caught.value.param, caught.value.code, caught.value.status) == (param, "unsupported_parameter", 400)
+        PASS_THROUGH.check(call.request)  # an engine that takes the body as sent judges for itself
+    IN_PROCESS.check(parse_body(Endpoint.CHAT, {"model": "tiny", "messages": messages, "logprobs": True,
+                                                "top_logprobs": 2, "n": 2, "seed": 1, "stop": "x", "user": "u",
+                                                "frequency_penalty": 1, "stream": True,
+                                                "stream_options": {"include_usage": True}}).request)
+
+
+def test_pass_through_bodies_go_on_as_the_client_sent_them():
+    body = {"model": "public-name", "messages": [{"role": "user", "content": [{"type": "image_url"}]}],
+            "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required", "top_k": 3,
+            "stream_options": {"include_usage": False, "continuous_usage_stats": True}}
+    call = parse_body(Endpoint.CHAT, body)
+    sent = request_body("served", call.request, stream=True)
+    assert sent == {**body, "model": "served", "stream": True,
+                    "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    assert body["model"] == "public-name"  # the client's body itself is untouched
+    assert finish_reason("tool_calls") is FinishReason.TOOL_CALLS
+
+
+def test_logprobs_and_tool_calls_survive_the_stream():
+    recorder = _Recorder()
+    writer = EventWriter(recorder, "job", 60, interval_ms=10_000)
+    lp = lambda *tokens: {"content": [{"token": t, "logprob": -1.0, "bytes": [], "top_logprobs": []} for t in tokens]}
+    call = {"index": 0, "id": "c1", "type": "function", "function": {"name": "f", "arguments": ""}}
+    writer.delta(StreamDelta(0, "a", logprobs=lp("a")))
+    writer.delta(StreamDelta(0, "b", logprobs=lp("b")))
+    writer.delta(StreamDelta(0, "c", logprobs=lp("c")))
+    writer.delta(StreamDelta(0, "", extra={"tool_calls": [call]}))
+    writer.delta(StreamDelta(0, "", FinishReason.TOOL_CALLS))
+    writer.usage(Usage(1, 4))
+    decoded = [e for raw in recorder.events for e in decode_event(raw)]
+    assert decoded[:2] == [StreamDelta(0, "a", logprobs=lp("a")), StreamDelta(0, "bc", logprobs=lp("b", "c"))]
+    assert decoded[2] == StreamDelta(0, "", extra={"tool_calls": [call]})
+    merged = merge_deltas(decoded)
+    assert merged[0] == StreamDelta(0, "abc", logprobs=lp("a", "b", "c"))
+    assert merged[1].extra == {"tool_calls": [call]} and merged[2].finish_reason is FinishReason.TOOL_CALLS
+    result = GenerationResult((Choice(0, "", FinishReason.TOOL_CALLS, lp("x"), {"tool_calls": [call]}),), Usage(1, 1))
+    writer.result(result)
+    assert decode_event(recorder.events[-1]) == [result]
+
+
+def test_responses_match_their_documented_models():
+    from nexus.inference import openai_schema as schema
+    from nexus.inference.openai_shapes import (ModelCard, build_chunk, build_embeddings, build_models_list,
+                                               build_response, build_usage_chunk, float32_bytes)
+    from nexus.inference.types import EmbeddingResult
+
+    chat = parse_body(Endpoint.CHAT, {"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": True,
+                                      "stream_options": {"include_usage": True}})
+    lp = {"content": [{"token": "a", "logprob": -0.5, "bytes": [97], "top_logprobs": [
+        {"token": "a", "logprob": -0.5, "bytes": [97]}]}]}
+    call = {"index": 0, "id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    answer = build_response(chat, GenerationResult((Choice(0, "", FinishReason.TOOL_CALLS, lp, {"tool_calls": [call]}),),
+                                                   Usage(2, 3)))
+    parsed = schema.ChatCompletion.model_validate(answer)
+    assert parsed.choices[0].message.content is None and parsed.choices[0].message.tool_calls == [call]
+    chunk = build_chunk(chat, "id", 1, StreamDelta(0, "a", logprobs=lp), first=True)
+    assert chunk["usage"] is None and schema.ChatCompletionChunk.model_validate(chunk)
+    schema.ChatCompletionChunk.model_validate(build_usage_chunk(chat, "id", 1, Usage(1, 2)))
+    completion = parse_body(Endpoint.COMPLETIONS, {"model": "m", "prompt": "x"})
+    assert "usage" not in build_chunk(completion, "id", 1, StreamDelta(0, "a"))  # only when include_usage asks
+    legacy = {"tokens": ["a"], "token_logprobs": [-0.1], "top_logprobs": [{"a": -0.1}], "text_offset": [0]}
+    schema.Completion.model_validate(build_response(completion, GenerationResult(
+        (Choice(0, "a", FinishReason.LENGTH, legacy),), Usage(1, 1))))
+    embed = parse_body(Endpoint.EMBEDDINGS, {"model": "m", "input": ["a", "b"]})
+    vectors = EmbeddingResult((float32_bytes([0.5, -1.0]), float32_bytes([1.0, 0.0])), 4)
+    floats = schema.EmbeddingList.model_validate(build_embeddings(embed, vectors))
+    assert floats.data[0].embedding == [0.5, -1.0] and floats.usage.total_tokens == 4
+    b64 = parse_body(Endpoint.EMBEDDINGS, {"model": "m", "input": "a", "encoding_format": "base64"})
+    assert build_embeddings(b64, vectors)["data"][1]["embedding"] == "AACAPwAAAAA="
+    models = schema.ModelList.model_validate(build_models_list([ModelCard("tiny", 1_700_000_000, 512)]))
+    assert models.data[0].max_model_len == 512 and models.data[0].created == 1_700_000_000

@@ -155,3 +155,90 @@ def test_incremental_decoding_gives_the_full_decode_at_every_step(tiny_dir):
             if not full.endswith(REPLACEMENT_CHAR):  # nothing half-decoded to wait for
                 assert text == full, (ids[:end], text, full)
         assert decoder.text(ids, final=True) == decode(ids)
+
+
+def _chat(**params) -> GenerationRequest:
+    return GenerationRequest(messages=(ChatMessage("user", "Say hello"),),
+                             params=SamplingParams(max_tokens=8, temperature=0, **params))
+
+
+def test_logprobs_are_the_model_distribution_of_each_token(backend):
+    import math
+
+    result = backend.generate(_chat(logprobs=3))
+    [choice] = result.choices
+    entries = choice.logprobs["content"]
+    assert len(entries) == result.usage.completion_tokens - (choice.finish_reason is FinishReason.STOP)
+    assert "".join(e["token"] for e in entries).startswith(choice.text) or choice.text.startswith(
+        "".join(e["token"] for e in entries)[:len(choice.text)])
+    for entry in entries:
+        assert entry["logprob"] <= 0 and len(entry["top_logprobs"]) == 3
+        tops = [t["logprob"] for t in entry["top_logprobs"]]
+        assert tops == sorted(tops, reverse=True)
+        assert math.isclose(entry["logprob"], tops[0], abs_tol=1e-5)  # greedy: the chosen token is the likeliest
+        assert entry["bytes"] == list(entry["token"].encode())
+    streamed = collect_stream(backend.stream(_chat(logprobs=3)))
+    assert streamed.choices[0].logprobs == choice.logprobs  # the stream's pieces join to the same
+    assert backend.generate(_chat()).choices[0].logprobs is None
+
+
+def test_completion_logprobs_have_openai_legacy_shape(backend):
+    choice = backend.generate(greedy("The cluster", max_tokens=6, logprobs=2)).choices[0]
+    logprobs = choice.logprobs
+    assert len(logprobs["tokens"]) == len(logprobs["token_logprobs"]) == len(logprobs["top_logprobs"])
+    assert all(len(top) <= 2 for top in logprobs["top_logprobs"])
+    assert logprobs["text_offset"][0] == 0 and logprobs["text_offset"] == sorted(logprobs["text_offset"])
+
+
+def test_penalties_and_logit_bias_change_the_choice(backend):
+    plain = backend.generate(greedy("Hello", max_tokens=8)).choices[0].text
+    first = backend._tokenizer(plain, add_special_tokens=False).input_ids[0]
+    banned = backend.generate(greedy("Hello", max_tokens=8, logit_bias=((first, -100.0),))).choices[0].text
+    assert not banned.startswith(backend._tokenizer.decode([first]))
+    forced = backend.generate(greedy("Hello", max_tokens=3, logit_bias=((first, 3.0),))).choices[0]
+    assert forced.text == backend._tokenizer.decode([first] * 3)  # the random weights' logits are small
+    penalised = backend.generate(greedy("Hello", max_tokens=3, logit_bias=((first, 3.0),),
+                                        frequency_penalty=2.0, presence_penalty=2.0)).choices[0]
+    assert penalised.text.startswith(backend._tokenizer.decode([first]))
+    assert penalised.text != forced.text  # once generated, the token is pushed down by 4
+
+
+def test_a_list_of_prompts_and_token_ids_answer_each(backend):
+    texts = ["Hello", "The cluster"]
+    ids = backend._tokenizer("Hello").input_ids
+    result = backend.generate(GenerationRequest(prompt=(*texts, tuple(ids)),
+                                                params=SamplingParams(max_tokens=6, temperature=0, n=2)))
+    assert [c.index for c in result.choices] == [0, 1, 2, 3, 4, 5]
+    alone = [backend.generate(greedy(t, max_tokens=6)).choices[0].text for t in texts]
+    assert [c.text for c in result.choices] == [alone[0], alone[0], alone[1], alone[1], alone[0], alone[0]]
+    assert result.usage.prompt_tokens == 2 * len(ids) + len(backend._tokenizer("The cluster").input_ids)
+
+
+def test_embeddings_are_normalised_mean_pooled_states(backend):
+    import math
+
+    from nexus.inference.openai_shapes import floats
+    from nexus.inference.types import EmbeddingRequest
+
+    result = backend.embed(EmbeddingRequest(("Hello", "The quick brown fox", "Hello")))
+    vectors = [floats(v) for v in result.vectors]
+    assert len(vectors) == 3 and len(vectors[0]) == backend._model.config.hidden_size
+    assert all(math.isclose(sum(x * x for x in v), 1.0, rel_tol=1e-4) for v in vectors)
+    assert vectors[0] == vectors[2] != vectors[1]  # padding next to a longer input changes nothing
+    alone = floats(backend.embed(EmbeddingRequest(("Hello",))).vectors[0])
+    assert all(math.isclose(a, b, abs_tol=1e-5) for a, b in zip(alone, vectors[0]))
+    assert result.prompt_tokens == 2 * len(backend._tokenizer("Hello").input_ids) + len(
+        backend._tokenizer("The quick brown fox").input_ids)
+
+
+def test_fields_the_backend_cannot_honour_are_refused_by_name(backend):
+    from nexus.inference.openai_shapes import Endpoint, UnsupportedParameterError, parse_body
+
+    for extra, param in [({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"},
+                          "tool_choice"), ({"response_format": {"type": "json_object"}}, "response_format"),
+                         ({"top_k": 5}, "top_k")]:
+        call = parse_body(Endpoint.CHAT, {"model": "tiny", "messages": [{"role": "user", "content": "x"}], **extra})
+        with pytest.raises(UnsupportedParameterError) as caught:
+            backend.generate(call.generation)
+        assert caught.value.param == param and caught.value.status == 400
+        assert caught.value.code == "unsupported_parameter" and "transformers" in caught.value.message

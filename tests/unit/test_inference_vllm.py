@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+import pytest
+
 from nexus.serving.backends.vllm_backend import Backoff, VllmLaunch, vllm_command, vllm_env
 from nexus.models.placement import ParallelismPlan, Stage, Strategy
 
@@ -124,3 +126,19 @@ def test_every_flag_of_every_plan_is_an_option_of_the_pinned_vllm(name):
     backend = flags(argv)["--distributed-executor-backend"]
     assert backend in PINNED["distributed_executor_backend"]
     assert backend == ("ray" if PLANS[name].multi_node else "mp")
+
+
+def test_an_embedding_model_runs_vllm_as_a_pooling_server():
+    from nexus.models.catalog import BackendKind, ModelSpec, check_spec
+    from nexus.serving.backends import vllm_extra_args
+
+    spec = ModelSpec("e5", "/models/e5", BackendKind.VLLM, {"task": "embed", "extra_args": ["--seed", "1"]}, vram_mb=1)
+    check_spec(spec)
+    plan = ParallelismPlan(Strategy.SINGLE_GPU, 1, 1, (Stage("n1", (0,)),), 1_000)
+    argv = vllm_command(launch_for(plan, extra_args=vllm_extra_args(spec)))
+    # vLLM 0.33's names (vllm/engine/arg_utils.py: --runner, --convert); `--task embed` no longer exists.
+    assert argv[-6:] == ["--runner", "pooling", "--convert", "embed", "--seed", "1"]
+    assert {"--runner", "--convert"} <= set(PINNED["options"])
+    assert vllm_extra_args(ModelSpec("l", "/m", BackendKind.VLLM, {}, vram_mb=1)) == ()
+    with pytest.raises(ValueError, match="args.task"):
+        check_spec(ModelSpec("e5", "/m", BackendKind.VLLM, {"task": "classify"}, vram_mb=1))

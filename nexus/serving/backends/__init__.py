@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from nexus.config import Settings
+from nexus.inference.capabilities import IN_PROCESS, Capabilities
 from nexus.serving.backends.base import InferenceBackend
 from nexus.models.catalog import BackendKind, ModelSpec
 from nexus.models.placement import ParallelismPlan
@@ -39,13 +40,24 @@ def _transformers(request: BackendRequest) -> InferenceBackend:
     )
 
 
+# vLLM 0.33 serves /v1/embeddings from a pooling runner (`--task embed` is gone; see its
+# vllm/config/model.py RunnerOption and ConvertOption); such a server generates no text.
+VLLM_EMBED_ARGS = ("--runner", "pooling", "--convert", "embed")
+
+
+def vllm_extra_args(spec: ModelSpec) -> tuple[str, ...]:
+    """The catalog entry's own flags, after those of its task."""
+    task = VLLM_EMBED_ARGS if spec.args.get("task") == "embed" else ()
+    return (*task, *spec.args.get("extra_args", ()))
+
+
 def _vllm(request: BackendRequest) -> InferenceBackend:
     from nexus.serving.backends.vllm_backend import VllmBackend, VllmLaunch
 
     spec, settings = request.spec, request.settings
     launch = VllmLaunch.from_plan(request.plan or ParallelismPlan.from_dict({"strategy": "single_gpu"}),
                                   str(request.model_path), spec.served_model_name, request.port,
-                                  spec.max_model_len, spec.args.get("extra_args", ()))
+                                  spec.max_model_len, vllm_extra_args(spec))
     log_path = settings.data_dir / "logs" / f"vllm-{request.port}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     return VllmBackend(launch, settings.vllm_executable, settings.vllm_startup_timeout_seconds,
@@ -65,6 +77,15 @@ BUILDERS: dict[BackendKind, Callable[[BackendRequest], InferenceBackend]] = {
     BackendKind.TRANSFORMERS: _transformers,
     BackendKind.VLLM: _vllm,
     BackendKind.OPENAI: _openai,
+}
+
+
+# What each backend does with a request's fields: the API refuses what a model's backend cannot
+# honour before it queues the request.
+CAPABILITIES: dict[BackendKind, Capabilities] = {
+    BackendKind.TRANSFORMERS: IN_PROCESS,
+    BackendKind.VLLM: Capabilities("vllm", passthrough=True),
+    BackendKind.OPENAI: Capabilities("openai", passthrough=True),
 }
 
 

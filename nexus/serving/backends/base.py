@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
-from nexus.inference.types import Choice, GenerationRequest, GenerationResult, StreamDelta, Usage
+from nexus.inference.capabilities import PASS_THROUGH, Capabilities
+from nexus.inference.openai_shapes import UnsupportedParameterError
+from nexus.inference.types import (Choice, EmbeddingRequest, EmbeddingResult, FinishReason, GenerationRequest,
+                                   GenerationResult, StreamDelta, Usage, merge_logprobs)
 from nexus.jobs.failures import FailureKind
 
 
@@ -17,7 +21,11 @@ class EngineFailed(RuntimeError):
 
 
 class InferenceBackend(ABC):
-    """Turns a GenerationRequest into choices. Thread-safe: many requests may be in flight."""
+    """Turns a GenerationRequest into choices. Thread-safe: many requests may be in flight.
+
+    `capabilities` says which request fields the backend honours (nexus.inference.capabilities)."""
+
+    capabilities: Capabilities = PASS_THROUGH
 
     @abstractmethod
     def generate(self, request: GenerationRequest) -> GenerationResult:
@@ -27,6 +35,10 @@ class InferenceBackend(ABC):
     def stream(self, request: GenerationRequest) -> Iterator[StreamDelta | Usage]:
         """Text deltas as they are produced (each choice's last one has its finish
         reason), then exactly one Usage."""
+
+    def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
+        """One vector per input. Backends that serve no embeddings keep this refusal."""
+        raise UnsupportedParameterError("this model's backend serves no embeddings", param="model")
 
     def healthy(self) -> bool:
         return True
@@ -38,16 +50,19 @@ class InferenceBackend(ABC):
 def collect_stream(events: Iterator[StreamDelta | Usage]) -> GenerationResult:
     """Assemble a full result from a stream; lets a backend implement generate() once."""
     texts: dict[int, list[str]] = {}
-    finishes: dict[int, object] = {}
+    finishes: dict[int, FinishReason] = {}
+    logprobs: dict[int, Mapping[str, Any] | None] = {}
     usage: Usage | None = None
     for event in events:
         if isinstance(event, Usage):
             usage = event
             continue
         texts.setdefault(event.index, []).append(event.text)
+        if event.logprobs is not None:
+            logprobs[event.index] = merge_logprobs(logprobs.get(event.index), event.logprobs)
         if event.finish_reason is not None:
             finishes[event.index] = event.finish_reason
     if usage is None:
         raise RuntimeError("the stream ended without usage")
-    choices = tuple(Choice(i, "".join(texts[i]), finishes[i]) for i in sorted(texts))
+    choices = tuple(Choice(i, "".join(texts[i]), finishes[i], logprobs.get(i)) for i in sorted(texts))
     return GenerationResult(choices=choices, usage=usage)

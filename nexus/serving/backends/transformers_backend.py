@@ -19,10 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nexus.serving.backends.base import EngineFailed, InferenceBackend, collect_stream
-from nexus.serving.decoding import IncrementalDecoder, StopTracker, next_tokens
+from nexus.serving.decoding import (IncrementalDecoder, LogprobsBuilder, StopTracker, adjust_logits, next_tokens,
+                                    token_logprobs)
 from nexus.serving.kv_batch import RunningBatch, mergeable
-from nexus.inference.openai_shapes import ContextLengthExceededError
-from nexus.inference.types import FinishReason, GenerationRequest, GenerationResult, StreamDelta, Usage
+from nexus.inference.capabilities import IN_PROCESS
+from nexus.inference.openai_shapes import ContextLengthExceededError, InvalidRequestError, float32_bytes
+from nexus.inference.types import (EmbeddingRequest, EmbeddingResult, FinishReason, GenerationRequest,
+                                   GenerationResult, SamplingParams, StreamDelta, Usage)
 
 _ROW_DONE = object()
 _CLOSE = object()
@@ -35,13 +38,12 @@ class _Row:
     index: int
     prompt_ids: list[int]
     max_new_tokens: int
-    temperature: float
-    top_p: float
-    stop: tuple[str, ...]
+    params: SamplingParams
     generator: object  # torch.Generator or None
     events: queue.Queue
     cancelled: threading.Event
     decoder: IncrementalDecoder
+    logprobs: LogprobsBuilder | None = None  # set when the request asked for logprobs
     generated: list[int] = field(default_factory=list)
     tracker: StopTracker = field(init=False)
     finished: bool = False
@@ -50,11 +52,16 @@ class _Row:
     held: list[str] = field(default_factory=list)  # text not handed out yet when not streaming
 
     def __post_init__(self) -> None:
-        self.tracker = StopTracker(self.stop)
+        self.tracker = StopTracker(self.params.stop)
+
+    @property
+    def adjusts_logits(self) -> bool:
+        p = self.params
+        return bool(p.presence_penalty or p.frequency_penalty or p.logit_bias)
 
     def emit(self, text: str) -> None:
         if self.streaming:
-            self.events.put(StreamDelta(self.index, text))
+            self.events.put(StreamDelta(self.index, text, logprobs=self.logprobs.take() if self.logprobs else None))
         else:
             self.held.append(text)
 
@@ -64,11 +71,14 @@ class _Row:
 
     def finish(self, text: str, reason: FinishReason) -> None:
         self.finished = True
-        self.events.put(StreamDelta(self.index, "".join(self.held) + text, reason))
+        self.events.put(StreamDelta(self.index, "".join(self.held) + text, reason,
+                                    logprobs=self.logprobs.take() if self.logprobs else None))
         self.events.put((_ROW_DONE, len(self.generated)))
 
 
 class TransformersBackend(InferenceBackend):
+    capabilities = IN_PROCESS
+
     def __init__(self, model_path: str | Path, device: str = "cpu", max_batch_size: int = 8,
                  batch_window_ms: float = 2.0, torch_threads: int | None = None) -> None:
         import torch
@@ -91,6 +101,7 @@ class TransformersBackend(InferenceBackend):
         self._incoming: queue.Queue = queue.Queue()
         self._closing = False
         self._mergeable = True  # until a model's cache says otherwise
+        self._token_texts: dict[int, str] = {}  # each token's own text, for logprobs
         self._engine = threading.Thread(target=self._engine_loop, name="nexus-transformers", daemon=True)
         self._engine.start()
 
@@ -100,13 +111,34 @@ class TransformersBackend(InferenceBackend):
         return collect_stream(self.stream(request, streaming=False))
 
     def stream(self, request: GenerationRequest, streaming: bool = True) -> Iterator[StreamDelta | Usage]:
-        prompt_ids = self._encode(request)
-        rows = self._rows(request, prompt_ids, streaming)
+        self.capabilities.check(request)
+        prompts = self._encode(request)
+        rows = self._rows(request, prompts, streaming)
         if self._closing:
             raise RuntimeError("the backend is closed")
         for row in rows:
             self._incoming.put(row)
-        return self._events(rows, len(prompt_ids))
+        return self._events(rows, sum(len(ids) for ids in prompts))
+
+    def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
+        """Mean-pooled, L2-normalised last hidden states, one forward pass for all inputs.
+
+        On the calling thread, beside the engine's: a forward pass without a cache changes no
+        state of the model, so the two need no lock."""
+        import torch
+
+        self.capabilities.check(request)
+        inputs = [self._input_ids(i, value) for i, value in enumerate(request.inputs)]
+        with torch.inference_mode():
+            ids, mask = self._left_pad(inputs)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            out = self._model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
+                              output_hidden_states=True)
+            hidden = out.hidden_states[-1].float()
+            weights = mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1)
+            vectors = torch.nn.functional.normalize(pooled, dim=-1).cpu()
+        return EmbeddingResult(tuple(float32_bytes(v.tolist()) for v in vectors), sum(len(i) for i in inputs))
 
     def close(self, timeout: float = 10.0) -> None:
         """Finish the rows being decoded, fail those still waiting, stop the engine."""
@@ -116,28 +148,51 @@ class TransformersBackend(InferenceBackend):
 
     # --- request side -----------------------------------------------------------
 
-    def _encode(self, request: GenerationRequest) -> list[int]:
-        with self._tokenizer_lock:
-            if request.is_chat:
+    def _encode(self, request: GenerationRequest) -> list[list[int]]:
+        """Token ids of each prompt (a chat is one prompt)."""
+        if request.is_chat:
+            with self._tokenizer_lock:
                 text = self._tokenizer.apply_chat_template([m.as_dict() for m in request.messages],
                                                            add_generation_prompt=True, tokenize=False)
-                return list(self._tokenizer(text, add_special_tokens=False).input_ids)
-            return list(self._tokenizer(request.prompt).input_ids)
+                return [list(self._tokenizer(text, add_special_tokens=False).input_ids)]
+        return [self._input_ids(i, prompt, "prompt") for i, prompt in enumerate(request.prompts)]
 
-    def _rows(self, request: GenerationRequest, prompt_ids: list[int], streaming: bool) -> list[_Row]:
+    def _input_ids(self, index: int, value: str | tuple[int, ...], param: str = "input") -> list[int]:
+        if isinstance(value, str):
+            with self._tokenizer_lock:
+                ids = list(self._tokenizer(value).input_ids)
+        else:
+            ids = list(value)
+            vocab = int(self._model.config.vocab_size)
+            if any(not 0 <= t < vocab for t in ids):
+                raise InvalidRequestError(f"{param}[{index}] holds token ids outside the vocabulary (0..{vocab - 1})",
+                                          param=param)
+        if not ids:
+            raise InvalidRequestError(f"{param}[{index}] is empty", param=param)
+        if len(ids) > self.max_model_len:
+            raise ContextLengthExceededError(f"This model's maximum context length is {self.max_model_len} tokens; "
+                                             f"{param}[{index}] has {len(ids)}", param=param)
+        return ids
+
+    def _rows(self, request: GenerationRequest, prompts: list[list[int]], streaming: bool) -> list[_Row]:
         import torch
 
         params = request.params
-        max_new = self._max_new_tokens(len(prompt_ids), params.max_tokens)
         events: queue.Queue = queue.Queue()
         cancelled = threading.Event()
         rows = []
-        for index in range(params.n):
-            generator = None
-            if params.seed is not None:
-                generator = torch.Generator().manual_seed(params.seed + index)
-            rows.append(_Row(index, prompt_ids, max_new, params.temperature, params.top_p, params.stop,
-                             generator, events, cancelled, IncrementalDecoder(self._decode), streaming=streaming))
+        for p, prompt_ids in enumerate(prompts):
+            max_new = self._max_new_tokens(len(prompt_ids), params.max_tokens)
+            for j in range(params.n):
+                index = p * params.n + j  # OpenAI's numbering for n choices of each prompt
+                generator = None
+                if params.seed is not None:
+                    generator = torch.Generator().manual_seed(params.seed + j)
+                logprobs = None
+                if params.logprobs is not None:
+                    logprobs = LogprobsBuilder(self._token_text, params.logprobs, chat=request.is_chat)
+                rows.append(_Row(index, prompt_ids, max_new, params, generator, events, cancelled,
+                                 IncrementalDecoder(self._decode), logprobs, streaming=streaming))
         return rows
 
     def _max_new_tokens(self, prompt_len: int, max_tokens: int | None) -> int:
@@ -237,8 +292,14 @@ class TransformersBackend(InferenceBackend):
         return self._prune(batch, running)
 
     def _sample_and_advance(self, rows: list[_Row], logits) -> None:
-        tokens = next_tokens(logits, [r.temperature for r in rows], [r.top_p for r in rows],
+        raw = logits
+        if any(r.adjusts_logits for r in rows):
+            logits = adjust_logits(logits, [r.params if r.adjusts_logits else None for r in rows],
+                                   [r.generated for r in rows])
+        tokens = next_tokens(logits, [r.params.temperature for r in rows], [r.params.top_p for r in rows],
                              [r.generator for r in rows])
+        if any(r.logprobs is not None for r in rows):
+            self._record_logprobs(rows, raw, tokens)
         self._advance_rows(rows, tokens)
         for row, token in zip(rows, tokens):
             row.next_input = token
@@ -252,6 +313,22 @@ class TransformersBackend(InferenceBackend):
             batch.keep(keep)
             return [rows[i] for i in keep]
         return rows
+
+    def _record_logprobs(self, rows: list[_Row], logits, tokens: list[int]) -> None:
+        """The chosen tokens' logprobs (of the model's raw distribution, as vLLM reports them)."""
+        wanted = [i for i, r in enumerate(rows) if r.logprobs is not None and not r.finished
+                  and tokens[i] not in self._eos_ids]
+        if not wanted:
+            return
+        top = max(rows[i].params.logprobs or 0 for i in wanted)
+        for i, entry in zip(wanted, token_logprobs(logits[wanted], [tokens[i] for i in wanted], top)):
+            rows[i].logprobs.add(entry)  # type: ignore[union-attr]
+
+    def _token_text(self, token: int) -> str:
+        text = self._token_texts.get(token)
+        if text is None:
+            text = self._token_texts[token] = self._decode([token])
+        return text
 
     def _fail_waiting(self) -> None:
         while True:

@@ -23,6 +23,7 @@ from typing import Mapping, Sequence
 
 import requests
 
+from nexus.inference.capabilities import Capabilities
 from nexus.serving.backends.openai_backend import OpenAIBackend
 from nexus.serving.ray_probe import wait_for_nodes
 from nexus.models.placement import ParallelismPlan
@@ -226,6 +227,8 @@ def _signal_group(process: subprocess.Popen, signum: int) -> None:
 
 class VllmBackend(OpenAIBackend):
     """The OpenAI backend pointed at a vLLM server this backend owns."""
+
+    capabilities = Capabilities("vllm", passthrough=True)
 
     def __init__(self, launch: VllmLaunch, executable: str = "vllm", startup_timeout_seconds: float = 900.0,
                  max_connections: int = 256, log_path: str | None = None) -> None:
