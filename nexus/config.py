@@ -26,13 +26,36 @@ class Mode(str, Enum):
     PRODUCTION = "production"
 
 
+class Role(str, Enum):
+    """Which credentials a process may hold (DEPLOYMENT.md, "Credentials"): the master's processes hold
+    the schema owner and the root keys; a worker node (agent, workers, model servers) only its own."""
+
+    MASTER = "master"
+    WORKER = "worker"
+
+
+# Settings only the master holds: a worker's configuration must leave them out (production refuses it).
+MASTER_ONLY_SECRETS = ("admin_token", "flower_password", "worker_database_password")
+
+
+def worker_role_name(database: str) -> str:
+    """The worker's PostgreSQL role of this database. Roles are cluster-wide, so the database's name is in
+    it: two clusters (or test sessions) on one server never share one."""
+    safe = "".join(c if c.isalnum() or c == "_" else "_" for c in database.lower())
+    return f"nexus_worker_{safe}"[:63]
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="NEXUS_", extra="ignore", frozen=True)
 
     mode: Mode = Mode.DEV
+    role: Role = Role.MASTER  # NEXUS_ROLE: worker.env says worker (see Role)
 
     # --- master services -------------------------------------------------
-    database_url: str = "postgresql+psycopg2://postgres@127.0.0.1:5432/nexus"
+    database_url: str = "postgresql+psycopg2://postgres@127.0.0.1:5432/nexus"  # a worker's: its own role
+    # The master sets this password on the worker role (nexus.jobs.worker_role); workers carry it in
+    # their NEXUS_DATABASE_URL. Empty: no password (trust authentication, dev and tests only).
+    worker_database_password: str = ""
     redis_url: str = "redis://127.0.0.1:6379/0"
     s3_endpoint: str = "127.0.0.1:9000"
     s3_access_key: str = "nexus-dev-access"
@@ -232,6 +255,33 @@ class Settings(BaseSettings):
             "join_token": self.join_token,
             "flower_password": self.flower_password,
         }
+
+    @property
+    def worker_database_url(self) -> str:
+        """What a worker's NEXUS_DATABASE_URL is: the master's database, as the worker role."""
+        from sqlalchemy.engine import make_url
+
+        url = make_url(self.database_url)
+        worker = url.set(username=worker_role_name(url.database or ""),
+                         password=self.worker_database_password or None)
+        return worker.render_as_string(hide_password=False)
+
+    def for_worker(self) -> "Settings":
+        """This master's settings as a worker node gets them: its own database role, no master-only secret."""
+        return self.model_copy(update={"role": Role.WORKER, "database_url": self.worker_database_url,
+                                       **{name: "" for name in MASTER_ONLY_SECRETS}})
+
+    def worker_environment(self) -> dict[str, str]:
+        """NEXUS_* variables of a worker node's processes: every setting of `for_worker`, no master-only one
+        (they are left out, not blanked: a worker never learns there is such a setting)."""
+        worker = self.for_worker()
+        out = {}
+        for name in Settings.model_fields:
+            if name in MASTER_ONLY_SECRETS:
+                continue
+            value = getattr(worker, name)
+            out[f"NEXUS_{name.upper()}"] = value.value if isinstance(value, Enum) else str(value)
+        return out
 
     @property
     def public_api_url(self) -> str:

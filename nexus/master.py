@@ -13,6 +13,7 @@ import threading
 from nexus.auth import ensure_bootstrap_admin, ensure_bootstrap_join
 from nexus.config import Settings
 from nexus.db.migrate import ensure_database, upgrade_head
+from nexus.jobs.worker_role import install_worker_role
 from nexus.services import Services
 
 log = logging.getLogger(__name__)
@@ -26,10 +27,12 @@ def prepare_master(settings: Settings) -> None:
     except Exception as exc:  # a managed database may not let us connect to `postgres`; it exists then
         log.info("not creating the database (%s); assuming it exists", exc)
     upgrade_head(services.engine)
+    install_worker_role(services.engine, settings)
     services.store.ensure_buckets(settings.buckets)
     ensure_bootstrap_admin(services.engine, settings.admin_token)
     ensure_bootstrap_join(services.engine, settings.join_token)
-    log.info("master ready: migrations applied, buckets %s present", ", ".join(settings.buckets))
+    log.info("master ready: migrations applied, worker role installed, buckets %s present",
+             ", ".join(settings.buckets))
 
 
 # The node API carries only register and heartbeat: about 2.6 ms of CPU per beat (bench/heartbeat.py),

@@ -40,12 +40,23 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return env
 
 
+# Processes of a worker node: they get a worker's settings (its own database role, no master-only secret),
+# so every test that runs a job runs it with the restricted credentials.
+NODE_COMMANDS = frozenset({"worker", "agent"})
+
+
+def process_env(settings: Settings, args: list[str]) -> dict[str, str]:
+    """The NEXUS_* variables of `nexus <args>`: a worker node's own for workers and agents, else the master's."""
+    return settings.worker_environment() if args and args[0] in NODE_COMMANDS else settings_env(settings)
+
+
 class NexusProcess:
     """`python -m nexus <args>` with the test settings, its output in a log file."""
 
     def __init__(self, settings: Settings, args: list[str], log_dir: Path, name: str, extra_env: dict | None = None):
         self.args, self.name = args, name
-        self.env = {**os.environ, **settings_env(settings), **(extra_env or {})}
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_")}
+        self.env = {**inherited, **process_env(settings, args), **(extra_env or {})}
         self.log_path = log_dir / f"{name}.log"
         self.process: subprocess.Popen | None = None
 
