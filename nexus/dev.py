@@ -35,10 +35,14 @@ def local_secrets(data_dir: Path) -> dict[str, str]:
     """Secrets generated on first start and reused after, so restarts keep tokens and data valid."""
     path = data_dir / "secrets.json"
     if path.exists():
-        return json.loads(path.read_text())
+        values = json.loads(path.read_text())
+        if "worker_database_password" not in values:  # written before workers had a role of their own
+            values["worker_database_password"] = secrets.token_urlsafe(24)
+            path.write_text(json.dumps(values, indent=2))
+        return values
     values = {"admin_token": "nx_" + secrets.token_urlsafe(32), "join_token": "nxj_" + secrets.token_urlsafe(32),
               "flower_password": secrets.token_urlsafe(18), "s3_access_key": "nexus-" + secrets.token_hex(6),
-              "s3_secret_key": secrets.token_urlsafe(30)}
+              "s3_secret_key": secrets.token_urlsafe(30), "worker_database_password": secrets.token_urlsafe(24)}
     data_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(values, indent=2))
     path.chmod(0o600)
@@ -97,12 +101,17 @@ class LocalCluster:
     # --- nexus processes ---------------------------------------------------------------------
     def child_specs(self, settings: Settings) -> list[ChildSpec]:
         names = {"database_url", "redis_url", "s3_endpoint", "s3_access_key", "s3_secret_key", "admin_token",
-                 "join_token", "flower_password", "api_port", "api_host", "node_api_port", "data_dir"}
+                 "join_token", "flower_password", "api_port", "api_host", "node_api_port", "data_dir",
+                 "worker_database_password"}
         env = {**_inherited_env(), **settings_env(settings, names), "NEXUS_URL": settings.public_api_url}
         specs = [ChildSpec("api", (*NEXUS, "master", "--workers", "1"), env),
                  ChildSpec("reconciler", (*NEXUS, "reconciler"), env),
                  ChildSpec("flower", (*NEXUS, "flower"), env)]
-        specs += [self._agent_spec(i, env) for i in range(1, self.workers + 1)]
+        # Agents and their workers hold a worker's credentials only: the worker database role, no admin
+        # token, no Flower password (docs/ARCHITECTURE.md, "Roles hold only what they need").
+        node_env = {**_inherited_env(for_node=True), **settings.worker_environment(),
+                    "NEXUS_URL": settings.public_api_url}
+        specs += [self._agent_spec(i, node_env) for i in range(1, self.workers + 1)]
         return specs
 
     def _agent_spec(self, index: int, env: dict) -> ChildSpec:
@@ -184,8 +193,14 @@ Try:  curl -s -X POST {cluster['api_url']}/api/v1/jobs -H "Authorization: Bearer
 """, flush=True)
 
 
-def _inherited_env() -> dict[str, str]:
-    """Children inherit the launcher's environment (any NEXUS_* the user set), ours on top."""
+def _inherited_env(for_node: bool = False) -> dict[str, str]:
+    """Children inherit the launcher's environment (any NEXUS_* the user set), ours on top;
+    `for_node` leaves out the master's secrets (and its database URL) for a worker node."""
     import os
 
-    return dict(os.environ)
+    from nexus.config import MASTER_ONLY_SECRETS
+
+    if not for_node:
+        return dict(os.environ)
+    withheld = {f"NEXUS_{name.upper()}" for name in (*MASTER_ONLY_SECRETS, "database_url")}
+    return {k: v for k, v in os.environ.items() if k not in withheld}
