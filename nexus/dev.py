@@ -106,6 +106,7 @@ class LocalCluster:
         env = {**_inherited_env(), **settings_env(settings, names), "NEXUS_URL": settings.public_api_url}
         specs = [ChildSpec("api", (*NEXUS, "master", "--workers", "1"), env),
                  ChildSpec("reconciler", (*NEXUS, "reconciler"), env),
+                 ChildSpec("verifier", (*NEXUS, "verifier"), env),  # proofs' verdicts: the master's
                  ChildSpec("flower", (*NEXUS, "flower"), env)]
         # Agents and their workers hold a worker's credentials only: the worker database role, no admin
         # token, no Flower password (docs/ARCHITECTURE.md, "Roles hold only what they need").

@@ -3,7 +3,8 @@
     settings    Settings pointing at this session's servers (short leases and backoffs)
     services    nexus.services.Services for those settings (engine, celery, redis, store, submitter)
     app/api     the Flask app and its test client; `auth(token)` builds headers
-    worker      one real `nexus worker` process for the session
+    worker      one real `nexus worker` process for the session, with a worker's credentials
+    verifier    the master's own worker (`nexus verifier`): proofs' verdicts
     live_api    a real gunicorn API process: (url, admin token)
 Tables and Redis are emptied before each test that uses `services`.
 """
@@ -153,6 +154,15 @@ def admin_headers() -> dict:
 @pytest.fixture(scope="session")
 def worker(settings, session_dir):
     process = start_worker(settings, session_dir, name="session-worker")
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="session")
+def verifier(settings, session_dir):
+    """The master's own worker (master credentials): it runs the jobs no node may record, a proof's verdict."""
+    process = NexusProcess(settings, ["verifier"], session_dir, "verifier").start()
+    process.wait_for_log("ready.")
     yield process
     process.stop()
 

@@ -22,6 +22,7 @@ from nexus.db.functions import WORKER_ROLE_MARK, DefinerFunction
 from nexus.db.prepared import Prepared
 from nexus.jobs.failures import FailureKind
 from nexus.jobs.records import Claimed, Job, Lease, Outcome, project, returning, select_list
+from nexus.queueing.routing import MASTER_QUEUE_PREFIX
 from nexus.jobs.states import ACTIVE_STATES, CLAIMABLE_STATES, RETRYABLE_BY_HAND, JobState, sql_in
 
 
@@ -245,14 +246,16 @@ _EVENT_PARAMS = {"event_node": "text", "event_message": "text", "event_failure_k
 # lease renewals and completion find no matching row and are discarded, and the reconciler
 # re-publishes the job. Submission and completion stay synchronous: clients are told about those.
 # The claim draws the attempt's lease token: only the claimer learns it, and every later write
-# of the attempt (renewal, progress, children, outcome) must show it.
+# of the attempt (renewal, progress, children, outcome) must show it. The worker role may not claim
+# a job of the master's queues (a proof's verification: nexus.jobs.registry.JobType.runs_on_master).
 CLAIM = DefinerFunction("nexus_w_claim", {"id": "uuid", "attempt": "int", "node": "text", "lease": "float8",
                                           **_EVENT_PARAMS},
                         transition_returns(_fields(Claimed)), _transition_sql(
     JobState.RUNNING.value,
     where=f"""{sql_in("j.state", CLAIMABLE_STATES)} AND j.attempt = :attempt - 1
               AND j.attempt < j.max_attempts AND NOT j.cancel_requested
-              AND (j.not_before IS NULL OR j.not_before <= now())""",
+              AND (j.not_before IS NULL OR j.not_before <= now())
+              AND (j.queue NOT LIKE '{MASTER_QUEUE_PREFIX}%' OR session_user <> '{WORKER_ROLE_MARK}')""",
     sets="""attempt = j.attempt + 1, node = :node, started_at = now(), heartbeat_at = now(),
             lease_expires_at = now() + make_interval(secs => :lease), error = NULL,
             lease_token = gen_random_uuid()""",

@@ -41,6 +41,9 @@ class JobType:
     # How many child jobs a job with this payload will create, when the payload alone says so
     # (None: not known before it runs). Checked against Settings.max_children_per_job at submit time.
     fan_out: Callable[[Any, "Settings"], int | None] | None = None
+    # Runs on the master only (`nexus verifier`), never on a node: what it records must not come from a
+    # party it judges (a proof's verdict: its provers are nodes). Its queue is `master.<name>`.
+    runs_on_master: bool = False
 
 
 class UnknownJobType(KeyError):
@@ -68,6 +71,12 @@ def _load_entry_points() -> None:
             obj = ep.load()
             register(obj if isinstance(obj, JobType) else JobType(name=ep.name, run=obj))
         _loaded = True
+
+
+def master_job_types() -> list[str]:
+    """The types `nexus verifier` runs."""
+    _load_entry_points()
+    return sorted(name for name, job_type in _registry.items() if job_type.runs_on_master)
 
 
 def get_job_type(name: str) -> JobType:

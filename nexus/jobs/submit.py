@@ -27,7 +27,7 @@ from nexus.jobs.registry import UnknownJobType, get_job_type, job_type_names, pu
 from nexus.jobs.schemas import JobRequest
 from nexus.jobs.states import JobState
 from nexus.queueing.message import JobMessage, publish_all
-from nexus.queueing.routing import Requirements, route_for, vram_thresholds
+from nexus.queueing.routing import Requirements, master_queue, route_for, vram_thresholds
 from nexus.replicas.lsn import commit_lsn
 
 class SubmissionError(ValueError):
@@ -92,7 +92,8 @@ def build_spec(raw: Any, settings: Settings, tenant: str, parent_id: uuid.UUID |
             raise SubmissionError(str(exc), {"field": "payload", **exc.details}) from None
     return JobSpec(
         type=request.type,
-        queue=route_for(requirements, vram_thresholds(settings)),
+        queue=master_queue(request.type) if job_type.runs_on_master else route_for(requirements,
+                                                                                   vram_thresholds(settings)),
         payload=payload,
         input_key=request.input_key,
         requirements=requirements.to_dict(),

@@ -262,4 +262,7 @@ proof = JobType(name=PROOF_TYPE, run=run_proof, validate=validate_proof, accepts
 # Internal: segments are the proof's children, verification is started by POST /api/v1/proofs/<id>/verify.
 proof_segment = JobType(name=SEGMENT_TYPE, run=run_segment, validate=validate_segment, accepts_input=False,
                         public=False)
-proof_verify = JobType(name=VERIFY_TYPE, run=run_verify, validate=validate_verify, accepts_input=False, public=False)
+# The verdict, and with it the proven weight, is recorded by the master's own verifier: a node may be
+# among the proof's provers, and a prover must not judge its own work.
+proof_verify = JobType(name=VERIFY_TYPE, run=run_verify, validate=validate_verify, accepts_input=False, public=False,
+                       runs_on_master=True)

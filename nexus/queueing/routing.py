@@ -97,3 +97,12 @@ def route_for(req: Requirements, thresholds: dict[Tier, int]) -> str:
 
 def model_queue(model: str) -> str:
     return MODEL_QUEUE_PREFIX + model
+
+
+# Jobs only the master's own workers run (`nexus verifier`, with the master's credentials): the worker
+# database role may not claim a job on such a queue (nexus.jobs.lifecycle), so no node records them.
+MASTER_QUEUE_PREFIX = "master."
+
+
+def master_queue(job_type: str) -> str:
+    return MASTER_QUEUE_PREFIX + job_type

@@ -142,6 +142,22 @@ def test_children_belong_to_the_parents_tenant_and_lease(intruder, services):
     assert tuple(child) == ("victim", mine)  # the tenant the caller named is not the one it got
 
 
+def test_a_worker_cannot_take_or_record_a_proofs_verification(intruder, services):
+    """A proof's verdict (and with it the proven weight) is the master's: its provers are nodes, and the
+    worker role can neither claim a verification nor write one by any other way."""
+    [(verify, _)] = services.submitter.submit_many(
+        [{"type": "proof_verify", "payload": {"proof_id": str(uuid.uuid4())}}], tenant="default", allow_internal=True)
+    assert verify.queue == "master.proof_verify"
+    with intruder.connect() as conn:
+        assert lifecycle.claim(conn, verify.id, 1, "a-prover", 60) is None
+        assert lifecycle.complete(conn, verify.id, 1, "a-prover", {"verdict": {"accepted": True}}, None) is None
+    assert refused(intruder, "UPDATE jobs SET result = '{\"verdict\": {\"accepted\": true}}'::jsonb "
+                             "WHERE id = :id", {"id": verify.id})
+    assert job_state(services, verify.id) == "queued"
+    with services.engine.begin() as conn:  # the master's own verifier may
+        assert lifecycle.claim(conn, verify.id, 1, "master", 60) is not None
+
+
 def job_state(services, job_id) -> str:
     with services.engine.connect() as conn:
         return conn.execute(text("SELECT state FROM jobs WHERE id = :id"), {"id": job_id}).scalar_one()
