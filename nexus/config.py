@@ -249,12 +249,45 @@ class Settings(BaseSettings):
         return self
 
     def secrets(self) -> dict[str, str]:
-        return {
-            "s3_secret_key": self.s3_secret_key,
-            "admin_token": self.admin_token,
-            "join_token": self.join_token,
-            "flower_password": self.flower_password,
-        }
+        """The secrets this role must hold, each strong in production (a worker holds no master-only one)."""
+        held = {"s3_secret_key": self.s3_secret_key, "join_token": self.join_token}
+        if self.role is Role.MASTER:
+            held.update(admin_token=self.admin_token, flower_password=self.flower_password,
+                        worker_database_password=self.worker_database_password)
+        return held
+
+    @model_validator(mode="after")
+    def _production_keeps_roles_apart(self) -> "Settings":
+        """A worker's configuration holds only a worker's credentials; every store is reached with a password."""
+        if self.mode is not Mode.PRODUCTION:
+            return self
+        problems = []
+        if self.role is Role.WORKER:
+            held = [name for name in MASTER_ONLY_SECRETS if name in self.model_fields_set and getattr(self, name)]
+            if held:
+                problems.append("a worker holds master-only secrets: remove "
+                                + ", ".join(f"NEXUS_{n.upper()}" for n in held))
+            user, database = self._database_user()
+            if user is not None and user != worker_role_name(database):
+                problems.append(f"a worker's NEXUS_DATABASE_URL must log in as the worker role "
+                                f"{worker_role_name(database)!r}, not {user!r}")
+        passwordless = [name for name, password in self.url_passwords().items() if not password]
+        if passwordless:
+            problems.append("passwordless connection URLs: "
+                            + ", ".join(f"NEXUS_{n.upper()}" for n in passwordless))
+        if problems:
+            raise ValueError("production mode refuses this configuration: " + "; ".join(problems)
+                             + " (DEPLOYMENT.md, \"Credentials\")")
+        return self
+
+    def _database_user(self) -> tuple[str | None, str]:
+        from sqlalchemy.engine import make_url
+
+        try:
+            url = make_url(self.database_url)
+        except Exception:  # not a URL: the driver will say so
+            return None, ""
+        return url.username, url.database or ""
 
     @property
     def worker_database_url(self) -> str:
