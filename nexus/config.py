@@ -35,7 +35,18 @@ class Role(str, Enum):
 
 
 # Settings only the master holds: a worker's configuration must leave them out (production refuses it).
-MASTER_ONLY_SECRETS = ("admin_token", "flower_password", "worker_database_password")
+MASTER_ONLY_SECRETS = ("admin_token", "flower_password", "worker_database_password", "worker_redis_password")
+
+# The workers' Redis ACL user: every key and channel (Celery's queues, results and bindings, the job
+# notices, the token streams, the activity and probe keys), no administrative or dangerous command
+# (CONFIG, ACL, FLUSHALL, FLUSHDB, KEYS, DEBUG, SHUTDOWN, MONITOR, REPLICAOF, ...).
+WORKER_REDIS_USER = "nexus-worker"
+WORKER_REDIS_RULES = "~* &* +@all -@admin -@dangerous"
+
+
+def worker_redis_acl(password: str) -> str:
+    """The ACL rules of the workers' user, as a Redis `user` directive's arguments."""
+    return f"on >{password} {WORKER_REDIS_RULES}"
 
 
 def worker_role_name(database: str) -> str:
@@ -56,6 +67,9 @@ class Settings(BaseSettings):
     # The master sets this password on the worker role (nexus.jobs.worker_role); workers carry it in
     # their NEXUS_DATABASE_URL. Empty: no password (trust authentication, dev and tests only).
     worker_database_password: str = ""
+    # The workers' Redis ACL user's password (WORKER_REDIS_USER): workers carry it in their NEXUS_REDIS_URL.
+    # Empty: workers share the master's Redis login (dev without ACL users).
+    worker_redis_password: str = ""
     redis_url: str = "redis://127.0.0.1:6379/0"
     s3_endpoint: str = "127.0.0.1:9000"
     s3_access_key: str = "nexus-dev-access"
@@ -253,7 +267,8 @@ class Settings(BaseSettings):
         held = {"s3_secret_key": self.s3_secret_key, "join_token": self.join_token}
         if self.role is Role.MASTER:
             held.update(admin_token=self.admin_token, flower_password=self.flower_password,
-                        worker_database_password=self.worker_database_password)
+                        worker_database_password=self.worker_database_password,
+                        worker_redis_password=self.worker_redis_password)
         return held
 
     @model_validator(mode="after")
@@ -299,9 +314,22 @@ class Settings(BaseSettings):
                          password=self.worker_database_password or None)
         return worker.render_as_string(hide_password=False)
 
+    @property
+    def worker_redis_url(self) -> str:
+        """What a worker's NEXUS_REDIS_URL is: the master's Redis, as the workers' ACL user (when it has one)."""
+        if not self.worker_redis_password:
+            return self.redis_url
+        from sqlalchemy.engine import make_url
+
+        url = make_url(self.redis_url)  # the same URL grammar: scheme://user:password@host:port/db
+        return url.set(username=WORKER_REDIS_USER, password=self.worker_redis_password).render_as_string(
+            hide_password=False)
+
     def for_worker(self) -> "Settings":
-        """This master's settings as a worker node gets them: its own database role, no master-only secret."""
+        """This master's settings as a worker node gets them: its own database role and Redis user, no
+        master-only secret."""
         return self.model_copy(update={"role": Role.WORKER, "database_url": self.worker_database_url,
+                                       "redis_url": self.worker_redis_url,
                                        **{name: "" for name in MASTER_ONLY_SECRETS}})
 
     def worker_environment(self) -> dict[str, str]:

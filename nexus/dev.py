@@ -22,7 +22,7 @@ from pathlib import Path
 import requests
 
 from nexus.supervisor import ChildSpec, RestartPolicy, Supervisor
-from nexus.config import Settings
+from nexus.config import WORKER_REDIS_USER, Settings, worker_redis_acl
 from nexus.queueing.health import StuckWorkers
 from nexus.localservers import LocalServer, PostgresServer, RedisServer, S3Server, free_port
 
@@ -36,13 +36,15 @@ def local_secrets(data_dir: Path) -> dict[str, str]:
     path = data_dir / "secrets.json"
     if path.exists():
         values = json.loads(path.read_text())
-        if "worker_database_password" not in values:  # written before workers had a role of their own
-            values["worker_database_password"] = secrets.token_urlsafe(24)
+        added = {"worker_database_password": secrets.token_urlsafe(24), "worker_redis_password": secrets.token_hex(20)}
+        if set(added) - set(values):  # written before workers had credentials of their own
+            values = {**added, **values}
             path.write_text(json.dumps(values, indent=2))
         return values
     values = {"admin_token": "nx_" + secrets.token_urlsafe(32), "join_token": "nxj_" + secrets.token_urlsafe(32),
               "flower_password": secrets.token_urlsafe(18), "s3_access_key": "nexus-" + secrets.token_hex(6),
-              "s3_secret_key": secrets.token_urlsafe(30), "worker_database_password": secrets.token_urlsafe(24)}
+              "s3_secret_key": secrets.token_urlsafe(30), "worker_database_password": secrets.token_urlsafe(24),
+              "worker_redis_password": secrets.token_hex(20)}
     data_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(values, indent=2))
     path.chmod(0o600)
@@ -71,7 +73,13 @@ class LocalCluster:
             pg = self._start(PostgresServer(self.data_dir / "postgres", self._port("postgres")))
             overrides["database_url"] = pg.url_for("nexus")
         if "redis_url" not in given:
-            overrides["redis_url"] = self._start(RedisServer(self.data_dir / "redis", self._port("redis"))).url
+            # With the workers' ACL user: agents and workers use the broker as workers may.
+            worker_password = overrides.get("worker_redis_password") or self.base.worker_redis_password
+            users = {WORKER_REDIS_USER: worker_redis_acl(worker_password)} if worker_password else {}
+            overrides["redis_url"] = self._start(RedisServer(self.data_dir / "redis", self._port("redis"),
+                                                             users=users)).url
+        elif "worker_redis_password" not in given:
+            overrides.pop("worker_redis_password", None)  # a Redis of the user's own has no such user
         if "s3_endpoint" not in given:
             keys = {k: overrides.get(k) or getattr(self.base, k) for k in ("s3_access_key", "s3_secret_key")}
             s3 = self._start(S3Server(self.data_dir / "s3", self._port("s3"), access_key=keys["s3_access_key"],
@@ -102,7 +110,7 @@ class LocalCluster:
     def child_specs(self, settings: Settings) -> list[ChildSpec]:
         names = {"database_url", "redis_url", "s3_endpoint", "s3_access_key", "s3_secret_key", "admin_token",
                  "join_token", "flower_password", "api_port", "api_host", "node_api_port", "data_dir",
-                 "worker_database_password"}
+                 "worker_database_password", "worker_redis_password"}
         env = {**_inherited_env(), **settings_env(settings, names), "NEXUS_URL": settings.public_api_url}
         specs = [ChildSpec("api", (*NEXUS, "master", "--workers", "1"), env),
                  ChildSpec("reconciler", (*NEXUS, "reconciler"), env),

@@ -21,13 +21,13 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.engine import make_url
 
 from nexus.auth import hash_token
-from nexus.config import Settings
+from nexus.config import WORKER_REDIS_USER, Settings, worker_redis_acl
 from nexus.db.engine import dispose_engines
 from nexus.localservers import PostgresServer, RedisServer, S3Server, free_port
 from nexus.master import prepare_master
 from nexus.services import Services
-from tests.support import (ADMIN_TOKEN, JOIN_TOKEN, S3_ACCESS, S3_SECRET, NexusProcess, port_open, start_api,
-                           start_worker)
+from tests.support import (ADMIN_TOKEN, JOIN_TOKEN, S3_ACCESS, S3_SECRET, WORKER_REDIS_PASSWORD, NexusProcess,
+                           port_open, start_api, start_worker)
 
 SYSTEM_PG = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
 
@@ -61,7 +61,9 @@ def postgres_url(session_dir):
 
 @pytest.fixture(scope="session")
 def redis_server(session_dir):
-    with RedisServer(session_dir / "redis") as server:
+    # With the workers' ACL user, so every test's workers use the broker as a worker's credentials allow.
+    with RedisServer(session_dir / "redis", users={WORKER_REDIS_USER: worker_redis_acl(WORKER_REDIS_PASSWORD)}) \
+            as server:
         yield server
 
 
@@ -76,6 +78,7 @@ def settings(postgres_url, redis_server, s3_server, session_dir) -> Settings:
     settings = Settings(
         database_url=postgres_url, redis_url=redis_server.url, s3_endpoint=s3_server.endpoint,
         s3_access_key=S3_ACCESS, s3_secret_key=S3_SECRET, admin_token=ADMIN_TOKEN, join_token=JOIN_TOKEN,
+        worker_redis_password=WORKER_REDIS_PASSWORD,
         api_port=free_port(), node_api_port=free_port(), data_dir=session_dir / "data",
         job_lease_seconds=3.0, job_heartbeat_seconds=0.5, retry_backoff_base_seconds=0.2,
         retry_backoff_max_seconds=1.0, reconcile_interval_seconds=0.5,

@@ -23,6 +23,7 @@ from nexus.config import Settings
 ADMIN_TOKEN = "nx_test-admin-token-" + uuid.uuid4().hex
 JOIN_TOKEN = "nxj_test-join-token-" + uuid.uuid4().hex
 S3_ACCESS, S3_SECRET = "nexus-test-access", "nexus-test-secret-key"
+WORKER_REDIS_PASSWORD = "nexus-test-worker-redis-" + uuid.uuid4().hex
 
 
 def port_open(host: str, port: int) -> bool:

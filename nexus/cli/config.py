@@ -32,8 +32,8 @@ _LINE = re.compile(r"^(?P<key>[A-Za-z_][A-Za-z0-9_]*)=(?P<value>.*)$")
 # What a worker needs from the master's settings (never the admin token, the Flower or Grafana password,
 # nor the database owner's: workers get a role of their own, DEPLOYMENT.md "Credentials").
 SHARED_WITH_WORKERS = ("MASTER_HOST_IP", "NEXUS_JOIN_TOKEN", "POSTGRES_DB", "WORKER_DATABASE_USER",
-                       "WORKER_DATABASE_PASSWORD", "REDIS_PASSWORD", "NEXUS_S3_ACCESS_KEY", "NEXUS_S3_SECRET_KEY",
-                       "REPLICATION_USER", "REPLICATION_PASSWORD")
+                       "WORKER_DATABASE_PASSWORD", "WORKER_REDIS_PASSWORD", "REDIS_REPLICATION_PASSWORD",
+                       "NEXUS_S3_ACCESS_KEY", "NEXUS_S3_SECRET_KEY", "REPLICATION_USER", "REPLICATION_PASSWORD")
 TOKEN_PREFIXES = {"NEXUS_ADMIN_TOKEN": "nx_", "NEXUS_JOIN_TOKEN": "nxj_"}
 
 
@@ -120,11 +120,12 @@ def master_values(template: dict[str, str], answers: Answers, rotate: bool) -> d
 
 
 def worker_credentials(master: dict[str, str]) -> dict[str, str]:
-    """The worker's database login, from bento.env (or an earlier worker.env): its role and password."""
+    """The worker's database and broker logins, from bento.env (or an earlier worker.env)."""
     if "NEXUS_WORKER_DATABASE_PASSWORD" not in master:  # already a worker.env
         return {}
     return {"WORKER_DATABASE_USER": worker_role_name(master.get("POSTGRES_DB", "nexus")),
-            "WORKER_DATABASE_PASSWORD": master["NEXUS_WORKER_DATABASE_PASSWORD"]}
+            "WORKER_DATABASE_PASSWORD": master["NEXUS_WORKER_DATABASE_PASSWORD"],
+            "WORKER_REDIS_PASSWORD": master["NEXUS_WORKER_REDIS_PASSWORD"]}
 
 
 def worker_values(master: dict[str, str], answers: Answers) -> dict[str, str]:

@@ -158,6 +158,21 @@ def test_a_worker_cannot_take_or_record_a_proofs_verification(intruder, services
         assert lifecycle.claim(conn, verify.id, 1, "master", 60) is not None
 
 
+def test_a_workers_redis_user_may_not_administer_the_broker(stolen, services):
+    """The broker's queues and streams, yes; CONFIG, ACL, FLUSHALL, KEYS, DEBUG, SHUTDOWN, no."""
+    import redis
+
+    assert stolen["NEXUS_REDIS_URL"].startswith("redis://nexus-worker:")
+    broker = redis.Redis.from_url(stolen["NEXUS_REDIS_URL"], socket_timeout=5)
+    broker.lpush("cpu_only-probe", "x") and broker.delete("cpu_only-probe")  # queues: allowed
+    for command in (("CONFIG", "SET", "appendonly", "no"), ("CONFIG", "GET", "requirepass"), ("ACL", "LIST"),
+                    ("ACL", "SETUSER", "nexus-worker", "+@all"), ("FLUSHALL",), ("FLUSHDB",), ("KEYS", "*"),
+                    ("DEBUG", "SLEEP", "0"), ("SHUTDOWN", "NOSAVE"), ("REPLICAOF", "127.0.0.1", "1")):
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            broker.execute_command(*command)
+    assert services.redis.ping()  # the broker is still up
+
+
 def job_state(services, job_id) -> str:
     with services.engine.connect() as conn:
         return conn.execute(text("SELECT state FROM jobs WHERE id = :id"), {"id": job_id}).scalar_one()

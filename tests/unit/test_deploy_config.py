@@ -58,14 +58,17 @@ def test_master_config_writes_both_files_with_strong_secrets(folder):
     assert master["MASTER_HOST_IP"] == worker["MASTER_HOST_IP"] == "10.20.0.5"
     assert master["CLUSTER_SUBNET"] == "10.20.0.0/24" and master["COMPOSE_PROFILES"] == "monitoring"
     derived = {"WORKER_DATABASE_USER": "nexus_worker_nexus",
-               "WORKER_DATABASE_PASSWORD": master["NEXUS_WORKER_DATABASE_PASSWORD"]}
+               "WORKER_DATABASE_PASSWORD": master["NEXUS_WORKER_DATABASE_PASSWORD"],
+               "WORKER_REDIS_PASSWORD": master["NEXUS_WORKER_REDIS_PASSWORD"]}
     for name in SHARED_WITH_WORKERS:
         assert worker[name] == derived.get(name, master.get(name)), name
     # The worker holds its own database role, never the owner's, nor the admin token or Flower's password.
     for master_only in ("NEXUS_ADMIN_TOKEN", "GRAFANA_ADMIN_PASSWORD", "NEXUS_FLOWER_PASSWORD", "POSTGRES_PASSWORD",
-                        "POSTGRES_USER", "NEXUS_WORKER_DATABASE_PASSWORD"):
+                        "POSTGRES_USER", "NEXUS_WORKER_DATABASE_PASSWORD", "REDIS_PASSWORD",
+                        "NEXUS_WORKER_REDIS_PASSWORD"):
         assert master_only not in worker, master_only
     assert master["POSTGRES_PASSWORD"] not in (folder / "worker.env").read_text()
+    assert master["REDIS_PASSWORD"] not in (folder / "worker.env").read_text()
     assert worker["NEXUS_NODE_NAME"] == ""  # each worker names itself
     for name in ENV_FILES:
         assert stat.S_IMODE((folder / ENV_FILES[name].name).stat().st_mode) == 0o600

@@ -10,6 +10,7 @@ from nexus.config import MASTER_ONLY_SECRETS, Role, Settings, worker_role_name
 STRONG = "Str0ng" + "x" * 30
 MASTER = {"mode": "production", "s3_secret_key": STRONG + "s", "admin_token": STRONG + "a", "join_token": STRONG + "j",
           "flower_password": STRONG + "f", "worker_database_password": STRONG + "w",
+          "worker_redis_password": STRONG + "v",
           "database_url": f"postgresql+psycopg2://nexus:{STRONG}p@db:5432/nexus",
           "redis_url": f"redis://:{STRONG}r@redis:6379/0"}
 
@@ -20,6 +21,7 @@ def test_a_masters_worker_settings_hold_only_the_workers_credentials():
     assert not {f"NEXUS_{name.upper()}" for name in MASTER_ONLY_SECRETS} & set(worker_env)
     assert worker_env["NEXUS_ROLE"] == "worker"
     assert worker_env["NEXUS_DATABASE_URL"] == f"postgresql+psycopg2://nexus_worker_nexus:{STRONG}w@db:5432/nexus"
+    assert worker_env["NEXUS_REDIS_URL"] == f"redis://nexus-worker:{STRONG}v@redis:6379/0"
     worker = Settings(**{k[len("NEXUS_"):].lower(): v for k, v in worker_env.items()})  # production accepts it
     assert worker.role is Role.WORKER and worker.mode.value == "production"
 
