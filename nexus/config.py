@@ -35,7 +35,8 @@ class Role(str, Enum):
 
 
 # Settings only the master holds: a worker's configuration must leave them out (production refuses it).
-MASTER_ONLY_SECRETS = ("admin_token", "flower_password", "worker_database_password", "worker_redis_password")
+MASTER_ONLY_SECRETS = ("admin_token", "flower_password", "worker_database_password", "worker_redis_password",
+                       "worker_s3_secret_key")
 
 # The workers' Redis ACL user: every key and channel (Celery's queues, results and bindings, the job
 # notices, the token streams, the activity and probe keys), no administrative or dangerous command
@@ -80,6 +81,11 @@ class Settings(BaseSettings):
     bucket_outputs: str = "nexus-outputs"
     bucket_receipts: str = "nexus-receipts"
     bucket_models: str = "nexus-models"
+    # The workers' object-store key pair (a SeaweedFS identity or MinIO user whose policy is
+    # `worker_bucket_actions`): workers carry it as their NEXUS_S3_ACCESS_KEY / NEXUS_S3_SECRET_KEY, never the
+    # root keys above. Empty: workers hold the root keys (dev with a store of the user's own).
+    worker_s3_access_key: str = ""
+    worker_s3_secret_key: str = ""
     presign_expiry_seconds: int = Field(900, ge=1, le=7 * 24 * 3600)
 
     # --- API ----------------------------------------------------------------
@@ -328,9 +334,19 @@ class Settings(BaseSettings):
     def for_worker(self) -> "Settings":
         """This master's settings as a worker node gets them: its own database role and Redis user, no
         master-only secret."""
+        scoped_s3 = {"s3_access_key": self.worker_s3_access_key, "s3_secret_key": self.worker_s3_secret_key,
+                     "worker_s3_access_key": ""} if self.worker_s3_access_key else {}
         return self.model_copy(update={"role": Role.WORKER, "database_url": self.worker_database_url,
-                                       "redis_url": self.worker_redis_url,
+                                       "redis_url": self.worker_redis_url, **scoped_s3,
                                        **{name: "" for name in MASTER_ONLY_SECRETS}})
+
+    def worker_bucket_actions(self) -> tuple[str, ...]:
+        """What the workers' object-store key may do, per bucket: read inputs and model files, read and write
+        outputs and receipts (segment results, a proof's receipt, batch parts); never write an input or a
+        model file, create or delete a bucket."""
+        return (f"Read:{self.bucket_inputs}", f"Read:{self.bucket_models}",
+                f"Read:{self.bucket_outputs}", f"Write:{self.bucket_outputs}", f"List:{self.bucket_outputs}",
+                f"Read:{self.bucket_receipts}", f"Write:{self.bucket_receipts}", f"List:{self.bucket_receipts}")
 
     def worker_environment(self) -> dict[str, str]:
         """NEXUS_* variables of a worker node's processes: every setting of `for_worker`, no master-only one

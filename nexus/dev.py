@@ -25,6 +25,7 @@ from nexus.supervisor import ChildSpec, RestartPolicy, Supervisor
 from nexus.config import WORKER_REDIS_USER, Settings, worker_redis_acl
 from nexus.queueing.health import StuckWorkers
 from nexus.localservers import LocalServer, PostgresServer, RedisServer, S3Server, free_port
+from nexus.localservers.s3 import ScopedKey
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,9 @@ def local_secrets(data_dir: Path) -> dict[str, str]:
     path = data_dir / "secrets.json"
     if path.exists():
         values = json.loads(path.read_text())
-        added = {"worker_database_password": secrets.token_urlsafe(24), "worker_redis_password": secrets.token_hex(20)}
+        added = {"worker_database_password": secrets.token_urlsafe(24), "worker_redis_password": secrets.token_hex(20),
+                 "worker_s3_access_key": "nexus-worker-" + secrets.token_hex(4),
+                 "worker_s3_secret_key": secrets.token_urlsafe(30)}
         if set(added) - set(values):  # written before workers had credentials of their own
             values = {**added, **values}
             path.write_text(json.dumps(values, indent=2))
@@ -44,7 +47,8 @@ def local_secrets(data_dir: Path) -> dict[str, str]:
     values = {"admin_token": "nx_" + secrets.token_urlsafe(32), "join_token": "nxj_" + secrets.token_urlsafe(32),
               "flower_password": secrets.token_urlsafe(18), "s3_access_key": "nexus-" + secrets.token_hex(6),
               "s3_secret_key": secrets.token_urlsafe(30), "worker_database_password": secrets.token_urlsafe(24),
-              "worker_redis_password": secrets.token_hex(20)}
+              "worker_redis_password": secrets.token_hex(20), "worker_s3_access_key": "nexus-worker-" + secrets.token_hex(4),
+              "worker_s3_secret_key": secrets.token_urlsafe(30)}
     data_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(values, indent=2))
     path.chmod(0o600)
@@ -82,9 +86,14 @@ class LocalCluster:
             overrides.pop("worker_redis_password", None)  # a Redis of the user's own has no such user
         if "s3_endpoint" not in given:
             keys = {k: overrides.get(k) or getattr(self.base, k) for k in ("s3_access_key", "s3_secret_key")}
+            worker_key = [ScopedKey("nexus-worker", overrides["worker_s3_access_key"], overrides["worker_s3_secret_key"],
+                                    self.base.worker_bucket_actions())] if overrides.get("worker_s3_access_key") else []
             s3 = self._start(S3Server(self.data_dir / "s3", self._port("s3"), access_key=keys["s3_access_key"],
-                                      secret_key=keys["s3_secret_key"]))
+                                      secret_key=keys["s3_secret_key"], scoped_keys=worker_key))
             overrides["s3_endpoint"] = s3.endpoint
+        elif "worker_s3_access_key" not in given:  # a store of the user's own has no such key
+            overrides.pop("worker_s3_access_key", None)
+            overrides.pop("worker_s3_secret_key", None)
         if "node_api_port" not in given:  # agents beat there (Settings.agent_api_url); a port kept across restarts
             overrides["node_api_port"] = self._port("node_api")
         overrides["data_dir"] = self.data_dir
@@ -110,7 +119,7 @@ class LocalCluster:
     def child_specs(self, settings: Settings) -> list[ChildSpec]:
         names = {"database_url", "redis_url", "s3_endpoint", "s3_access_key", "s3_secret_key", "admin_token",
                  "join_token", "flower_password", "api_port", "api_host", "node_api_port", "data_dir",
-                 "worker_database_password", "worker_redis_password"}
+                 "worker_database_password", "worker_redis_password", "worker_s3_access_key", "worker_s3_secret_key"}
         env = {**_inherited_env(), **settings_env(settings, names), "NEXUS_URL": settings.public_api_url}
         specs = [ChildSpec("api", (*NEXUS, "master", "--workers", "1"), env),
                  ChildSpec("reconciler", (*NEXUS, "reconciler"), env),

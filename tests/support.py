@@ -24,6 +24,7 @@ ADMIN_TOKEN = "nx_test-admin-token-" + uuid.uuid4().hex
 JOIN_TOKEN = "nxj_test-join-token-" + uuid.uuid4().hex
 S3_ACCESS, S3_SECRET = "nexus-test-access", "nexus-test-secret-key"
 WORKER_REDIS_PASSWORD = "nexus-test-worker-redis-" + uuid.uuid4().hex
+WORKER_S3_ACCESS, WORKER_S3_SECRET = "nexus-test-worker", "nexus-test-worker-secret-" + uuid.uuid4().hex[:12]
 
 
 def port_open(host: str, port: int) -> bool:

@@ -7,6 +7,7 @@ superuser and their environment carried the admin token and the Flower password.
 
 from __future__ import annotations
 
+import io
 import uuid
 from pathlib import Path
 
@@ -47,7 +48,9 @@ def refused(engine, sql: str, params: dict | None = None) -> bool:
         with engine.connect() as conn:
             conn.execute(text(sql), params or {})
     except (ProgrammingError, DBAPIError) as exc:
-        return "permission denied" in str(exc) or "must be owner" in str(exc)
+        if "permission denied" in str(exc) or "must be owner" in str(exc):
+            return True
+        raise  # any other failure (the server full, a typo) says nothing about privileges
     return False
 
 
@@ -171,6 +174,30 @@ def test_a_workers_redis_user_may_not_administer_the_broker(stolen, services):
         with pytest.raises(redis.exceptions.NoPermissionError):
             broker.execute_command(*command)
     assert services.redis.ping()  # the broker is still up
+
+
+def test_a_workers_object_store_key_reads_but_cannot_replace_inputs_or_models(stolen, settings, services):
+    """The workers' scoped key, not the root keys: inputs and model files are read-only to it, and it
+    creates or deletes no bucket. (Receipts and outputs it must write; the proof's row holds the receipt's
+    digest, which no worker can change, so a replaced receipt is rejected.)"""
+    from minio import Minio
+    from minio.error import S3Error
+
+    assert stolen["NEXUS_S3_ACCESS_KEY"] != settings.s3_access_key
+    assert settings.s3_secret_key not in "\0".join(stolen.values())
+    services.store.put_bytes(settings.bucket_inputs, "tenant-a/input", b"someone's input")
+    services.store.put_bytes(settings.bucket_models, "model/weights.bin", b"weights")
+    intruder = Minio(stolen["NEXUS_S3_ENDPOINT"], access_key=stolen["NEXUS_S3_ACCESS_KEY"],
+                     secret_key=stolen["NEXUS_S3_SECRET_KEY"], secure=False)
+    assert intruder.get_object(settings.bucket_inputs, "tenant-a/input").read() == b"someone's input"
+    for bucket, key in ((settings.bucket_inputs, "tenant-a/input"), (settings.bucket_models, "model/weights.bin")):
+        with pytest.raises(S3Error, match="AccessDenied"):
+            intruder.put_object(bucket, key, io.BytesIO(b"poisoned"), 8)
+        with pytest.raises(S3Error, match="AccessDenied"):
+            intruder.remove_object(bucket, key)
+    with pytest.raises(S3Error, match="AccessDenied"):
+        intruder.make_bucket("stolen-bucket")
+    assert services.store.get_bytes(settings.bucket_models, "model/weights.bin") == b"weights"
 
 
 def job_state(services, job_id) -> str:
