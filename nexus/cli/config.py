@@ -125,7 +125,10 @@ def worker_credentials(master: dict[str, str]) -> dict[str, str]:
         return {}
     return {"WORKER_DATABASE_USER": worker_role_name(master.get("POSTGRES_DB", "nexus")),
             "WORKER_DATABASE_PASSWORD": master["NEXUS_WORKER_DATABASE_PASSWORD"],
-            "WORKER_REDIS_PASSWORD": master["NEXUS_WORKER_REDIS_PASSWORD"]}
+            "WORKER_REDIS_PASSWORD": master["NEXUS_WORKER_REDIS_PASSWORD"],
+            # The workers' own object-store key, under the names a worker's Settings read.
+            "NEXUS_S3_ACCESS_KEY": master["NEXUS_WORKER_S3_ACCESS_KEY"],
+            "NEXUS_S3_SECRET_KEY": master["NEXUS_WORKER_S3_SECRET_KEY"]}
 
 
 def worker_values(master: dict[str, str], answers: Answers) -> dict[str, str]:
