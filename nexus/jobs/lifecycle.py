@@ -118,7 +118,8 @@ def insert_jobs(conn: Connection, specs: list[JobSpec]) -> dict[uuid.UUID, Any]:
 
 # --- a running job's children, submitted by its worker under the parent's lease -----------------------
 # The tenant and the parent come from the parent's row, never from the caller; a child never outranks
-# its parent. An idempotent repeat answers with the parent's existing child of that key.
+# its parent, and a worker puts none on the master's queues (the verifier would run it with the master's
+# credentials). An idempotent repeat answers with the parent's existing child of that key.
 _INSERT_CHILDREN = DefinerFunction("nexus_w_submit_children", {
     "id": "uuid", "attempt": "int", "lease_token": "uuid", "ids": "uuid[]", "types": "text[]",
     "payloads": "jsonb[]", "input_keys": "text[]", "requirements": "jsonb[]", "queues": "text[]",
@@ -133,6 +134,7 @@ _INSERT_CHILDREN = DefinerFunction("nexus_w_submit_children", {
            parent.tenant, t.ckey, parent.id, now()
     FROM parent, unnest(:ids, :types, :payloads, :input_keys, :requirements, :queues, :priorities,
                         :max_attempts, :idem_keys) AS t(cid, ctype, cpayload, cinput, creq, cqueue, cprio, cmax, ckey)
+    WHERE t.cqueue NOT LIKE '{MASTER_QUEUE_PREFIX}%' OR session_user <> '{WORKER_ROLE_MARK}'
     ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING id, created_at, idempotency_key
     ),

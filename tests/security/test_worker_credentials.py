@@ -7,6 +7,7 @@ superuser and their environment carried the admin token and the Flower password.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import uuid
 from pathlib import Path
@@ -143,6 +144,11 @@ def test_children_belong_to_the_parents_tenant_and_lease(intruder, services):
     with services.engine.connect() as conn:
         child = conn.execute(text("SELECT tenant, parent_id FROM jobs WHERE id = :id"), {"id": row.id}).one()
     assert tuple(child) == ("victim", mine)  # the tenant the caller named is not the one it got
+    # Nor may it hand the master's verifier a job of its choosing.
+    to_master = build_spec({"type": "noop"}, services.settings, tenant="victim", parent_id=mine)
+    to_master = dataclasses.replace(to_master, queue="master.proof_verify")
+    with intruder.connect() as conn:
+        assert lifecycle.insert_children(conn, Lease(mine, 1, claimed.lease_token), [to_master]) == {}
 
 
 def test_a_worker_cannot_take_or_record_a_proofs_verification(intruder, services):
