@@ -344,7 +344,8 @@ class Settings(BaseSettings):
         """What the workers' object-store key may do, per bucket: read inputs and model files, read and write
         outputs and receipts (segment results, a proof's receipt, batch parts); never write an input or a
         model file, create or delete a bucket."""
-        return (f"Read:{self.bucket_inputs}", f"Read:{self.bucket_models}",
+        return (f"Read:{self.bucket_inputs}", f"List:{self.bucket_inputs}", f"Read:{self.bucket_models}",
+                f"List:{self.bucket_models}",
                 f"Read:{self.bucket_outputs}", f"Write:{self.bucket_outputs}", f"List:{self.bucket_outputs}",
                 f"Read:{self.bucket_receipts}", f"Write:{self.bucket_receipts}", f"List:{self.bucket_receipts}")
 
