@@ -36,7 +36,8 @@ CONCURRENCY = 4
 def start_bench_worker(settings, folder: Path) -> NexusProcess:
     import subprocess
 
-    worker = NexusProcess(settings, [], folder, "bench-worker", {"NEXUS_NODE_NAME": "bench-worker"})
+    # "worker": the worker node's own settings (its database role), as a real worker runs.
+    worker = NexusProcess(settings, ["worker"], folder, "bench-worker", {"NEXUS_NODE_NAME": "bench-worker"})
     with open(worker.log_path, "ab") as out:
         worker.process = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "bench.dispatch_worker", "worker", "-Q", "bare,cpu_only",

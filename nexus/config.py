@@ -26,13 +26,51 @@ class Mode(str, Enum):
     PRODUCTION = "production"
 
 
+class Role(str, Enum):
+    """Which credentials a process may hold (DEPLOYMENT.md, "Credentials"): the master's processes hold
+    the schema owner and the root keys; a worker node (agent, workers, model servers) only its own."""
+
+    MASTER = "master"
+    WORKER = "worker"
+
+
+# Settings only the master holds: a worker's configuration must leave them out (production refuses it).
+MASTER_ONLY_SECRETS = ("admin_token", "flower_password", "worker_database_password", "worker_redis_password",
+                       "worker_s3_secret_key")
+
+# The workers' Redis ACL user: every key and channel (Celery's queues, results and bindings, the job
+# notices, the token streams, the activity and probe keys), no administrative or dangerous command
+# (CONFIG, ACL, FLUSHALL, FLUSHDB, KEYS, DEBUG, SHUTDOWN, MONITOR, REPLICAOF, ...).
+WORKER_REDIS_USER = "nexus-worker"
+WORKER_REDIS_RULES = "~* &* +@all -@admin -@dangerous"
+
+
+def worker_redis_acl(password: str) -> str:
+    """The ACL rules of the workers' user, as a Redis `user` directive's arguments."""
+    return f"on >{password} {WORKER_REDIS_RULES}"
+
+
+def worker_role_name(database: str) -> str:
+    """The worker's PostgreSQL role of this database. Roles are cluster-wide, so the database's name is in
+    it: two clusters (or test sessions) on one server never share one."""
+    safe = "".join(c if c.isalnum() or c == "_" else "_" for c in database.lower())
+    return f"nexus_worker_{safe}"[:63]
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="NEXUS_", extra="ignore", frozen=True)
 
     mode: Mode = Mode.DEV
+    role: Role = Role.MASTER  # NEXUS_ROLE: worker.env says worker (see Role)
 
     # --- master services -------------------------------------------------
-    database_url: str = "postgresql+psycopg2://postgres@127.0.0.1:5432/nexus"
+    database_url: str = "postgresql+psycopg2://postgres@127.0.0.1:5432/nexus"  # a worker's: its own role
+    # The master sets this password on the worker role (nexus.jobs.worker_role); workers carry it in
+    # their NEXUS_DATABASE_URL. Empty: no password (trust authentication, dev and tests only).
+    worker_database_password: str = ""
+    # The workers' Redis ACL user's password (WORKER_REDIS_USER): workers carry it in their NEXUS_REDIS_URL.
+    # Empty: workers share the master's Redis login (dev without ACL users).
+    worker_redis_password: str = ""
     redis_url: str = "redis://127.0.0.1:6379/0"
     s3_endpoint: str = "127.0.0.1:9000"
     s3_access_key: str = "nexus-dev-access"
@@ -43,6 +81,11 @@ class Settings(BaseSettings):
     bucket_outputs: str = "nexus-outputs"
     bucket_receipts: str = "nexus-receipts"
     bucket_models: str = "nexus-models"
+    # The workers' object-store key pair (a SeaweedFS identity or MinIO user whose policy is
+    # `worker_bucket_actions`): workers carry it as their NEXUS_S3_ACCESS_KEY / NEXUS_S3_SECRET_KEY, never the
+    # root keys above. Empty: workers hold the root keys (dev with a store of the user's own).
+    worker_s3_access_key: str = ""
+    worker_s3_secret_key: str = ""
     presign_expiry_seconds: int = Field(900, ge=1, le=7 * 24 * 3600)
 
     # --- API ----------------------------------------------------------------
@@ -244,12 +287,97 @@ class Settings(BaseSettings):
         return self
 
     def secrets(self) -> dict[str, str]:
-        return {
-            "s3_secret_key": self.s3_secret_key,
-            "admin_token": self.admin_token,
-            "join_token": self.join_token,
-            "flower_password": self.flower_password,
-        }
+        """The secrets this role must hold, each strong in production (a worker holds no master-only one)."""
+        held = {"s3_secret_key": self.s3_secret_key, "join_token": self.join_token}
+        if self.role is Role.MASTER:
+            held.update(admin_token=self.admin_token, flower_password=self.flower_password,
+                        worker_database_password=self.worker_database_password,
+                        worker_redis_password=self.worker_redis_password)
+        return held
+
+    @model_validator(mode="after")
+    def _production_keeps_roles_apart(self) -> "Settings":
+        """A worker's configuration holds only a worker's credentials; every store is reached with a password."""
+        if self.mode is not Mode.PRODUCTION:
+            return self
+        problems = []
+        if self.role is Role.WORKER:
+            held = [name for name in MASTER_ONLY_SECRETS if name in self.model_fields_set and getattr(self, name)]
+            if held:
+                problems.append("a worker holds master-only secrets: remove "
+                                + ", ".join(f"NEXUS_{n.upper()}" for n in held))
+            user, database = self._database_user()
+            if user is not None and user != worker_role_name(database):
+                problems.append(f"a worker's NEXUS_DATABASE_URL must log in as the worker role "
+                                f"{worker_role_name(database)!r}, not {user!r}")
+        passwordless = [name for name, password in self.url_passwords().items() if not password]
+        if passwordless:
+            problems.append("passwordless connection URLs: "
+                            + ", ".join(f"NEXUS_{n.upper()}" for n in passwordless))
+        if problems:
+            raise ValueError("production mode refuses this configuration: " + "; ".join(problems)
+                             + " (DEPLOYMENT.md, \"Credentials\")")
+        return self
+
+    def _database_user(self) -> tuple[str | None, str]:
+        from sqlalchemy.engine import make_url
+
+        try:
+            url = make_url(self.database_url)
+        except Exception:  # not a URL: the driver will say so
+            return None, ""
+        return url.username, url.database or ""
+
+    @property
+    def worker_database_url(self) -> str:
+        """What a worker's NEXUS_DATABASE_URL is: the master's database, as the worker role."""
+        from sqlalchemy.engine import make_url
+
+        url = make_url(self.database_url)
+        worker = url.set(username=worker_role_name(url.database or ""),
+                         password=self.worker_database_password or None)
+        return worker.render_as_string(hide_password=False)
+
+    @property
+    def worker_redis_url(self) -> str:
+        """What a worker's NEXUS_REDIS_URL is: the master's Redis, as the workers' ACL user (when it has one)."""
+        if not self.worker_redis_password:
+            return self.redis_url
+        from sqlalchemy.engine import make_url
+
+        url = make_url(self.redis_url)  # the same URL grammar: scheme://user:password@host:port/db
+        return url.set(username=WORKER_REDIS_USER, password=self.worker_redis_password).render_as_string(
+            hide_password=False)
+
+    def for_worker(self) -> "Settings":
+        """This master's settings as a worker node gets them: its own database role and Redis user, no
+        master-only secret."""
+        scoped_s3 = {"s3_access_key": self.worker_s3_access_key, "s3_secret_key": self.worker_s3_secret_key,
+                     "worker_s3_access_key": ""} if self.worker_s3_access_key else {}
+        return self.model_copy(update={"role": Role.WORKER, "database_url": self.worker_database_url,
+                                       "redis_url": self.worker_redis_url, **scoped_s3,
+                                       **{name: "" for name in MASTER_ONLY_SECRETS}})
+
+    def worker_bucket_actions(self) -> tuple[str, ...]:
+        """What the workers' object-store key may do, per bucket: read inputs and model files, read and write
+        outputs and receipts (segment results, a proof's receipt, batch parts); never write an input or a
+        model file, create or delete a bucket."""
+        return (f"Read:{self.bucket_inputs}", f"List:{self.bucket_inputs}", f"Read:{self.bucket_models}",
+                f"List:{self.bucket_models}",
+                f"Read:{self.bucket_outputs}", f"Write:{self.bucket_outputs}", f"List:{self.bucket_outputs}",
+                f"Read:{self.bucket_receipts}", f"Write:{self.bucket_receipts}", f"List:{self.bucket_receipts}")
+
+    def worker_environment(self) -> dict[str, str]:
+        """NEXUS_* variables of a worker node's processes: every setting of `for_worker`, no master-only one
+        (they are left out, not blanked: a worker never learns there is such a setting)."""
+        worker = self.for_worker()
+        out = {}
+        for name in Settings.model_fields:
+            if name in MASTER_ONLY_SECRETS:
+                continue
+            value = getattr(worker, name)
+            out[f"NEXUS_{name.upper()}"] = value.value if isinstance(value, Enum) else str(value)
+        return out
 
     @property
     def public_api_url(self) -> str:

@@ -25,9 +25,10 @@ import requests
 
 from nexus.client import NexusClient, NexusError
 from nexus.supervisor import ChildSpec, RestartPolicy, Supervisor
-from nexus.config import Settings
+from nexus.config import WORKER_REDIS_USER, Settings, worker_redis_acl
 from nexus.queueing.health import StuckWorkers
 from nexus.localservers import LocalServer, PostgresServer, RedisServer, S3Server, free_port
+from nexus.localservers.s3 import ScopedKey
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +40,19 @@ def local_secrets(data_dir: Path) -> dict[str, str]:
     """Secrets generated on first start and reused after, so restarts keep tokens and data valid."""
     path = data_dir / "secrets.json"
     if path.exists():
-        return json.loads(path.read_text())
+        values = json.loads(path.read_text())
+        added = {"worker_database_password": secrets.token_urlsafe(24), "worker_redis_password": secrets.token_hex(20),
+                 "worker_s3_access_key": "nexus-worker-" + secrets.token_hex(4),
+                 "worker_s3_secret_key": secrets.token_urlsafe(30)}
+        if set(added) - set(values):  # written before workers had credentials of their own
+            values = {**added, **values}
+            path.write_text(json.dumps(values, indent=2))
+        return values
     values = {"admin_token": "nx_" + secrets.token_urlsafe(32), "join_token": "nxj_" + secrets.token_urlsafe(32),
               "flower_password": secrets.token_urlsafe(18), "s3_access_key": "nexus-" + secrets.token_hex(6),
-              "s3_secret_key": secrets.token_urlsafe(30)}
+              "s3_secret_key": secrets.token_urlsafe(30), "worker_database_password": secrets.token_urlsafe(24),
+              "worker_redis_password": secrets.token_hex(20), "worker_s3_access_key": "nexus-worker-" + secrets.token_hex(4),
+              "worker_s3_secret_key": secrets.token_urlsafe(30)}
     data_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(values, indent=2))
     path.chmod(0o600)
@@ -72,12 +82,23 @@ class LocalCluster:
             pg = self._start(PostgresServer(self.data_dir / "postgres", self._port("postgres")))
             overrides["database_url"] = pg.url_for("nexus")
         if "redis_url" not in given:
-            overrides["redis_url"] = self._start(RedisServer(self.data_dir / "redis", self._port("redis"))).url
+            # With the workers' ACL user: agents and workers use the broker as workers may.
+            worker_password = overrides.get("worker_redis_password") or self.base.worker_redis_password
+            users = {WORKER_REDIS_USER: worker_redis_acl(worker_password)} if worker_password else {}
+            overrides["redis_url"] = self._start(RedisServer(self.data_dir / "redis", self._port("redis"),
+                                                             users=users)).url
+        elif "worker_redis_password" not in given:
+            overrides.pop("worker_redis_password", None)  # a Redis of the user's own has no such user
         if "s3_endpoint" not in given:
             keys = {k: overrides.get(k) or getattr(self.base, k) for k in ("s3_access_key", "s3_secret_key")}
+            worker_key = [ScopedKey("nexus-worker", overrides["worker_s3_access_key"], overrides["worker_s3_secret_key"],
+                                    self.base.worker_bucket_actions())] if overrides.get("worker_s3_access_key") else []
             s3 = self._start(S3Server(self.data_dir / "s3", self._port("s3"), access_key=keys["s3_access_key"],
-                                      secret_key=keys["s3_secret_key"]))
+                                      secret_key=keys["s3_secret_key"], scoped_keys=worker_key))
             overrides["s3_endpoint"] = s3.endpoint
+        elif "worker_s3_access_key" not in given:  # a store of the user's own has no such key
+            overrides.pop("worker_s3_access_key", None)
+            overrides.pop("worker_s3_secret_key", None)
         if "node_api_port" not in given:  # agents beat there (Settings.agent_api_url); a port kept across restarts
             overrides["node_api_port"] = self._port("node_api")
         overrides["data_dir"] = self.data_dir
@@ -102,12 +123,18 @@ class LocalCluster:
     # --- nexus processes ---------------------------------------------------------------------
     def child_specs(self, settings: Settings) -> list[ChildSpec]:
         names = {"database_url", "redis_url", "s3_endpoint", "s3_access_key", "s3_secret_key", "admin_token",
-                 "join_token", "flower_password", "api_port", "api_host", "node_api_port", "data_dir"}
+                 "join_token", "flower_password", "api_port", "api_host", "node_api_port", "data_dir",
+                 "worker_database_password", "worker_redis_password", "worker_s3_access_key", "worker_s3_secret_key"}
         env = {**_inherited_env(), **settings_env(settings, names), "NEXUS_URL": settings.public_api_url}
         specs = [ChildSpec("api", (*NEXUS, "master", "--workers", "1"), env),
                  ChildSpec("reconciler", (*NEXUS, "reconciler"), env),
+                 ChildSpec("verifier", (*NEXUS, "verifier"), env),  # proofs' verdicts: the master's
                  ChildSpec("flower", (*NEXUS, "flower"), env)]
-        specs += [self._agent_spec(i, env) for i in range(1, self.workers + 1)]
+        # Agents and their workers hold a worker's credentials only: the worker database role, no admin
+        # token, no Flower password (docs/ARCHITECTURE.md, "Roles hold only what they need").
+        node_env = {**_inherited_env(for_node=True), **settings.worker_environment(),
+                    "NEXUS_URL": settings.public_api_url}
+        specs += [self._agent_spec(i, node_env) for i in range(1, self.workers + 1)]
         return specs
 
     def _agent_spec(self, index: int, env: dict) -> ChildSpec:
@@ -271,8 +298,14 @@ def _ready_node(nexus: NexusClient, name: str) -> str | None:
     return next((n["id"] for n in nodes if n["name"] == name and n["state"] == "ready"), None)
 
 
-def _inherited_env() -> dict[str, str]:
-    """Children inherit the launcher's environment (any NEXUS_* the user set), ours on top."""
+def _inherited_env(for_node: bool = False) -> dict[str, str]:
+    """Children inherit the launcher's environment (any NEXUS_* the user set), ours on top;
+    `for_node` leaves out the master's secrets (and its database URL) for a worker node."""
     import os
 
-    return dict(os.environ)
+    from nexus.config import MASTER_ONLY_SECRETS
+
+    if not for_node:
+        return dict(os.environ)
+    withheld = {f"NEXUS_{name.upper()}" for name in (*MASTER_ONLY_SECRETS, "database_url")}
+    return {k: v for k, v in os.environ.items() if k not in withheld}

@@ -23,6 +23,7 @@ def prepare_master(settings: Settings) -> None:
     """Idempotent: safe to run on every start and from several masters at once."""
     from nexus.auth import ensure_bootstrap_admin, ensure_bootstrap_join
     from nexus.db.migrate import ensure_database, upgrade_head
+    from nexus.jobs.worker_role import install_worker_role
     from nexus.services import Services
 
     services = Services(settings)
@@ -31,10 +32,12 @@ def prepare_master(settings: Settings) -> None:
     except Exception as exc:  # a managed database may not let us connect to `postgres`; it exists then
         log.info("not creating the database (%s); assuming it exists", exc)
     upgrade_head(services.engine)
+    install_worker_role(services.engine, settings)
     services.store.ensure_buckets(settings.buckets)
     ensure_bootstrap_admin(services.engine, settings.admin_token)
     ensure_bootstrap_join(services.engine, settings.join_token)
-    log.info("master ready: migrations applied, buckets %s present", ", ".join(settings.buckets))
+    log.info("master ready: migrations applied, worker role installed, buckets %s present",
+             ", ".join(settings.buckets))
 
 
 def prepare_in_child() -> int:

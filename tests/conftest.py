@@ -3,7 +3,8 @@
     settings    Settings pointing at this session's servers (short leases and backoffs)
     services    nexus.services.Services for those settings (engine, celery, redis, store, submitter)
     app/api     the Flask app and its test client; `auth(token)` builds headers
-    worker      one real `nexus worker` process for the session
+    worker      one real `nexus worker` process for the session, with a worker's credentials
+    verifier    the master's own worker (`nexus verifier`): proofs' verdicts
     live_api    a real gunicorn API process: (url, admin token)
 Tables and Redis are emptied before each test that uses `services`.
 """
@@ -20,13 +21,14 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.engine import make_url
 
 from nexus.auth import hash_token
-from nexus.config import Settings
+from nexus.config import WORKER_REDIS_USER, Settings, worker_redis_acl
 from nexus.db.engine import dispose_engines
 from nexus.localservers import PostgresServer, RedisServer, S3Server, free_port
+from nexus.localservers.s3 import ScopedKey
 from nexus.master import prepare_master
 from nexus.services import Services
-from tests.support import (ADMIN_TOKEN, JOIN_TOKEN, S3_ACCESS, S3_SECRET, NexusProcess, port_open, start_api,
-                           start_worker)
+from tests.support import (ADMIN_TOKEN, JOIN_TOKEN, S3_ACCESS, S3_SECRET, WORKER_REDIS_PASSWORD, WORKER_S3_ACCESS,
+                           WORKER_S3_SECRET, NexusProcess, port_open, start_api, start_worker)
 
 SYSTEM_PG = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
 
@@ -60,13 +62,17 @@ def postgres_url(session_dir):
 
 @pytest.fixture(scope="session")
 def redis_server(session_dir):
-    with RedisServer(session_dir / "redis") as server:
+    # With the workers' ACL user, so every test's workers use the broker as a worker's credentials allow.
+    with RedisServer(session_dir / "redis", users={WORKER_REDIS_USER: worker_redis_acl(WORKER_REDIS_PASSWORD)}) \
+            as server:
         yield server
 
 
 @pytest.fixture(scope="session")
 def s3_server(session_dir):
-    with S3Server(session_dir / "s3", access_key=S3_ACCESS, secret_key=S3_SECRET) as server:
+    # With the workers' scoped key (Settings.worker_bucket_actions), which every test's workers hold.
+    worker_key = ScopedKey("nexus-worker", WORKER_S3_ACCESS, WORKER_S3_SECRET, Settings().worker_bucket_actions())
+    with S3Server(session_dir / "s3", access_key=S3_ACCESS, secret_key=S3_SECRET, scoped_keys=[worker_key]) as server:
         yield server
 
 
@@ -75,6 +81,8 @@ def settings(postgres_url, redis_server, s3_server, session_dir) -> Settings:
     settings = Settings(
         database_url=postgres_url, redis_url=redis_server.url, s3_endpoint=s3_server.endpoint,
         s3_access_key=S3_ACCESS, s3_secret_key=S3_SECRET, admin_token=ADMIN_TOKEN, join_token=JOIN_TOKEN,
+        worker_redis_password=WORKER_REDIS_PASSWORD,
+        worker_s3_access_key=WORKER_S3_ACCESS, worker_s3_secret_key=WORKER_S3_SECRET,
         api_port=free_port(), node_api_port=free_port(), data_dir=session_dir / "data",
         job_lease_seconds=3.0, job_heartbeat_seconds=0.5, retry_backoff_base_seconds=0.2,
         retry_backoff_max_seconds=1.0, reconcile_interval_seconds=0.5,
@@ -153,6 +161,15 @@ def admin_headers() -> dict:
 @pytest.fixture(scope="session")
 def worker(settings, session_dir):
     process = start_worker(settings, session_dir, name="session-worker")
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="session")
+def verifier(settings, session_dir):
+    """The master's own worker (master credentials): it runs the jobs no node may record, a proof's verdict."""
+    process = NexusProcess(settings, ["verifier"], session_dir, "verifier").start()
+    process.wait_for_log("ready.")
     yield process
     process.stop()
 

@@ -19,7 +19,8 @@ from nexus.config import Settings
 from nexus.localservers import PostgresServer, RedisServer, S3Server
 from nexus.master import prepare_master
 from nexus.replicas.lsn import parse_lsn
-from tests.support import S3_ACCESS, S3_SECRET
+
+LOCAL_S3_ACCESS, LOCAL_S3_SECRET = "nexus-node-local", "nexus-node-local-secret"
 
 # The broker's db number for these tests: a session worker on db 0 must never take (and drop) our messages.
 REPLICA_TEST_REDIS_DB = 7
@@ -63,7 +64,8 @@ def start_replica_cluster(base: Path, session_settings: Settings, redis_master: 
         redis_replica = RedisServer(base / "redis-replica", replica_of=redis_master, appendonly=False).start()
         started.append(redis_replica)
         redis_replica.wait_for_sync()
-        local_s3 = S3Server(base / "local-s3", access_key=S3_ACCESS, secret_key=S3_SECRET).start()
+        # The node's own store, with keys of its own (a worker never holds the master's root keys).
+        local_s3 = S3Server(base / "local-s3", access_key=LOCAL_S3_ACCESS, secret_key=LOCAL_S3_SECRET).start()
         started.append(local_s3)
     except Exception:
         for server in reversed(started):
@@ -74,10 +76,15 @@ def start_replica_cluster(base: Path, session_settings: Settings, redis_master: 
         "replica_retry_after_seconds": 2.0,
     })
     prepare_master(master_only)  # the schema on the primary (the standby replays it)
+    # Set the hint bits of what prepare_master wrote (catalog rows of the worker role's functions) now:
+    # otherwise the first reads after a test's commit set them, and with data checksums that logs WAL
+    # which no commit flushes, so the insert LSN a test waits for never reaches an idle standby.
+    primary.execute("VACUUM", database="nexus")
     with_replicas = master_only.model_copy(update={
         "replica_database_url": standby.url_for("nexus"),
         "replica_redis_url": _with_db(redis_replica.url, REPLICA_TEST_REDIS_DB),
         "replica_s3_endpoint": local_s3.endpoint,
+        "replica_s3_access_key": LOCAL_S3_ACCESS, "replica_s3_secret_key": LOCAL_S3_SECRET,
         "replica_wait_seconds": 2.0,
     })
     return ReplicaCluster(primary, standby, redis_replica, local_s3, with_replicas, master_only)

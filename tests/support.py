@@ -23,6 +23,8 @@ from nexus.config import Settings
 ADMIN_TOKEN = "nx_test-admin-token-" + uuid.uuid4().hex
 JOIN_TOKEN = "nxj_test-join-token-" + uuid.uuid4().hex
 S3_ACCESS, S3_SECRET = "nexus-test-access", "nexus-test-secret-key"
+WORKER_REDIS_PASSWORD = "nexus-test-worker-redis-" + uuid.uuid4().hex
+WORKER_S3_ACCESS, WORKER_S3_SECRET = "nexus-test-worker", "nexus-test-worker-secret-" + uuid.uuid4().hex[:12]
 
 
 def port_open(host: str, port: int) -> bool:
@@ -40,12 +42,23 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return env
 
 
+# Processes of a worker node: they get a worker's settings (its own database role, no master-only secret),
+# so every test that runs a job runs it with the restricted credentials.
+NODE_COMMANDS = frozenset({"worker", "agent"})
+
+
+def process_env(settings: Settings, args: list[str]) -> dict[str, str]:
+    """The NEXUS_* variables of `nexus <args>`: a worker node's own for workers and agents, else the master's."""
+    return settings.worker_environment() if args and args[0] in NODE_COMMANDS else settings_env(settings)
+
+
 class NexusProcess:
     """`python -m nexus <args>` with the test settings, its output in a log file."""
 
     def __init__(self, settings: Settings, args: list[str], log_dir: Path, name: str, extra_env: dict | None = None):
         self.args, self.name = args, name
-        self.env = {**os.environ, **settings_env(settings), **(extra_env or {})}
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_")}
+        self.env = {**inherited, **process_env(settings, args), **(extra_env or {})}
         self.log_path = log_dir / f"{name}.log"
         self.process: subprocess.Popen | None = None
 

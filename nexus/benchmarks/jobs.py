@@ -24,7 +24,6 @@ from typing import Any, Iterator
 from nexus.benchmarks.cells import Cell, failed_cell, to_csv
 from nexus.benchmarks.measure import PeakMemory, measure_cell, sized_prompt
 from nexus.benchmarks.sweep import Sweep, SweepInvalid
-from nexus.jobs import lifecycle
 from nexus.jobs.context import JobContext
 from nexus.jobs.records import Job
 from nexus.jobs.registry import JobType
@@ -139,10 +138,8 @@ def _wait_for_nodes(ctx: JobContext, names: list[str], sweep: Sweep, timeout: fl
         if len(finished) == len(names):
             return by_node
         if time.monotonic() > deadline:
-            with ctx.engine.begin() as conn:
-                for row in by_node.values():
-                    if row.state not in FINAL:
-                        lifecycle.request_cancel(conn, row.id, by=f"benchmark {ctx.job_id}: node timeout")
+            ctx.cancel_children([row.id for row in by_node.values() if row.state not in FINAL],
+                                by=f"benchmark {ctx.job_id}: node timeout")
             return {name: row for name, row in by_node.items() if row.state in FINAL}
         ctx.progress(min(done, total), total, f"{len(finished)}/{len(names)} nodes done")
         ctx.sleep(POLL_SECONDS)

@@ -13,7 +13,7 @@ from nexus.cli.config import config_cmd
 from nexus.cli.jobs import job_cmd, jobs_cmd, submit_cmd, token_cmd
 from nexus.cli.models import chat_cmd, models_cmd
 from nexus.cli.proofs import prove_cmd, verify_cmd
-from nexus.cli.services import dev_cmd, flower_cmd, master_cmd, reconciler_cmd, worker_cmd
+from nexus.cli.services import dev_cmd, flower_cmd, master_cmd, reconciler_cmd, verifier_cmd, worker_cmd
 
 
 class _NexusGroup(click.Group):
@@ -44,7 +44,7 @@ def main(verbose: bool) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-for command in (dev_cmd, master_cmd, worker_cmd, reconciler_cmd, flower_cmd, submit_cmd, jobs_cmd, job_cmd,
+for command in (dev_cmd, master_cmd, worker_cmd, verifier_cmd, reconciler_cmd, flower_cmd, submit_cmd, jobs_cmd, job_cmd,
                 token_cmd):
     main.add_command(command)
 

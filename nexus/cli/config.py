@@ -24,15 +24,16 @@ from pathlib import Path
 
 import click
 
-from nexus.config import _is_weak
+from nexus.config import _is_weak, worker_role_name
 
 MASTER_ENV, WORKER_ENV = "bento.env", "worker.env"
 _SECRET_NAME = re.compile(r"(PASSWORD|_TOKEN|SECRET_KEY)$")
 _LINE = re.compile(r"^(?P<key>[A-Za-z_][A-Za-z0-9_]*)=(?P<value>.*)$")
-# What a worker needs from the master's settings (never the admin token or Grafana's password).
-SHARED_WITH_WORKERS = ("MASTER_HOST_IP", "NEXUS_JOIN_TOKEN", "POSTGRES_USER", "POSTGRES_DB", "POSTGRES_PASSWORD",
-                       "REDIS_PASSWORD", "NEXUS_S3_ACCESS_KEY", "NEXUS_S3_SECRET_KEY", "REPLICATION_USER",
-                       "REPLICATION_PASSWORD")
+# What a worker needs from the master's settings (never the admin token, the Flower or Grafana password,
+# nor the database owner's: workers get a role of their own, DEPLOYMENT.md "Credentials").
+SHARED_WITH_WORKERS = ("MASTER_HOST_IP", "NEXUS_JOIN_TOKEN", "POSTGRES_DB", "WORKER_DATABASE_USER",
+                       "WORKER_DATABASE_PASSWORD", "WORKER_REDIS_PASSWORD", "REDIS_REPLICATION_PASSWORD",
+                       "NEXUS_S3_ACCESS_KEY", "NEXUS_S3_SECRET_KEY", "REPLICATION_USER", "REPLICATION_PASSWORD")
 TOKEN_PREFIXES = {"NEXUS_ADMIN_TOKEN": "nx_", "NEXUS_JOIN_TOKEN": "nxj_"}
 
 
@@ -118,9 +119,22 @@ def master_values(template: dict[str, str], answers: Answers, rotate: bool) -> d
     }
 
 
+def worker_credentials(master: dict[str, str]) -> dict[str, str]:
+    """The worker's database and broker logins, from bento.env (or an earlier worker.env)."""
+    if "NEXUS_WORKER_DATABASE_PASSWORD" not in master:  # already a worker.env
+        return {}
+    return {"WORKER_DATABASE_USER": worker_role_name(master.get("POSTGRES_DB", "nexus")),
+            "WORKER_DATABASE_PASSWORD": master["NEXUS_WORKER_DATABASE_PASSWORD"],
+            "WORKER_REDIS_PASSWORD": master["NEXUS_WORKER_REDIS_PASSWORD"],
+            # The workers' own object-store key, under the names a worker's Settings read.
+            "NEXUS_S3_ACCESS_KEY": master["NEXUS_WORKER_S3_ACCESS_KEY"],
+            "NEXUS_S3_SECRET_KEY": master["NEXUS_WORKER_S3_SECRET_KEY"]}
+
+
 def worker_values(master: dict[str, str], answers: Answers) -> dict[str, str]:
     extras = "gpu" if answers.gpu else "cpu"
     version = master.get("MASTER_IMAGE", "nexus:0.1.0").rpartition(":")[2] or "0.1.0"
+    master = {**master, **worker_credentials(master)}
     return {
         **{name: master[name] for name in SHARED_WITH_WORKERS if name in master},
         "MASTER_HOST_IP": answers.master_ip,

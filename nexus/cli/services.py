@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import signal
 import sys
 import threading
@@ -58,6 +60,26 @@ def worker_cmd(tier: str | None, queues: str | None, concurrency: int | None, po
                                     "worker_pool": pool}.items() if v is not None}
     try:
         run_worker(load_server_settings(**overrides), queues.split(",") if queues else None, name, models)
+    except WorkerConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@click.command("verifier")
+@click.option("-c", "--concurrency", type=int, default=None, help="Jobs run at once (default from Settings).")
+def verifier_cmd(concurrency: int | None) -> None:
+    """Run the master's own worker: the jobs no node may record (a proof's verdict), with the master's credentials."""
+    from nexus.config import Role
+    from nexus.jobs.registry import master_job_types
+    from nexus.queueing.routing import master_queue
+    from nexus.worker.main import WorkerConfigError, run_worker
+
+    settings = load_server_settings(**({"worker_concurrency": concurrency} if concurrency else {}))
+    settings = settings.model_copy(update={"node_name": settings.node_name or "master"})  # jobs.node of a verdict
+    if settings.role is not Role.MASTER:
+        raise click.ClickException("the verifier runs on the master (NEXUS_ROLE=master): its verdicts are the "
+                                   "master's, and a worker's database role may not record them")
+    try:
+        run_worker(settings, [master_queue(name) for name in master_job_types()], name=f"verifier-{os.getpid()}@%h")
     except WorkerConfigError as exc:
         raise click.ClickException(str(exc)) from None
 

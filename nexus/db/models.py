@@ -53,6 +53,8 @@ class Job(Base):
     published_attempt: Mapped[int] = mapped_column(Integer, server_default=text("1"))
     published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Drawn by each claim and known only to the claiming worker: the attempt's writes must show it.
+    lease_token: Mapped[uuid.UUID | None] = mapped_column(Uuid)
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     node: Mapped[str | None] = mapped_column(String(200))
     failed_nodes: Mapped[list[str]] = mapped_column(ARRAY(String(200)), server_default=text("'{}'"))

@@ -33,7 +33,8 @@ class Prepared:
             positional = re.sub(rf"(?<![:\w]):{param}\b", f"${index}", positional)
         if leftover := re.findall(r"(?<![:\w]):([a-z_]+)\b", positional):
             raise ValueError(f"{name}: parameters without a type: {sorted(set(leftover))}")
-        self._prepare = f"PREPARE {name} ({', '.join(params.values())}) AS {positional}"
+        # psycopg2 formats every statement SQLAlchemy sends (even without parameters): a literal % doubles.
+        self._prepare = f"PREPARE {name} ({', '.join(params.values())}) AS {positional}".replace("%", "%%")
         # `prefix` runs in the same implicit transaction (e.g. SET LOCAL for this statement alone).
         arguments = ", ".join(f"%({param})s::{kind}" for param, kind in params.items())
         self._execute = f"{prefix}EXECUTE {name} ({arguments})"

@@ -13,7 +13,7 @@ from sqlalchemy import Engine
 from nexus.config import Settings
 from nexus.jobs import lifecycle, queries
 from nexus.jobs.fanout import check_fan_out
-from nexus.jobs.records import Job
+from nexus.jobs.records import Job, Lease
 
 if TYPE_CHECKING:
     from nexus.jobs.submit import Submitter
@@ -45,9 +45,27 @@ class JobContext:
     # node's read paths. None: read everything from the master.
     read_after_lsn: str | None = None
     reads: "NodeReads | None" = None
+    lease_token: uuid.UUID | None = None  # the claim's: shown by every write and read of this attempt
     cancel_event: threading.Event = field(default_factory=threading.Event)
     lost_event: threading.Event = field(default_factory=threading.Event)
     _last_progress: float = 0.0
+
+    @property
+    def lease(self) -> Lease:
+        return Lease(self.job_id, self.attempt, self.lease_token)
+
+    def own_job(self) -> Job:
+        """This attempt's own row, from the master (JobLost once the attempt lost its lease)."""
+        with self.engine.connect() as conn:
+            job = queries.own_job(conn, self.lease)
+        if job is None:
+            raise JobLost(str(self.job_id))
+        return job
+
+    def parent(self) -> Job | None:
+        """The job this one is a child of (a verification's proof)."""
+        with self.engine.connect() as conn:
+            return queries.parent_job(conn, self.lease)
 
     # --- cooperative cancellation ---------------------------------------------
     def check_cancelled(self) -> None:
@@ -75,7 +93,7 @@ class JobContext:
         if message:
             body["message"] = message
         with self.engine.begin() as conn:
-            lifecycle.set_progress(conn, self.job_id, self.attempt, body)
+            lifecycle.set_progress(conn, self.job_id, self.attempt, body, self.lease_token)
 
     # --- objects -------------------------------------------------------------------
     def read_input(self) -> bytes:
@@ -100,15 +118,28 @@ class JobContext:
         specs = [{**spec, "idempotency_key": f"{self.job_id}:{spec['idempotency_key']}"}
                  if spec.get("idempotency_key") else spec for spec in specs]
         check_fan_out(self._other_children([s.get("idempotency_key") for s in specs]) + len(specs), self.settings)
-        jobs = self.submitter.submit_many(specs, tenant=self.tenant, parent_id=self.job_id, allow_internal=True)
-        return [str(job.id) for job, _created in jobs]
+        return [str(job_id) for job_id in self.submitter.submit_children(self.lease, self.tenant, specs)]
 
     def _other_children(self, keys: list[str | None]) -> int:
         """Children this job already has, leaving out those these keys repeat (a retried parent's)."""
         with self.engine.connect() as conn:
-            return queries.count_children_besides(conn, self.job_id, [k for k in keys if k])
+            return queries.count_own_children_besides(conn, self.lease, [k for k in keys if k])
 
     def children(self) -> list[Job]:
         """This job's children, oldest first."""
+        return [child.job for child in self.child_statuses()]
+
+    def child_statuses(self) -> list[queries.ChildStatus]:
+        """This job's children with whether each may run now and where it failed, oldest first."""
         with self.engine.connect() as conn:
-            return queries.children(conn, self.job_id)
+            return queries.own_children(conn, self.lease)
+
+    def cancel_children(self, child_ids: list[uuid.UUID], by: str) -> int:
+        """Cancel these children of this job: waiting ones at once, running ones at their next check."""
+        with self.engine.begin() as conn:
+            return lifecycle.cancel_children(conn, self.lease, child_ids, by)
+
+    def retry_child(self, child_id: uuid.UUID) -> bool:
+        """Give a failed or cancelled child one more attempt."""
+        with self.engine.begin() as conn:
+            return lifecycle.retry_child(conn, self.lease, child_id)

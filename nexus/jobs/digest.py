@@ -14,14 +14,22 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+from nexus.db.functions import DefinerFunction
 from nexus.jobs.context import JobContext
 from nexus.jobs.registry import JobType
+from nexus.jobs.states import ACTIVE_STATES, sql_in
 from nexus.replicas.health import Cooldown
 from nexus.replicas.node import NodeReads
 from nexus.replicas.standby import StandbyReads
 from nexus.replicas.stats import ReadStats
 
-_SPEC_SQL = "SELECT type, input_key, payload FROM jobs WHERE id = :id"
+# A function, so the worker role may call it on the master and on its standby alike (a read-only call);
+# only a job still waiting or running answers.
+JOB_SPEC = DefinerFunction(
+    "nexus_w_job_spec", {"id": "uuid"},
+    {"type": "jobs.type%TYPE", "input_key": "jobs.input_key%TYPE", "payload": "jobs.payload%TYPE"},
+    f"SELECT j.type, j.input_key, j.payload FROM jobs j WHERE j.id = :id AND {sql_in('j.state', ACTIVE_STATES)}")
+_SPEC_SQL = "SELECT type, input_key, payload FROM nexus_w_job_spec(:id)"
 
 
 def validate_digest(payload: Any) -> dict[str, Any]:

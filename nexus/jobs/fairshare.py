@@ -30,6 +30,7 @@ from celery import Celery
 from sqlalchemy import Connection, Engine, text
 
 from nexus.config import Settings
+from nexus.db.functions import DefinerFunction
 from nexus.queueing.message import JobMessage, publish_all
 
 log = logging.getLogger(__name__)
@@ -71,10 +72,14 @@ def has_ready(alias: str, tenant: str, queue: str) -> str:
 
 BATCH = 500  # jobs one refill publishes at most (the whole room when there is no share)
 
-_LOCK = text("SELECT pg_advisory_xact_lock(hashtextextended(:tenant || chr(31) || :queue, 0))")
-
-# :share 0 means no share: publish every ready job (up to the batch).
-_REFILL = text(f"""
+# One function for the worker that frees a place (the worker role may touch no table: nexus.db.functions)
+# and the reconciler alike. The advisory lock comes first, in a statement of its own, so the refill's
+# snapshot sees what the lock's previous holder published. :share 0 means no share: publish every ready
+# job (up to the batch).
+REFILL = DefinerFunction(
+    "nexus_w_refill", {"tenant": "text", "queue": "text", "share": "int", "batch": "int"},
+    {"id": "jobs.id%TYPE", "attempt": "jobs.attempt%TYPE", "queue": "jobs.queue%TYPE",
+     "priority": "jobs.priority%TYPE"}, f"""
     WITH room AS (
         SELECT CASE WHEN :share = 0 THEN :batch
                     ELSE LEAST(:batch, GREATEST(0, :share - {published_count('p', ':tenant', ':queue')})) END AS n
@@ -82,11 +87,14 @@ _REFILL = text(f"""
     due AS (
         SELECT h.id FROM jobs h WHERE h.tenant = :tenant AND h.queue = :queue AND {ready('h')}
         ORDER BY h.priority DESC, h.created_at, h.id LIMIT (SELECT n FROM room) FOR UPDATE SKIP LOCKED
+    ),
+    upd AS (
+        UPDATE jobs j SET published_attempt = j.attempt + 1, published_at = now()
+        FROM due WHERE j.id = due.id
+        RETURNING j.id, j.attempt, j.queue, j.priority
     )
-    UPDATE jobs j SET published_attempt = j.attempt + 1, published_at = now()
-    FROM due WHERE j.id = due.id
-    RETURNING j.id, j.attempt, j.queue, j.priority
-""")
+    SELECT * FROM upd""",
+    first="PERFORM pg_advisory_xact_lock(hashtextextended(:tenant || chr(31) || :queue, 0))")
 
 # Every (tenant, queue) with held jobs, one index probe each (a loose index scan over the held index):
 # a plain DISTINCT would read every held row, 100,000 of them for one large backlog, on every pass.
@@ -110,11 +118,10 @@ def refill(engine: Engine, celery: Celery, settings: Settings, tenant: str, queu
     stay held and the next refill tries again. A worker that gets a message first waits on the row
     lock and then sees the committed row."""
     with engine.begin() as conn:
-        conn.execute(_LOCK, {"tenant": tenant, "queue": queue})
-        rows = conn.execute(_REFILL, {"tenant": tenant, "queue": queue, "share": settings.max_broker_messages_per_tenant,
-                                      "batch": BATCH}).all()
+        rows = REFILL.execute(conn, {"tenant": tenant, "queue": queue,
+                                     "share": settings.max_broker_messages_per_tenant, "batch": BATCH})
         if rows:
-            publish_all(celery, [JobMessage(str(r.id), r.attempt + 1, r.queue, r.priority) for r in rows])
+            publish_all(celery, [JobMessage(str(r["id"]), r["attempt"] + 1, r["queue"], r["priority"]) for r in rows])
     return len(rows)
 
 

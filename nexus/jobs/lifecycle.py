@@ -16,13 +16,15 @@ from datetime import datetime
 from typing import Any, Callable, Mapping, TypeVar
 
 from sqlalchemy import Connection, Engine, RowMapping, bindparam, text
-from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.types import Uuid
 
+from nexus.db.functions import WORKER_ROLE_MARK, DefinerFunction
 from nexus.db.prepared import Prepared
 from nexus.jobs import fairshare
 from nexus.jobs.failures import FailureKind
-from nexus.jobs.records import Claimed, Job, Outcome, project, returning, select_list
+from nexus.jobs.records import Claimed, Job, Lease, Outcome, project, returning, select_list
+from nexus.queueing.routing import MASTER_QUEUE_PREFIX
 from nexus.jobs.states import ACTIVE_STATES, CLAIMABLE_STATES, RETRYABLE_BY_HAND, JobState, sql_in
 
 
@@ -48,6 +50,32 @@ def backoff_seconds(attempt: int, base: float, cap: float, rng: random.Random | 
     ceiling = min(cap, base * (2.0 ** max(0, attempt - 1)))
     jitter = rng.random() if rng else random.random()
     return ceiling / 2 + jitter * ceiling / 2
+
+
+def lease_fence(alias: str, token: str = ":lease_token") -> str:
+    """The attempt's lease: the worker role must show the token its claim returned; another
+    session (the master's own tools, tests) may leave it NULL and rely on the attempt fence alone."""
+    return (f"({alias}.lease_token = {token} OR ({token} IS NULL AND session_user <> '{WORKER_ROLE_MARK}'))")
+
+
+def holds_lease(alias: str, id_param: str = ":id", attempt_param: str = ":attempt") -> str:
+    """`alias` is the running attempt whose lease the caller holds."""
+    return (f"{alias}.id = {id_param} AND {alias}.attempt = {attempt_param} "
+            f"AND {alias}.state = '{JobState.RUNNING.value}' AND {lease_fence(alias)}")
+
+
+def transition_returns(names: list[str]) -> dict[str, str]:
+    """A transition function's output columns: these job columns, then the extras every transition returns."""
+    extras = {"lease_token": "uuid", "refill": "boolean", "from_state": "jobs.state%TYPE", "run_seconds": "float8"}
+    out = {name: extras.get(name, f"jobs.{name}%TYPE") for name in names}
+    return {**out, "from_state": extras["from_state"], "run_seconds": extras["run_seconds"]}
+
+
+def _fields(record: type) -> list[str]:
+    from dataclasses import fields
+
+    return [f.name for f in fields(record)]
+
 
 
 # Each new job is published (published_attempt 1) while its tenant's share of the queue has room,
@@ -122,6 +150,79 @@ def insert_jobs(conn: Connection, specs: list[JobSpec], share: int = 0) -> dict[
     return {row["id"]: Inserted(row["created_at"], row["published"]) for row in _INSERT_JOBS.execute(conn, params)}
 
 
+# --- a running job's children, submitted by its worker under the parent's lease -----------------------
+# The tenant and the parent come from the parent's row, never from the caller; a child never outranks
+# its parent, and a worker puts none on the master's queues (the verifier would run it with the master's
+# credentials). An idempotent repeat answers with the parent's existing child of that key.
+_INSERT_CHILDREN = DefinerFunction("nexus_w_submit_children", {
+    "id": "uuid", "attempt": "int", "lease_token": "uuid", "ids": "uuid[]", "types": "text[]",
+    "payloads": "jsonb[]", "input_keys": "text[]", "requirements": "jsonb[]", "queues": "text[]",
+    "priorities": "smallint[]", "max_attempts": "int[]", "idem_keys": "text[]"},
+    {"id": "jobs.id%TYPE", "created_at": "jobs.created_at%TYPE", "idempotency_key": "jobs.idempotency_key%TYPE",
+     "created": "boolean"}, f"""
+    WITH parent AS (SELECT p.id, p.tenant, p.priority FROM jobs p WHERE {holds_lease("p")}),
+    ins AS (
+    INSERT INTO jobs (id, type, payload, input_key, requirements, queue, priority, max_attempts, tenant,
+                      idempotency_key, parent_id, published_at)
+    SELECT t.cid, t.ctype, t.cpayload, t.cinput, t.creq, t.cqueue, LEAST(t.cprio, parent.priority), t.cmax,
+           parent.tenant, t.ckey, parent.id, now()
+    FROM parent, unnest(:ids, :types, :payloads, :input_keys, :requirements, :queues, :priorities,
+                        :max_attempts, :idem_keys) AS t(cid, ctype, cpayload, cinput, creq, cqueue, cprio, cmax, ckey)
+    WHERE t.cqueue NOT LIKE '{MASTER_QUEUE_PREFIX}%' OR session_user <> '{WORKER_ROLE_MARK}'
+    ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    RETURNING id, created_at, idempotency_key
+    ),
+    ev AS (
+        INSERT INTO job_events (job_id, from_state, to_state, attempt, message)
+        SELECT id, NULL, 'queued', 0, 'submitted' FROM ins
+    )
+    SELECT id, created_at, idempotency_key, true FROM ins
+    UNION ALL
+    SELECT e.id, e.created_at, e.idempotency_key, false FROM jobs e, parent
+    WHERE e.parent_id = parent.id AND e.tenant = parent.tenant AND e.idempotency_key = ANY(:idem_keys)""")
+
+
+@dataclass(frozen=True)
+class ChildRow:
+    id: uuid.UUID
+    created_at: Any
+    created: bool  # False: an idempotent repeat, `id` is the existing child
+
+
+def insert_children(conn: Connection, lease: Lease, specs: list[JobSpec]) -> dict[uuid.UUID, ChildRow]:
+    """Insert a running job's children (and their events) in one statement: {spec id: row}; a spec missing
+    from the answer was not inserted (the parent's lease is gone, or its key names another job's child)."""
+    if not specs:
+        return {}
+    rows = _INSERT_CHILDREN.execute(conn, {
+        "id": lease.job_id, "attempt": lease.attempt, "lease_token": lease.token,
+        "ids": [s.id for s in specs], "types": [s.type for s in specs],
+        "payloads": [json.dumps(s.payload) for s in specs], "input_keys": [s.input_key for s in specs],
+        "requirements": [json.dumps(s.requirements) for s in specs], "queues": [s.queue for s in specs],
+        "priorities": [s.priority for s in specs], "max_attempts": [s.max_attempts for s in specs],
+        "idem_keys": [s.idempotency_key for s in specs]})
+    by_id = {row["id"]: row for row in rows if row["created"]}
+    by_key = {row["idempotency_key"]: row for row in rows if not row["created"]}
+    out: dict[uuid.UUID, ChildRow] = {}
+    for spec in specs:
+        row = by_id.get(spec.id) or (by_key.get(spec.idempotency_key) if spec.idempotency_key else None)
+        if row is not None:
+            out[spec.id] = ChildRow(row["id"], row["created_at"], bool(row["created"]))
+    return out
+
+
+_DELETE_UNSTARTED_CHILDREN = DefinerFunction(
+    "nexus_w_delete_unstarted_children", {"id": "uuid", "attempt": "int", "lease_token": "uuid", "ids": "uuid[]"},
+    None, f"""DELETE FROM jobs c USING jobs p WHERE {holds_lease("p")} AND c.parent_id = p.id
+              AND c.id = ANY(:ids) AND c.state = '{JobState.QUEUED.value}' AND c.attempt = 0""")
+
+
+def delete_unstarted_children(conn: Connection, lease: Lease, ids: list[uuid.UUID]) -> None:
+    """Undo children whose messages could not be published."""
+    _DELETE_UNSTARTED_CHILDREN.execute(conn, {"id": lease.job_id, "attempt": lease.attempt,
+                                              "lease_token": lease.token, "ids": ids})
+
+
 def delete_unstarted(conn: Connection, ids: list[uuid.UUID]) -> None:
     """Undo a submission whose messages could not be published (nothing half-written)."""
     conn.execute(
@@ -149,7 +250,7 @@ def _transition_sql(to_state: str | None, where: str, sets: str, returning: str)
         UPDATE jobs j SET {state_set}updated_at = now(), {sets}
         FROM old WHERE j.id = :id AND j.id = old.id AND {where}
         RETURNING {returning}, old.state AS from_state,
-                  EXTRACT(EPOCH FROM (now() - j.started_at)) AS run_seconds
+                  EXTRACT(EPOCH FROM (now() - j.started_at))::float8 AS run_seconds
     ),
     ev AS (
         INSERT INTO job_events (job_id, from_state, to_state, attempt, node, message, failure_kind)
@@ -159,11 +260,11 @@ def _transition_sql(to_state: str | None, where: str, sets: str, returning: str)
     """
 
 
-def _one(conn: Connection, statement: str | Prepared, params: dict[str, Any]) -> RowMapping | None:
+def _one(conn: Connection, statement: str | Prepared | DefinerFunction, params: dict[str, Any]) -> RowMapping | None:
     params.setdefault("event_node", None)
     params.setdefault("event_message", None)
     params.setdefault("event_failure_kind", None)
-    if isinstance(statement, Prepared):
+    if isinstance(statement, (Prepared, DefinerFunction)):
         rows = statement.execute(conn, params)
         return rows[0] if rows else None
     return conn.execute(text(statement), params).mappings().first()
@@ -176,78 +277,94 @@ def _outcome(row: Mapping[Any, Any] | None) -> Outcome | None:
 _EVENT_PARAMS = {"event_node": "text", "event_message": "text", "event_failure_kind": "text"}
 
 
-
 # The claim commits asynchronously (no WAL flush wait, ~0.35 ms saved per job). Safe because of
 # fencing: if PostgreSQL crashed before flushing it, the row reverts to queued, the running attempt's
 # lease renewals and completion find no matching row and are discarded, and the reconciler
 # re-publishes the job. Submission and completion stay synchronous: clients are told about those.
-_CLAIM = Prepared("nexus_claim", _transition_sql(
+# The claim draws the attempt's lease token: only the claimer learns it, and every later write
+# of the attempt (renewal, progress, children, outcome) must show it. The worker role may not claim
+# a job of the master's queues (a proof's verification: nexus.jobs.registry.JobType.runs_on_master).
+CLAIM = DefinerFunction("nexus_w_claim", {"id": "uuid", "attempt": "int", "node": "text", "lease": "float8",
+                                          "share": "int", **_EVENT_PARAMS},
+                        transition_returns(_fields(Claimed)), _transition_sql(
     JobState.RUNNING.value,
     where=f"""{sql_in("j.state", CLAIMABLE_STATES)} AND j.attempt = :attempt - 1
               AND j.attempt < j.max_attempts AND NOT j.cancel_requested
-              AND (j.not_before IS NULL OR j.not_before <= now())""",
+              AND (j.not_before IS NULL OR j.not_before <= now())
+              AND (j.queue NOT LIKE '{MASTER_QUEUE_PREFIX}%' OR session_user <> '{WORKER_ROLE_MARK}')""",
     sets="""attempt = j.attempt + 1, node = :node, started_at = now(), heartbeat_at = now(),
-            lease_expires_at = now() + make_interval(secs => :lease), error = NULL""",
+            lease_expires_at = now() + make_interval(secs => :lease), error = NULL,
+            lease_token = gen_random_uuid()""",
     # Whether this claim frees a place the tenant's held jobs may take (nexus.jobs.fairshare). The
     # subqueries see the row as it was (still a published message), hence `<=`. Two index probes,
     # both empty for a tenant with nothing held.
+    # The columns in Claimed's order (the function's output is declared from it): ..., queue, refill, lease_token.
     returning=returning(Claimed) + f""", (:share > 0 AND {fairshare.has_ready('h', 'j.tenant', 'j.queue')}
-        AND {fairshare.published_count('p', 'j.tenant', 'j.queue')} <= :share) AS refill""",
-), {"id": "uuid", "attempt": "int", "node": "text", "lease": "float8", "share": "int", **_EVENT_PARAMS},
-    prefix="SET LOCAL synchronous_commit = off; ")
+        AND {fairshare.published_count('p', 'j.tenant', 'j.queue')} <= :share) AS refill, j.lease_token""",
+), prefix="SET LOCAL synchronous_commit = off; ")
 
 
 def claim(conn: Connection, job_id: uuid.UUID | str, attempt: int, node: str, lease_seconds: float,
           share: int = 0) -> Claimed | None:
     """Take the job for `attempt`, or None: the message is stale or a duplicate and must be dropped.
     `share`: Settings.max_broker_messages_per_tenant, for the answer's `refill`."""
-    row = _one(conn, _CLAIM, {"id": job_id, "attempt": attempt, "node": node, "lease": lease_seconds,
-                              "share": share, "event_node": node})
+    row = _one(conn, CLAIM, {"id": job_id, "attempt": attempt, "node": node, "lease": lease_seconds,
+                             "share": share, "event_node": node})
     return project(Claimed, row) if row is not None else None
 
 
-_RENEW = text(
-    """UPDATE jobs j SET lease_expires_at = now() + make_interval(secs => :lease), heartbeat_at = now()
-       FROM unnest(CAST(:ids AS uuid[]), CAST(:attempts AS int[])) AS a(id, attempt)
-       WHERE j.id = a.id AND j.attempt = a.attempt AND j.state = 'running'
-       RETURNING j.id, j.cancel_requested"""
-).bindparams(bindparam("ids", type_=ARRAY(Uuid)))
+RENEW = DefinerFunction(
+    "nexus_w_renew", {"ids": "uuid[]", "attempts": "int[]", "tokens": "uuid[]", "lease": "float8"},
+    {"id": "jobs.id%TYPE", "cancel_requested": "jobs.cancel_requested%TYPE"},
+    f"""UPDATE jobs j SET lease_expires_at = now() + make_interval(secs => :lease), heartbeat_at = now()
+       FROM unnest(:ids, :attempts, :tokens) AS a(id, attempt, token)
+       WHERE j.id = a.id AND j.attempt = a.attempt AND j.state = 'running' AND {lease_fence("j", "a.token")}
+       RETURNING j.id, j.cancel_requested""")
 
 
-def renew_leases(conn: Connection, attempts: dict[uuid.UUID, int], lease_seconds: float) -> dict[uuid.UUID, bool]:
-    """Extend the leases of these (job, attempt) pairs in one statement.
+def renew_leases(conn: Connection, attempts: dict[uuid.UUID, int], lease_seconds: float,
+                 tokens: Mapping[uuid.UUID, uuid.UUID | None] | None = None) -> dict[uuid.UUID, bool]:
+    """Extend the leases of these (job, attempt) pairs in one statement; `tokens`: each claim's lease token.
 
     Returns {job id: cancel requested} for the attempts that still own their job;
     a job missing from the answer was taken over by a newer attempt (or finished).
     """
     if not attempts:
         return {}
-    rows = conn.execute(_RENEW, {"ids": list(attempts), "attempts": list(attempts.values()), "lease": lease_seconds})
-    return {row[0]: bool(row[1]) for row in rows}
+    tokens = tokens or {}
+    rows = RENEW.execute(conn, {"ids": list(attempts), "attempts": list(attempts.values()),
+                                "tokens": [tokens.get(job_id) for job_id in attempts], "lease": lease_seconds})
+    return {row["id"]: bool(row["cancel_requested"]) for row in rows}
 
 
-_FENCED = f"j.id = :id AND j.attempt = :attempt AND j.state = '{JobState.RUNNING.value}'"
+_FENCED = holds_lease("j")
 _OUTCOME_COLUMNS = returning(Outcome)  # what the runner and notices use
 
-_COMPLETE = Prepared("nexus_complete", _transition_sql(
+_OUTCOME_RETURNS = transition_returns(_fields(Outcome)[:-1])  # run_seconds comes with every transition
+_COMPLETE = DefinerFunction("nexus_w_complete", {"id": "uuid", "attempt": "int", "lease_token": "uuid",
+                                                 "result": "jsonb", "output_key": "text", **_EVENT_PARAMS},
+                            _OUTCOME_RETURNS, _transition_sql(
     JobState.SUCCEEDED.value,
     where=_FENCED,
     sets="result = :result, output_key = :output_key, finished_at = now(), lease_expires_at = NULL",
     returning=_OUTCOME_COLUMNS,
-), {"id": "uuid", "attempt": "int", "result": "jsonb", "output_key": "text", **_EVENT_PARAMS})
+))
 
 
 def complete(conn: Connection, job_id: uuid.UUID | str, attempt: int, node: str, result: Any,
-             output_key: str | None) -> Outcome | None:
+             output_key: str | None, lease_token: uuid.UUID | None = None) -> Outcome | None:
     """Record success once; None if this attempt was fenced off (a newer attempt owns the job)."""
     return _outcome(_one(
         conn,
         _COMPLETE,
-        {"id": job_id, "attempt": attempt, "result": _json(result), "output_key": output_key, "event_node": node},
+        {"id": job_id, "attempt": attempt, "lease_token": lease_token, "result": _json(result),
+         "output_key": output_key, "event_node": node},
     ))
 
 
-_FAIL = Prepared("nexus_fail", _transition_sql(
+_FAIL = DefinerFunction("nexus_w_fail", {"id": "uuid", "attempt": "int", "lease_token": "uuid", "node": "text",
+                                         "error": "text", "retry": "boolean", "backoff": "float8", **_EVENT_PARAMS},
+                         _OUTCOME_RETURNS, _transition_sql(
     None,
     where=_FENCED,
     sets="""state = CASE WHEN :retry AND j.attempt < j.max_attempts AND NOT j.cancel_requested
@@ -258,12 +375,11 @@ _FAIL = Prepared("nexus_fail", _transition_sql(
             finished_at = CASE WHEN :retry AND j.attempt < j.max_attempts AND NOT j.cancel_requested
                                THEN NULL ELSE now() END""",
     returning=_OUTCOME_COLUMNS,
-), {"id": "uuid", "attempt": "int", "node": "text", "error": "text", "retry": "boolean", "backoff": "float8",
-    **_EVENT_PARAMS})
+))
 
 
 def fail(conn: Connection, job_id: uuid.UUID | str, attempt: int, node: str, error: str, retry: bool, backoff: float,
-         kind: FailureKind = FailureKind.JOB) -> Outcome | None:
+         kind: FailureKind = FailureKind.JOB, lease_token: uuid.UUID | None = None) -> Outcome | None:
     """Record a failed attempt: `retrying` after `backoff` while attempts remain, else `failed`.
 
     `kind` goes on the event: only an infrastructure failure counts against `node` (nexus.jobs.failures).
@@ -271,22 +387,24 @@ def fail(conn: Connection, job_id: uuid.UUID | str, attempt: int, node: str, err
     return _outcome(_one(
         conn,
         _FAIL,
-        {"id": job_id, "attempt": attempt, "node": node, "error": error[:8000], "retry": retry,
+        {"id": job_id, "attempt": attempt, "lease_token": lease_token, "node": node, "error": error[:8000],
+         "retry": retry,
          "backoff": backoff, "event_node": node, "event_message": error[:500],
          "event_failure_kind": FailureKind(kind).value},
     ))
 
 
-_CANCEL_RUNNING = Prepared("nexus_cancel_running", _transition_sql(
-    JobState.CANCELLED.value, where=_FENCED, sets="finished_at = now(), lease_expires_at = NULL",
-    returning=_OUTCOME_COLUMNS,
-), {"id": "uuid", "attempt": "int", **_EVENT_PARAMS})
+_CANCEL_RUNNING = DefinerFunction(
+    "nexus_w_cancelled", {"id": "uuid", "attempt": "int", "lease_token": "uuid", **_EVENT_PARAMS}, _OUTCOME_RETURNS,
+    _transition_sql(JobState.CANCELLED.value, where=_FENCED, sets="finished_at = now(), lease_expires_at = NULL",
+                    returning=_OUTCOME_COLUMNS))
 
 
-def mark_cancelled(conn: Connection, job_id: uuid.UUID | str, attempt: int, node: str) -> Outcome | None:
+def mark_cancelled(conn: Connection, job_id: uuid.UUID | str, attempt: int, node: str,
+                   lease_token: uuid.UUID | None = None) -> Outcome | None:
     """A running attempt saw the cancel flag and stopped."""
-    return _outcome(_one(conn, _CANCEL_RUNNING, {"id": job_id, "attempt": attempt, "event_node": node,
-                                                 "event_message": "cancelled while running"}))
+    return _outcome(_one(conn, _CANCEL_RUNNING, {"id": job_id, "attempt": attempt, "lease_token": lease_token,
+                                                 "event_node": node, "event_message": "cancelled while running"}))
 
 
 _CANCEL_WAITING = _transition_sql(
@@ -324,12 +442,35 @@ def manual_retry(conn: Connection, job_id: uuid.UUID | str, by: str | None = Non
     return Job.from_mapping(row) if row is not None else None
 
 
-def set_progress(conn: Connection, job_id: uuid.UUID | str, attempt: int, progress: dict[str, Any]) -> None:
-    conn.execute(
-        text("UPDATE jobs SET progress = :p WHERE id = :id AND attempt = :attempt "
-             f"AND state = '{JobState.RUNNING.value}'").bindparams(bindparam("p", type_=JSONB)),
-        {"id": job_id, "attempt": attempt, "p": progress},
-    )
+_RETRY_CHILD = DefinerFunction(
+    "nexus_w_retry_child", {"id": "uuid", "parent_id": "uuid", "parent_attempt": "int", "lease_token": "uuid",
+                            **_EVENT_PARAMS},
+    transition_returns(["id", "state", "attempt"]), _transition_sql(
+        JobState.RETRYING.value,
+        where=sql_in("j.state", RETRYABLE_BY_HAND) + " AND j.parent_id = :parent_id AND EXISTS (SELECT 1 FROM jobs p "
+              "WHERE " + holds_lease("p", ":parent_id", ":parent_attempt") + ")",
+        sets="""max_attempts = GREATEST(j.max_attempts, j.attempt + 1), cancel_requested = false,
+                not_before = now(), finished_at = NULL, published_attempt = j.attempt, error = NULL""",
+        returning="j.id, j.state, j.attempt"))
+
+
+def retry_child(conn: Connection, lease: Lease, child_id: uuid.UUID) -> bool:
+    """A running parent gives its failed or cancelled child one more attempt (a retried proof's segments)."""
+    row = _one(conn, _RETRY_CHILD, {"id": child_id, "parent_id": lease.job_id, "parent_attempt": lease.attempt,
+                                    "lease_token": lease.token,
+                                    "event_message": f"retry requested by parent {lease.job_id} attempt {lease.attempt}"})
+    return row is not None
+
+
+_PROGRESS = DefinerFunction("nexus_w_progress", {"id": "uuid", "attempt": "int", "lease_token": "uuid",
+                                                  "progress": "jsonb"}, None,
+                            f"UPDATE jobs j SET progress = :progress WHERE {_FENCED}")
+
+
+def set_progress(conn: Connection, job_id: uuid.UUID | str, attempt: int, progress: dict[str, Any],
+                 lease_token: uuid.UUID | None = None) -> None:
+    _PROGRESS.execute(conn, {"id": job_id, "attempt": attempt, "lease_token": lease_token,
+                             "progress": json.dumps(progress)})
 
 
 def _json(value: Any) -> str | None:
@@ -343,3 +484,37 @@ Result = TypeVar("Result")
 def run_in_transaction(engine: Engine, fn: Callable[..., Result], *args: Any, **kwargs: Any) -> Result:
     with engine.begin() as conn:
         return fn(conn, *args, **kwargs)
+
+
+# Every write a worker makes, as the functions its database role may call (nexus.jobs.worker_role).
+# A running parent stops children it no longer waits for (a benchmark's node past its timeout): a
+# waiting child is cancelled at once, a running one is asked to stop (the flag its attempt checks).
+_CANCEL_CHILDREN = DefinerFunction(
+    "nexus_w_cancel_children", {"id": "uuid", "attempt": "int", "lease_token": "uuid", "ids": "uuid[]",
+                                "message": "text"},
+    {"id": "jobs.id%TYPE"}, f"""
+    WITH parent AS (SELECT p.id FROM jobs p WHERE {holds_lease("p")}),
+    upd AS (
+        UPDATE jobs c SET cancel_requested = true, updated_at = now(),
+            state = CASE WHEN c.state IN ('queued', 'retrying') THEN 'cancelled' ELSE c.state END,
+            finished_at = CASE WHEN c.state IN ('queued', 'retrying') THEN now() ELSE c.finished_at END
+        FROM parent, (SELECT id, state AS before FROM jobs WHERE id = ANY(:ids) FOR UPDATE) old
+        WHERE c.id = old.id AND c.parent_id = parent.id AND {sql_in("c.state", ACTIVE_STATES)}
+        RETURNING c.id, old.before, c.state, c.attempt
+    ),
+    ev AS (
+        INSERT INTO job_events (job_id, from_state, to_state, attempt, message)
+        SELECT id, before, state, attempt, :message FROM upd WHERE state <> before
+    )
+    SELECT id FROM upd""")
+
+
+def cancel_children(conn: Connection, lease: Lease, ids: list[uuid.UUID], by: str) -> int:
+    """Cancel these children of the running attempt (waiting ones at once, running ones by the flag)."""
+    return len(_CANCEL_CHILDREN.execute(conn, {"id": lease.job_id, "attempt": lease.attempt,
+                                               "lease_token": lease.token, "ids": ids,
+                                               "message": f"cancelled by {by}"}))
+
+
+WORKER_WRITES = (CLAIM, RENEW, _PROGRESS, _COMPLETE, _FAIL, _CANCEL_RUNNING, _INSERT_CHILDREN, _CANCEL_CHILDREN,
+                 _DELETE_UNSTARTED_CHILDREN, _RETRY_CHILD)

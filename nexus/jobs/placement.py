@@ -15,8 +15,9 @@ from __future__ import annotations
 import logging
 
 from celery import Celery
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine
 
+from nexus.db.functions import DefinerFunction
 from nexus.jobs.failures import may_claim
 from nexus.config import Settings
 from nexus.jobs.states import CLAIMABLE_STATES, sql_in
@@ -25,13 +26,15 @@ from nexus.queueing.message import JobMessage
 log = logging.getLogger(__name__)
 
 # The job, whether it is still inside the window, and the ready nodes that consume its queue.
-_RETRY_CONTEXT = text(
+RETRY_CONTEXT = DefinerFunction(
+    "nexus_w_retry_context", {"id": "uuid", "attempt": "int", "window": "float8"},
+    {"queue": "jobs.queue%TYPE", "priority": "jobs.priority%TYPE", "failed_nodes": "jobs.failed_nodes%TYPE",
+     "within_window": "boolean", "eligible": "text[]"},
     """SELECT j.queue, j.priority, j.failed_nodes,
-              j.updated_at > now() - make_interval(secs => :window) AS within_window,
-              ARRAY(SELECT n.name FROM nodes n WHERE n.state = 'ready' AND j.queue = ANY(n.queues)) AS eligible
+              j.updated_at > now() - make_interval(secs => :window),
+              ARRAY(SELECT n.name::text FROM nodes n WHERE n.state = 'ready' AND j.queue = ANY(n.queues))
        FROM jobs j
-       WHERE j.id = :id AND """ + sql_in("j.state", CLAIMABLE_STATES) + """ AND j.attempt = :attempt - 1"""
-)
+       WHERE j.id = :id AND """ + sql_in("j.state", CLAIMABLE_STATES) + """ AND j.attempt = :attempt - 1""")
 
 
 def decline_retry(engine: Engine, celery: Celery, settings: Settings, job_id: str, attempt: int, node: str) -> bool:
@@ -39,10 +42,12 @@ def decline_retry(engine: Engine, celery: Celery, settings: Settings, job_id: st
     if attempt <= 1:
         return False
     with engine.connect() as conn:
-        row = conn.execute(_RETRY_CONTEXT, {"id": job_id, "attempt": attempt,
-                                            "window": settings.node_avoid_failed_seconds}).first()
-    if row is None or not row.within_window or may_claim(node, row.failed_nodes, row.eligible):
+        rows = RETRY_CONTEXT.execute(conn, {"id": job_id, "attempt": attempt,
+                                            "window": settings.node_avoid_failed_seconds})
+    row = rows[0] if rows else None
+    if row is None or not row["within_window"] or may_claim(node, row["failed_nodes"], row["eligible"]):
         return False
-    JobMessage(job_id, attempt, row.queue, row.priority).publish(celery, countdown=settings.declined_job_delay_seconds)
+    JobMessage(job_id, attempt, row["queue"], row["priority"]).publish(
+        celery, countdown=settings.declined_job_delay_seconds)
     log.info("job %s attempt %s already failed on %s; left for another node", job_id, attempt, node)
     return True

@@ -13,7 +13,9 @@ from typing import Any, Iterable
 
 from sqlalchemy import Connection, Engine, text
 
-from nexus.jobs.records import Job, select_list
+from nexus.db.functions import DefinerFunction
+from nexus.jobs.lifecycle import holds_lease
+from nexus.jobs.records import JOB_COLUMNS, Job, Lease, select_list
 
 _COLUMNS = select_list()
 _GET = text(f"SELECT {_COLUMNS} FROM jobs WHERE id = :id")
@@ -51,6 +53,66 @@ def count_children_besides(conn: Connection, parent_id: uuid.UUID, keys: Iterabl
         {"id": parent_id, "keys": list(keys)},
     ).scalar_one()
     return count
+
+
+# --- what a running attempt may read, under its lease (the worker role reads nothing else) -------------
+_JOB_RETURNS = {name: f"jobs.{name}%TYPE" for name in JOB_COLUMNS}
+_LEASE_PARAMS = {"id": "uuid", "attempt": "int", "lease_token": "uuid"}
+_OWN_JOB = DefinerFunction("nexus_w_own_job", _LEASE_PARAMS, _JOB_RETURNS,
+                           f"SELECT {select_list('j.')} FROM jobs j WHERE {holds_lease('j')}")
+_PARENT = DefinerFunction("nexus_w_parent_job", _LEASE_PARAMS, _JOB_RETURNS,
+                          f"SELECT {select_list('p.')} FROM jobs j JOIN jobs p ON p.id = j.parent_id "
+                          f"WHERE {holds_lease('j')}")
+# With each child: whether its backoff is over and the nodes it failed on (a waiting parent helps with it).
+_CHILDREN_RETURNS = {**_JOB_RETURNS, "due": "boolean", "failed_nodes": "jobs.failed_nodes%TYPE"}
+_OWN_CHILDREN = DefinerFunction(
+    "nexus_w_children", _LEASE_PARAMS, _CHILDREN_RETURNS,
+    f"""SELECT {select_list('c.')}, coalesce(c.not_before <= now(), true), c.failed_nodes
+        FROM jobs j JOIN jobs c ON c.parent_id = j.id WHERE {holds_lease('j')} ORDER BY c.created_at, c.id""")
+_COUNT_OWN_CHILDREN = DefinerFunction(
+    "nexus_w_count_children", {**_LEASE_PARAMS, "keys": "text[]"}, {"n": "bigint"},
+    f"""SELECT count(*) FROM jobs j JOIN jobs c ON c.parent_id = j.id WHERE {holds_lease('j')}
+        AND (c.idempotency_key IS NULL OR NOT c.idempotency_key = ANY(:keys))""")
+
+
+@dataclass(frozen=True)
+class ChildStatus:
+    """A child as its running parent sees it: the job, whether it may run now, where it failed."""
+
+    job: Job
+    due: bool
+    failed_nodes: list[str]
+
+
+def _lease_values(lease: Lease) -> dict[str, Any]:
+    return {"id": lease.job_id, "attempt": lease.attempt, "lease_token": lease.token}
+
+
+def own_job(conn: Connection, lease: Lease) -> Job | None:
+    """The running attempt's own row; None once the attempt lost its lease."""
+    rows = _OWN_JOB.execute(conn, _lease_values(lease))
+    return Job.from_mapping(rows[0]) if rows else None
+
+
+def parent_job(conn: Connection, lease: Lease) -> Job | None:
+    """The parent of the running attempt's job (a verification reads the proof it checks)."""
+    rows = _PARENT.execute(conn, _lease_values(lease))
+    return Job.from_mapping(rows[0]) if rows else None
+
+
+def own_children(conn: Connection, lease: Lease) -> list[ChildStatus]:
+    """The running attempt's children, oldest first."""
+    return [ChildStatus(Job.from_mapping(row), bool(row["due"]), list(row["failed_nodes"] or ()))
+            for row in _OWN_CHILDREN.execute(conn, _lease_values(lease))]
+
+
+def count_own_children_besides(conn: Connection, lease: Lease, keys: Iterable[str]) -> int:
+    """The running attempt's children, leaving out those with these idempotency keys (a retried parent's)."""
+    rows = _COUNT_OWN_CHILDREN.execute(conn, {**_lease_values(lease), "keys": list(keys)})
+    return int(rows[0]["n"])
+
+
+WORKER_READS = (_OWN_JOB, _PARENT, _OWN_CHILDREN, _COUNT_OWN_CHILDREN)
 
 
 @dataclass(frozen=True)

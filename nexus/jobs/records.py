@@ -96,7 +96,7 @@ def jsonable(value: Any) -> Any:
 
 # --- what the worker's own transitions return --------------------------------------------------
 # Each transition statement also returns the state it came from and how long the attempt ran.
-TRANSITION_EXTRAS = ("from_state", "run_seconds")
+TRANSITION_EXTRAS = ("from_state", "run_seconds", "lease_token")
 CLAIM_EXTRAS = ("refill",)  # the claim's own (nexus.jobs.lifecycle.claim)
 
 
@@ -115,6 +115,16 @@ class Claimed:
     # The tenant has held jobs on this queue and, with this message taken, room to publish one
     # (nexus.jobs.fairshare): the claiming worker refills at once.
     refill: bool = False
+    lease_token: uuid.UUID | None = None  # drawn by the claim; the attempt's later writes show it
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A running attempt as its worker holds it: every write or read of the attempt names all three."""
+
+    job_id: uuid.UUID
+    attempt: int
+    token: uuid.UUID | None  # None: the master's own tools, which the attempt fence alone admits
 
 
 @dataclass(frozen=True, slots=True)

@@ -46,6 +46,9 @@ class JobType:
     # and its token's stream slots before it became a job, so it cannot build a backlog, and held
     # it would wait a claim's round trip longer for its first token.
     fair_share: bool = True
+    # Runs on the master only (`nexus verifier`), never on a node: what it records must not come from a
+    # party it judges (a proof's verdict: its provers are nodes). Its queue is `master.<name>`.
+    runs_on_master: bool = False
 
 
 class UnknownJobType(KeyError):
@@ -73,6 +76,12 @@ def _load_entry_points() -> None:
             obj = ep.load()
             register(obj if isinstance(obj, JobType) else JobType(name=ep.name, run=obj))
         _loaded = True
+
+
+def master_job_types() -> list[str]:
+    """The types `nexus verifier` runs."""
+    _load_entry_points()
+    return sorted(name for name, job_type in _registry.items() if job_type.runs_on_master)
 
 
 def get_job_type(name: str) -> JobType:

@@ -69,7 +69,8 @@ class LeaseRenewer:
         try:
             with self.engine.begin() as conn:
                 owned = lifecycle.renew_leases(conn, {jid: c.attempt for jid, c in contexts.items()},
-                                               self.settings.job_lease_seconds)
+                                               self.settings.job_lease_seconds,
+                                               {jid: c.lease_token for jid, c in contexts.items()})
         except OperationalError:
             log.warning("lease renewal failed; database unreachable")
             return
@@ -109,7 +110,7 @@ class JobRunner:
         ctx = JobContext(
             job_id=job.id, attempt=job.attempt, node=self.node, tenant=job.tenant, input_key=job.input_key,
             settings=self.settings, engine=self.engine, storage=self.storage, submitter=self.submitter,
-            read_after_lsn=read_after_lsn, reads=self.reads,
+            read_after_lsn=read_after_lsn, reads=self.reads, lease_token=job.lease_token,
         )
         self.leases.track(ctx)
         try:
@@ -131,7 +132,8 @@ class JobRunner:
             job_type = get_job_type(job.type)
             result = job_type.run(ctx, job.payload)
         except JobCancelled:
-            return "cancelled", self._record(lifecycle.mark_cancelled, ctx.job_id, ctx.attempt, self.node)
+            return "cancelled", self._record(lifecycle.mark_cancelled, ctx.job_id, ctx.attempt, self.node,
+                                             ctx.lease_token)
         except JobLost:
             return "lost", None
         except Exception as exc:  # the handler's failure: the job's own unless failure_kind says the node's
@@ -139,7 +141,8 @@ class JobRunner:
         output_key = None
         if isinstance(result, dict) and "_output_key" in result:
             output_key = result.pop("_output_key")
-        row = self._record(lifecycle.complete, ctx.job_id, ctx.attempt, self.node, _jsonable(result), output_key)
+        row = self._record(lifecycle.complete, ctx.job_id, ctx.attempt, self.node, _jsonable(result), output_key,
+                           ctx.lease_token)
         return ("succeeded" if row else "lost"), row
 
     def _failed(self, ctx: JobContext, exc: Exception) -> tuple[str, Outcome | None]:
@@ -151,7 +154,8 @@ class JobRunner:
         backoff = lifecycle.backoff_seconds(
             ctx.attempt, self.settings.retry_backoff_base_seconds, self.settings.retry_backoff_max_seconds
         )
-        row = self._record(lifecycle.fail, ctx.job_id, ctx.attempt, self.node, error, retryable, backoff, kind)
+        row = self._record(lifecycle.fail, ctx.job_id, ctx.attempt, self.node, error, retryable, backoff, kind,
+                           ctx.lease_token)
         return (row.state if row else "lost"), row
 
     def _record(self, write: Callable[..., Outcome | None], *args: Any) -> Outcome | None:

@@ -23,12 +23,12 @@ from nexus.db.engine import autocommit
 from nexus.jobs import lifecycle, queries
 from nexus.jobs.fanout import TooManyChildren, check_fan_out
 from nexus.jobs.lifecycle import JobSpec
-from nexus.jobs.records import Job
+from nexus.jobs.records import Job, Lease
 from nexus.jobs.registry import UnknownJobType, get_job_type, job_type_names, public_job_type_names
 from nexus.jobs.schemas import JobRequest
 from nexus.jobs.states import JobState
 from nexus.queueing.message import JobMessage, publish_all
-from nexus.queueing.routing import Requirements, route_for, vram_thresholds
+from nexus.queueing.routing import Requirements, master_queue, route_for, vram_thresholds
 from nexus.replicas.lsn import commit_lsn
 
 class SubmissionError(ValueError):
@@ -93,7 +93,8 @@ def build_spec(raw: Any, settings: Settings, tenant: str, parent_id: uuid.UUID |
             raise SubmissionError(str(exc), {"field": "payload", **exc.details}) from None
     return JobSpec(
         type=request.type,
-        queue=route_for(requirements, vram_thresholds(settings)),
+        queue=master_queue(request.type) if job_type.runs_on_master else route_for(requirements,
+                                                                                   vram_thresholds(settings)),
         payload=payload,
         input_key=request.input_key,
         requirements=requirements.to_dict(),
@@ -142,6 +143,33 @@ class Submitter:
                     exc.details = {"index": index, **exc.details}
                 raise
         return self.submit_specs(specs)
+
+    def submit_children(self, parent: Lease, tenant: str, raws: list[dict[str, Any]]) -> list[uuid.UUID]:
+        """A running job's children, under its lease (the worker's own path: its database role inserts
+        nothing else); the ids in order, an idempotent repeat's being the existing child's."""
+        specs = []
+        for index, raw in enumerate(raws):
+            try:
+                specs.append(build_spec(raw, self.settings, tenant, parent.job_id, allow_internal=True))
+            except SubmissionError as exc:
+                if len(raws) > 1:
+                    exc.details = {"index": index, **exc.details}
+                raise
+        _check_unique_keys(specs)
+        with self.writes.connect() as conn:
+            rows = lifecycle.insert_children(conn, parent, specs)
+            new_specs = [s for s in specs if s.id in rows and rows[s.id].created]
+            lsn = commit_lsn(conn) if any(get_job_type(s.type).reads_standby for s in new_specs) else None
+        if len(rows) < len(specs):
+            raise SubmissionError("children not accepted: the parent's attempt no longer holds its lease, "
+                                  "or a key names another job's child", {"missing": len(specs) - len(rows)})
+        try:
+            self.publish(new_specs, lsn)
+        except Exception as exc:
+            with self.engine.begin() as conn:
+                lifecycle.delete_unstarted_children(conn, parent, [s.id for s in new_specs])
+            raise PublishError(f"broker unavailable: {exc}") from exc
+        return [rows[s.id].id for s in specs]
 
     def submit_specs(self, specs: list[JobSpec]) -> list[tuple[Job, bool]]:
         _check_unique_keys(specs)

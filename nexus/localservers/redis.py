@@ -25,9 +25,10 @@ class RedisServer(LocalServer):
 
     def __init__(self, data_dir: str | Path, port: int | None = None, *, password: str | None = None,
                  replica_of: "RedisServer | str | None" = None, master_password: str | None = None,
-                 appendonly: bool = True, **kwargs) -> None:
+                 appendonly: bool = True, users: dict[str, str] | None = None, **kwargs) -> None:
         super().__init__(data_dir, port, **kwargs)
         self.password = password
+        self.users = dict(users or {})  # ACL users: name -> rules, e.g. "on >password ~* -@admin"
         if isinstance(replica_of, RedisServer):
             master_password = master_password if master_password is not None else replica_of.password
             replica_of = f"{replica_of.host}:{replica_of.port}"
@@ -61,6 +62,7 @@ class RedisServer(LocalServer):
         ]
         if self.password:
             lines.append(f"requirepass {self.password}")
+        lines += [f"user {name} {rules}" for name, rules in self.users.items()]
         if self.replica_of:
             host, _, port = self.replica_of.rpartition(":")
             lines += [f"replicaof {host} {port}", "replica-read-only yes"]

@@ -9,6 +9,7 @@ address) so that several instances coexist on one machine.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import urllib3
@@ -23,14 +24,29 @@ INTERNAL_PORTS = ("s3.port.grpc", "master.port", "master.port.grpc", "volume.por
                   "filer.port", "filer.port.grpc", "admin.port", "admin.port.grpc")
 
 
+@dataclass(frozen=True)
+class ScopedKey:
+    """A key pair allowed only these SeaweedFS actions, each on one bucket ("Read:nexus-inputs")."""
+
+    name: str
+    access_key: str
+    secret_key: str
+    actions: tuple[str, ...]
+
+    def identity(self) -> dict:
+        return {"name": self.name, "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
+                "actions": list(self.actions)}
+
+
 class S3Server(LocalServer):
     """An S3 endpoint at 127.0.0.1:`port` accepting exactly one key pair, data under `data_dir`."""
 
     name = "s3"
 
     def __init__(self, data_dir: str | Path, port: int | None = None, *, access_key: str, secret_key: str,
-                 **kwargs) -> None:
+                 scoped_keys: list["ScopedKey"] | None = None, **kwargs) -> None:
         super().__init__(data_dir, port, **kwargs)
+        self.scoped_keys = list(scoped_keys or [])
         if len(access_key) < 3 or len(secret_key) < 8:
             raise ValueError("S3 access key needs >= 3 characters and secret key >= 8 (S3 signing rules)")
         self.access_key = access_key
@@ -56,7 +72,7 @@ class S3Server(LocalServer):
             "name": "nexus",
             "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
             "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-        }]}
+        }] + [key.identity() for key in self.scoped_keys]}
         self._write_private(self.data_dir / "identities.json", json.dumps(identities, indent=2))
         self.internal_ports = self._pinned_ports()
 

@@ -32,9 +32,6 @@ import time
 import uuid
 from typing import Any
 
-from sqlalchemy import text
-
-from nexus.jobs import lifecycle, queries
 from nexus.jobs.records import Job
 from nexus.jobs.context import JobCancelled, JobContext
 from nexus.jobs.registry import JobType
@@ -152,8 +149,7 @@ def run_proof(ctx: JobContext, payload: dict) -> dict:
 
 
 def _own_row(ctx: JobContext) -> Job:
-    with ctx.engine.connect() as conn:
-        return queries.get(conn, ctx.job_id)
+    return ctx.own_job()
 
 
 def _submit_segments(ctx: JobContext, request: ProofRequest, segments: list[Segment], priority: int) -> None:
@@ -167,30 +163,19 @@ def _submit_segments(ctx: JobContext, request: ProofRequest, segments: list[Segm
 
 def _retry_stopped_segments(ctx: JobContext) -> None:
     """A retried proof gives segments that failed or were cancelled another attempt."""
-    rows = _segment_rows(ctx)
-    stopped = [r["id"] for r in rows if r["state"] in ("failed", "cancelled")]
-    for segment_id in stopped:
-        with ctx.engine.begin() as conn:
-            lifecycle.manual_retry(conn, segment_id, by=f"proof {ctx.job_id} attempt {ctx.attempt}")
+    for row in _segment_rows(ctx):
+        if row["state"] in ("failed", "cancelled"):
+            ctx.retry_child(row["id"])
 
 
-# Polled while waiting, so it carries states only; results are read once, at the join.
-_SEGMENT_ROWS = text(
-    """SELECT id, state, attempt, queue, (payload->'segment'->>'index')::int AS index,
-              coalesce(not_before <= now(), true) AS due, :node = ANY(failed_nodes) AS failed_here
-       FROM jobs WHERE parent_id = :id AND type = :type ORDER BY index"""
-)
-_SEGMENT_RESULTS = text(
-    """SELECT (payload->'segment'->>'index')::int AS index, state, attempt, result, error
-       FROM jobs WHERE parent_id = :id AND type = :type ORDER BY index"""
-)
-
-
-def _segment_rows(ctx: JobContext, statement=_SEGMENT_ROWS) -> list[dict]:
-    # From the master, never a replica: these states decide what happens next.
-    params = {"id": ctx.job_id, "type": SEGMENT_TYPE, "node": ctx.node}
-    with ctx.engine.connect() as conn:
-        return [dict(r) for r in conn.execute(statement, params).mappings()]
+def _segment_rows(ctx: JobContext) -> list[dict]:
+    """The segments as the waiting proof polls them, in index order; from the master, never a replica:
+    these states decide what happens next. `result` and `error` are read at the join."""
+    rows = [{"id": c.job.id, "state": c.job.state, "attempt": c.job.attempt, "queue": c.job.queue,
+             "index": int(c.job.payload["segment"]["index"]), "due": c.due, "failed_here": ctx.node in c.failed_nodes,
+             "result": c.job.result, "error": c.job.error}
+            for c in ctx.child_statuses() if c.job.type == SEGMENT_TYPE]
+    return sorted(rows, key=lambda r: r["index"])
 
 
 def _wait_for_segments(ctx: JobContext, segments: list[Segment], queue: str) -> list[dict]:
@@ -205,18 +190,17 @@ def _wait_for_segments(ctx: JobContext, segments: list[Segment], queue: str) -> 
         if any(r["state"] in ("failed", "cancelled") for r in rows):
             _raise_for_stopped_segment(ctx)
         if done == total:
-            return _segment_rows(ctx, _SEGMENT_RESULTS)
+            return rows
         if helper is None or not helper.prove_one(rows):
             ctx.sleep(ctx.settings.proof_poll_seconds)
 
 
 def _raise_for_stopped_segment(ctx: JobContext) -> None:
-    with ctx.engine.connect() as conn:
-        if conn.execute(text("SELECT cancel_requested FROM jobs WHERE id = :id"), {"id": ctx.job_id}).scalar():
-            # Cancelling the proof cancelled its waiting segments at once; the flag may reach this
-            # attempt a heartbeat later. The proof was cancelled, not failed.
-            raise JobCancelled(str(ctx.job_id))
-    first = next(r for r in _segment_rows(ctx, _SEGMENT_RESULTS) if r["state"] in ("failed", "cancelled"))
+    if ctx.own_job().cancel_requested:
+        # Cancelling the proof cancelled its waiting segments at once; the flag may reach this
+        # attempt a heartbeat later. The proof was cancelled, not failed.
+        raise JobCancelled(str(ctx.job_id))
+    first = next(r for r in _segment_rows(ctx) if r["state"] in ("failed", "cancelled"))
     raise SegmentFailed(f"segment {first['index']} {first['state']} after {first['attempt']} attempt(s): "
                         f"{first['error'] or 'cancelled'}")
 
@@ -261,9 +245,9 @@ def run_verify(ctx: JobContext, payload: dict) -> dict:
 
 
 def _finished_proof(ctx: JobContext, proof_id: str) -> Job:
-    with ctx.engine.connect() as conn:
-        row = queries.get(conn, uuid.UUID(proof_id))
-    if row is None or row.type != PROOF_TYPE or row.tenant != ctx.tenant:
+    """The proof this verification checks: its parent (the API creates it so); a worker reads no other job."""
+    row = ctx.parent()
+    if row is None or str(row.id) != proof_id or row.type != PROOF_TYPE or row.tenant != ctx.tenant:
         raise ValueError(f"proof {proof_id} not found")
     if row.state != "succeeded":
         raise ValueError(f"proof {proof_id} is {row.state}; only a finished proof has a receipt")
@@ -278,4 +262,7 @@ proof = JobType(name=PROOF_TYPE, run=run_proof, validate=validate_proof, accepts
 # Internal: segments are the proof's children, verification is started by POST /api/v1/proofs/<id>/verify.
 proof_segment = JobType(name=SEGMENT_TYPE, run=run_segment, validate=validate_segment, accepts_input=False,
                         public=False)
-proof_verify = JobType(name=VERIFY_TYPE, run=run_verify, validate=validate_verify, accepts_input=False, public=False)
+# The verdict, and with it the proven weight, is recorded by the master's own verifier: a node may be
+# among the proof's provers, and a prover must not judge its own work.
+proof_verify = JobType(name=VERIFY_TYPE, run=run_verify, validate=validate_verify, accepts_input=False, public=False,
+                       runs_on_master=True)

@@ -121,3 +121,12 @@ def node_queue(node_name: str) -> str:
 def node_model_queue(node_name: str, model: str) -> str:
     """The node's serving workers of `model` consume it: work for that model on that node."""
     return f"{NODE_QUEUE_PREFIX}{node_name}.{model_queue(model)}"
+
+
+# Jobs only the master's own workers run (`nexus verifier`, with the master's credentials): the worker
+# database role may not claim a job on such a queue (nexus.jobs.lifecycle), so no node records them.
+MASTER_QUEUE_PREFIX = "master."
+
+
+def master_queue(job_type: str) -> str:
+    return MASTER_QUEUE_PREFIX + job_type

@@ -19,10 +19,15 @@ from sqlalchemy.exc import OperationalError
 
 from nexus.config import Settings
 from nexus.db.engine import dispose_engines
+from nexus.config import WORKER_REDIS_USER, worker_redis_acl
 from nexus.localservers import PostgresServer, RedisServer, S3Server, free_port
+from nexus.localservers.s3 import ScopedKey
 from nexus.master import prepare_master
 from nexus.services import Services
-from tests.support import ADMIN_TOKEN, JOIN_TOKEN, S3_ACCESS, S3_SECRET, NexusProcess, wait_for
+from tests.support import (ADMIN_TOKEN, JOIN_TOKEN, S3_ACCESS, S3_SECRET, WORKER_REDIS_PASSWORD, WORKER_S3_ACCESS,
+                           WORKER_S3_SECRET, NexusProcess, wait_for)
+
+WORKER_REDIS_USERS = {WORKER_REDIS_USER: worker_redis_acl(WORKER_REDIS_PASSWORD)}
 
 TIER = "cpu_only"  # every chaos worker consumes the same queue, so any of them can finish any job
 # Node liveness, scaled down so that an outage outlasts it within a short test. Only agents have node
@@ -41,8 +46,11 @@ class ChaosCluster:
         self.logs.mkdir(parents=True, exist_ok=True)
         self.worker_names = [f"chaos-w{i}" for i in range(1, worker_count + 1)]
         self.postgres = PostgresServer(root / "postgres")
-        self.redis = RedisServer(root / "redis")
-        self.s3 = S3Server(root / "s3", access_key=S3_ACCESS, secret_key=S3_SECRET)
+        self.redis = RedisServer(root / "redis", users=WORKER_REDIS_USERS)
+        # Workers hold a worker's credentials here too (their own database role, Redis user and S3 key).
+        self.s3 = S3Server(root / "s3", access_key=S3_ACCESS, secret_key=S3_SECRET,
+                           scoped_keys=[ScopedKey("nexus-worker", WORKER_S3_ACCESS, WORKER_S3_SECRET,
+                                                  Settings().worker_bucket_actions())])
         self.settings: Settings | None = None
         self.services: Services | None = None
         self.api: NexusProcess | None = None
@@ -58,6 +66,8 @@ class ChaosCluster:
         self.settings = Settings(
             database_url=self.postgres.url_for("nexus"), redis_url=self.redis.url, s3_endpoint=self.s3.endpoint,
             s3_access_key=S3_ACCESS, s3_secret_key=S3_SECRET, admin_token=ADMIN_TOKEN, join_token=JOIN_TOKEN,
+            worker_redis_password=WORKER_REDIS_PASSWORD, worker_s3_access_key=WORKER_S3_ACCESS,
+            worker_s3_secret_key=WORKER_S3_SECRET,
             api_port=free_port(), node_api_port=free_port(), data_dir=self.root / "data", cluster_file=self.root / "cluster.json",
             job_lease_seconds=3.0, job_heartbeat_seconds=0.5, retry_backoff_base_seconds=0.2,
             retry_backoff_max_seconds=1.0, reconcile_interval_seconds=0.5,
@@ -144,7 +154,7 @@ class ChaosCluster:
             self._redis_generation += 1
             data_dir = self.root / f"redis-{self._redis_generation}"
             shutil.rmtree(data_dir, ignore_errors=True)
-            self.redis = RedisServer(data_dir, port)
+            self.redis = RedisServer(data_dir, port, users=WORKER_REDIS_USERS)
         else:
             self.redis.stop()
         self.redis.start()

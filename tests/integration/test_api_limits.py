@@ -12,6 +12,7 @@ from sqlalchemy import text
 
 from nexus.api import create_app
 from nexus.auth import Principal, Role
+from nexus.jobs import lifecycle
 from nexus.jobs.context import JobContext
 from nexus.services import Services
 from tests.conftest import auth
@@ -81,8 +82,11 @@ def test_a_running_job_submits_internal_children_up_to_the_cap(services):
 
     custom, _ = limited(services, max_children_per_job=3)
     [(parent, _)] = custom.submitter.submit_many([{"type": "noop", "requirements": {"tier": "gpu_peer"}}], "default")
+    with custom.engine.begin() as conn:  # running: children are submitted under the parent's lease
+        claimed = lifecycle.claim(conn, parent.id, 1, "n", 60)
     ctx = JobContext(job_id=parent.id, attempt=1, node="n", tenant="default", input_key=None,
-                     settings=custom.settings, engine=custom.engine, storage=custom.store, submitter=custom.submitter)
+                     settings=custom.settings, engine=custom.engine, storage=custom.store, submitter=custom.submitter,
+                     lease_token=claimed.lease_token)
     chunk = {"type": "inference_chunk", "payload": {"model": "m", "key": "k", "first_line": 0},
              "requirements": {"model": "m"}}
     specs = [{**chunk, "idempotency_key": f"chunk-{n}"} for n in range(3)]

@@ -152,7 +152,6 @@ def test_an_agent_runs_a_worker_per_instance(api, services, settings, session_di
 
     from nexus.models.instances import child_name, reconcile
     from nexus.worker.processes import instance_child
-    from tests.support import settings_env
 
     assert declare(api, name="tiny-agent", source=str(tiny_model_dir), max_model_len=512).status_code == 201
     deployed = api.post("/api/v1/models/tiny-agent/instances", json={}, headers=auth()).json
@@ -162,7 +161,7 @@ def test_an_agent_runs_a_worker_per_instance(api, services, settings, session_di
         instance = get_instance(conn, deployed["id"])
     [(to_start, _)], stop = reconcile([instance], running=[])
     assert stop == []
-    child = instance_child(to_start, "node-x", "box-x", settings, {**os.environ, **settings_env(settings)})
+    child = instance_child(to_start, "node-x", "box-x", settings, {**os.environ, **settings.worker_environment()})
     log = open(session_dir / "agent-child.log", "ab")
     process = subprocess.Popen(list(child.argv), env=dict(child.env), stdout=log, stderr=subprocess.STDOUT,
                                start_new_session=True)

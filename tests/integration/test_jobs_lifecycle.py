@@ -9,6 +9,7 @@ import uuid
 import pytest
 from sqlalchemy import text
 
+from nexus.db.prepared import Prepared
 from nexus.jobs import lifecycle
 from nexus.jobs.reconciler import Reconciler, queue_depth
 from tests.conftest import auth
@@ -91,9 +92,12 @@ def test_a_claim_reads_one_row_however_long_the_backlog(services):
     but for the count of the tenant's published messages (the refill check), which is its share."""
     services.submitter.submit_many([{"type": "noop", "requirements": {"tier": "gpu_peer"}}] * 500, tenant="default")
     job_id = submit(services, {"type": "noop", "requirements": {"tier": "gpu_peer"}})
-    claim_sql = lifecycle._CLAIM._execute.split("; ", 1)[1]  # without the SET LOCAL prefix
+    # The statement the claim function runs, prepared as it is inside the function (one plan per session).
+    body = Prepared("test_claim_body", lifecycle.CLAIM.body, lifecycle.CLAIM.params)
+    claim_sql = body._execute
     with services.engine.begin() as conn:
-        lifecycle.claim(conn, uuid.uuid4(), 1, "warm", 30)  # prepares the statement on this connection
+        body.execute(conn, {"id": uuid.uuid4(), "attempt": 1, "node": "warm", "lease": 30.0, "event_node": None,
+                            "event_message": None, "event_failure_kind": None})  # prepares it on this connection
         [plan] = conn.exec_driver_sql(f"EXPLAIN (ANALYZE, FORMAT JSON) {claim_sql}", {
             "id": job_id, "attempt": 1, "node": "a", "lease": 30.0, "event_node": "a", "event_message": None,
             "event_failure_kind": None, "share": services.settings.max_broker_messages_per_tenant,

@@ -50,7 +50,7 @@ def segment_rows(services, proof_id):
             "WHERE parent_id = :id AND type = 'proof_segment' ORDER BY index"), {"id": proof_id}).mappings()]
 
 
-def test_a_tiny_proof_end_to_end_through_real_workers(api, services, worker, reconciler):
+def test_a_tiny_proof_end_to_end_through_real_workers(api, services, worker, verifier, reconciler):
     proof = submit_proof(api, tiny())
     assert proof["state"] == "queued" and proof["request"]["seed"] == "integration"
     assert wait_job(api, proof["id"])["state"] == "succeeded"
@@ -65,11 +65,13 @@ def test_a_tiny_proof_end_to_end_through_real_workers(api, services, worker, rec
     assert view["verified"] is None and view["proven_weight"] == {}
     assert verify_receipt(receipt).accepted  # offline, from what the API handed out
 
-    # Verification as a job on a worker; the verdict and the proven weight appear on the proof.
+    # Verification as a job on the master's verifier, not on a node that proved; the verdict and the
+    # proven weight appear on the proof.
     response = api.post(f"/api/v1/proofs/{proof['id']}/verify", json={}, headers=auth())
     assert response.status_code == 202
     verify_job = wait_job(api, response.json["verify_job"]["id"])
     assert verify_job["state"] == "succeeded", verify_job["error"]
+    assert verify_job["node"] == "master" and verify_job["queue"] == "master.proof_verify"
     view = api.get(f"/api/v1/proofs/{proof['id']}", headers=auth()).json
     assert view["verified"] is True and view["verdicts"][0]["verdict"]["sampled"] == receipt["valid_count"]
     assert view["proven_weight"] == receipt["node_counts"]
@@ -79,7 +81,7 @@ def test_a_tiny_proof_end_to_end_through_real_workers(api, services, worker, rec
         assert records.proven_weight_of(conn, node) == count  # what the node API can show
 
 
-def test_a_tampered_stored_receipt_is_rejected_by_the_verify_job(api, services, worker):
+def test_a_tampered_stored_receipt_is_rejected_by_the_verify_job(api, services, worker, verifier):
     proof = submit_proof(api, tiny(nonce_end=256))
     assert wait_job(api, proof["id"])["state"] == "succeeded"
     key = api.get(f"/api/v1/proofs/{proof['id']}", headers=auth()).json["summary"]["receipt_key"]

@@ -14,7 +14,7 @@ import pytest
 
 from nexus.supervisor import ChildSpec, RestartPolicy, Supervisor
 from nexus.queueing.health import CONSUMING, NOT_CONSUMING, StuckWorkers, probe_queue, worker_records
-from tests.support import settings_env, wait_for
+from tests.support import wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -32,7 +32,7 @@ def stop_consuming(services, hostname: str) -> None:
 
 
 def test_stuck_worker_is_reported_and_restarted_by_the_supervisor(services, api, session_dir):
-    env = {**settings_env(services.settings), **FAST_PROBES, "NEXUS_NODE_NAME": "probe-worker"}
+    env = {**services.settings.worker_environment(), **FAST_PROBES, "NEXUS_NODE_NAME": "probe-worker"}
     spec = ChildSpec("probe-worker", (sys.executable, "-m", "nexus", "worker", "--name", "probe-worker",
                                       "-Q", QUEUE), env)
     supervisor = Supervisor([spec], RestartPolicy(0.2, 1.0, 60.0), unhealthy=StuckWorkers(services.redis, every=0.3))

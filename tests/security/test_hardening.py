@@ -100,7 +100,10 @@ def _answers(url: str) -> bool:
 @pytest.mark.parametrize("value", ["", "changeme", "nexus-dev-admin-token", "short"])
 def test_production_refuses_default_or_empty_secrets(name, value):
     strong = {n: "s3cret-" + uuid.uuid4().hex for n in ("admin_token", "join_token", "flower_password",
-                                                         "s3_secret_key")}
+                                                         "s3_secret_key", "worker_database_password",
+                                                         "worker_redis_password")}
+    strong.update(database_url="postgresql+psycopg2://nexus:" + uuid.uuid4().hex + "@db/nexus",
+                  redis_url="redis://:" + uuid.uuid4().hex + "@redis:6379/0")
     Settings(mode="production", **strong)  # strong values pass
     with pytest.raises(ValidationError, match=f"NEXUS_{name.upper()}"):
         Settings(mode="production", **{**strong, name: value})

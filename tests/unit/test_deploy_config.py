@@ -57,9 +57,21 @@ def test_master_config_writes_both_files_with_strong_secrets(folder):
     assert len(set(secrets_of(master).values())) == len(secrets_of(master)), "every secret is its own"
     assert master["MASTER_HOST_IP"] == worker["MASTER_HOST_IP"] == "10.20.0.5"
     assert master["CLUSTER_SUBNET"] == "10.20.0.0/24" and master["COMPOSE_PROFILES"] == "monitoring"
+    derived = {"WORKER_DATABASE_USER": "nexus_worker_nexus",
+               "WORKER_DATABASE_PASSWORD": master["NEXUS_WORKER_DATABASE_PASSWORD"],
+               "WORKER_REDIS_PASSWORD": master["NEXUS_WORKER_REDIS_PASSWORD"],
+               "NEXUS_S3_ACCESS_KEY": master["NEXUS_WORKER_S3_ACCESS_KEY"],
+               "NEXUS_S3_SECRET_KEY": master["NEXUS_WORKER_S3_SECRET_KEY"]}
     for name in SHARED_WITH_WORKERS:
-        assert worker[name] == master[name], name
-    assert "NEXUS_ADMIN_TOKEN" not in worker and "GRAFANA_ADMIN_PASSWORD" not in worker
+        assert worker[name] == derived.get(name, master.get(name)), name
+    # The worker holds its own database role, never the owner's, nor the admin token or Flower's password.
+    for master_only in ("NEXUS_ADMIN_TOKEN", "GRAFANA_ADMIN_PASSWORD", "NEXUS_FLOWER_PASSWORD", "POSTGRES_PASSWORD",
+                        "POSTGRES_USER", "NEXUS_WORKER_DATABASE_PASSWORD", "REDIS_PASSWORD",
+                        "NEXUS_WORKER_REDIS_PASSWORD"):
+        assert master_only not in worker, master_only
+    assert master["POSTGRES_PASSWORD"] not in (folder / "worker.env").read_text()
+    assert master["REDIS_PASSWORD"] not in (folder / "worker.env").read_text()
+    assert master["NEXUS_S3_SECRET_KEY"] not in (folder / "worker.env").read_text()  # the root key
     assert worker["NEXUS_NODE_NAME"] == ""  # each worker names itself
     for name in ENV_FILES:
         assert stat.S_IMODE((folder / ENV_FILES[name].name).stat().st_mode) == 0o600

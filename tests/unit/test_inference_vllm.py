@@ -37,6 +37,19 @@ def test_single_gpu():
     assert env["HF_HUB_OFFLINE"] == "1" and env["PATH"] == "/usr/bin"
 
 
+def test_vllm_serve_gets_no_credential_of_the_cluster():
+    """A model's own code runs in the server (--trust-remote-code): it inherits no key, URL or token."""
+    launch = launch_for(ParallelismPlan(Strategy.SINGLE_GPU, 1, 1, (Stage("n1", (0,)),), 14_000, 0.85))
+    worker_env = {"PATH": "/usr/bin", "HOME": "/root", "NCCL_DEBUG": "WARN", "VLLM_LOGGING_LEVEL": "INFO",
+                  "NEXUS_DATABASE_URL": "postgresql://w:pw@db/nexus", "NEXUS_REDIS_URL": "redis://:pw@r:6379/0",
+                  "NEXUS_S3_SECRET_KEY": "s3-secret", "NEXUS_JOIN_TOKEN": "nxj_x", "AWS_SECRET_ACCESS_KEY": "aws",
+                  "MINIO_ROOT_PASSWORD": "root"}
+    env = vllm_env(worker_env, launch)
+    assert {"PATH", "HOME", "NCCL_DEBUG", "VLLM_LOGGING_LEVEL"} <= set(env)
+    assert not any(name.startswith(("NEXUS_", "AWS_", "MINIO_")) for name in env)
+    assert "pw" not in "".join(env.values()) and "secret" not in "".join(env.values())
+
+
 def test_tensor_parallel_on_one_node():
     plan = ParallelismPlan(Strategy.TENSOR_PARALLEL, 4, 1, (Stage("n1", (0, 1, 2, 3)),), 70_000)
     launch = launch_for(plan)

@@ -111,7 +111,10 @@ def test_production_mode_refuses_default_secrets():
     with pytest.raises(ValueError, match="NEXUS_ADMIN_TOKEN"):
         Settings(mode="production")
     strong = {"s3_secret_key": "s" * 32, "admin_token": "a" * 32 + "x", "join_token": "j" * 32 + "y",
-              "flower_password": "f" * 20 + "z"}
+              "flower_password": "f" * 20 + "z", "worker_database_password": "w" * 20 + "q",
+              "worker_redis_password": "v" * 20 + "k",
+              "database_url": "postgresql+psycopg2://nexus:" + "p" * 20 + "@db/nexus",
+              "redis_url": "redis://:" + "r" * 20 + "@redis:6379/0"}
     with pytest.raises(ValueError, match="NEXUS_S3_SECRET_KEY"):
         Settings(mode="production", **{**strong, "s3_secret_key": "minioadmin"})
     assert Settings(mode="production", **strong).mode.value == "production"

@@ -84,11 +84,22 @@ def vllm_command(launch: VllmLaunch, executable: str = "vllm") -> list[str]:
     return argv + list(launch.extra_args)
 
 
+# What `vllm serve` inherits from the worker: what finding its libraries, its GPUs, its caches and its peers
+# needs, nothing else. Never NEXUS_* (the worker's database URL, broker and object-store keys): a
+# model's code runs in this process (`--trust-remote-code`), so it gets no credential of the cluster.
+_VLLM_ENV_NAMES = frozenset({"PATH", "HOME", "USER", "LOGNAME", "LANG", "TZ", "TMPDIR", "TERM", "SHELL",
+                             "VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME", "LD_LIBRARY_PATH", "XDG_CACHE_HOME",
+                             "HF_HOME", "OMP_NUM_THREADS"})
+_VLLM_ENV_PREFIXES = ("LC_", "CUDA_", "NVIDIA_", "NCCL_", "VLLM_", "TORCH", "TRITON_", "RAY_", "GLOO_")
+
+
 def vllm_env(base_env: Mapping[str, str], launch: VllmLaunch) -> dict[str, str]:
-    """The server's environment: only its GPUs, in the order NVML numbers them, and no hub access."""
+    """The server's environment: a minimal one (no credential), only its GPUs, in the order NVML numbers
+    them, and no hub access."""
     local_gpus = launch.gpus if launch.multi_node else launch.gpus[:launch.tensor_parallel_size
                                                                     * launch.pipeline_parallel_size]
-    env = dict(base_env)
+    env = {name: value for name, value in base_env.items()
+           if name in _VLLM_ENV_NAMES or name.startswith(_VLLM_ENV_PREFIXES)}
     env.update(
         CUDA_DEVICE_ORDER="PCI_BUS_ID",
         CUDA_VISIBLE_DEVICES=",".join(str(g) for g in local_gpus),

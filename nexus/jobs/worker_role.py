@@ -1,0 +1,77 @@
+"""The worker's PostgreSQL role: no superuser, owns nothing, reaches jobs only through the worker's operations
+(docs/ARCHITECTURE.md, "Roles hold only what they need").
+
+The master creates it at start (nexus.master.prepare_master), idempotently and under a lock, so several
+masters and test sessions may run this at once. Roles are cluster-wide in PostgreSQL: the name carries the
+database's (`config.worker_role_name`), so clusters sharing a server never share a worker role.
+
+What the role may do:
+  - call the SECURITY DEFINER functions below: claim, renew leases, progress, complete, fail, record a
+    cancel, submit / read / retry / withdraw children of its own running attempt, read its own row and
+    its parent's, the retry context that decides whether to decline a message, a waiting job's spec,
+    publishing a tenant's next held jobs when its claim freed a place (nexus.jobs.fairshare);
+    each one whole guarded statement with the attempt fence and lease token inside;
+  - read the model catalog and write its model instances (a serving worker keeps its instance row);
+  - nothing else: no table of jobs, events, tokens or nodes, no DDL, no other schema object.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy import Connection, Engine, text
+
+from nexus.config import Settings, worker_role_name
+from nexus.db.functions import DefinerFunction
+from nexus.jobs import digest, fairshare, lifecycle, placement, queries
+
+log = logging.getLogger(__name__)
+
+WORKER_FUNCTIONS: tuple[DefinerFunction, ...] = (
+    *lifecycle.WORKER_WRITES, *queries.WORKER_READS, placement.RETRY_CONTEXT, digest.JOB_SPEC, fairshare.REFILL)
+
+# A serving worker's own rows (nexus.serving.host, nexus.models.catalog): the catalog to read, its instances.
+_TABLE_GRANTS = ("GRANT SELECT ON models TO {role}",
+                 "GRANT SELECT, INSERT, UPDATE ON model_instances TO {role}")
+
+_LOCK_ID = 0x4E585752  # serialises concurrent installs: CREATE OR REPLACE FUNCTION races otherwise
+
+
+def install_worker_role(engine: Engine, settings: Settings) -> str:
+    """Create or refresh the worker role of this database and its functions; returns the role's name."""
+    database = engine.url.database or ""
+    role = worker_role_name(database)
+    with engine.begin() as conn:
+        conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _LOCK_ID})
+        _ensure_role(conn, role, settings.worker_database_password)
+        _grant(conn, role, database)
+        for function in WORKER_FUNCTIONS:
+            conn.exec_driver_sql(function.create_sql(role).replace("%", "%%"))  # psycopg2 formats it
+    log.info("worker role %s ready (%d functions)", role, len(WORKER_FUNCTIONS))
+    return role
+
+
+def _ensure_role(conn: Connection, role: str, password: str) -> None:
+    quoted = f'"{role}"'
+    # CREATE ROLE has no IF NOT EXISTS; a concurrent creator (another database's master cannot: the
+    # name is this database's) is caught as duplicate_object.
+    conn.exec_driver_sql(f"""DO $$ BEGIN CREATE ROLE {quoted} LOGIN;
+                             EXCEPTION WHEN duplicate_object THEN NULL; END $$""")
+    attributes = "LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS NOINHERIT"
+    if password:
+        conn.exec_driver_sql(f"ALTER ROLE {quoted} {attributes} PASSWORD %(password)s", {"password": password})
+    else:  # dev and tests on trust authentication
+        conn.exec_driver_sql(f"ALTER ROLE {quoted} {attributes} PASSWORD NULL")
+
+
+def _grant(conn: Connection, role: str, database: str) -> None:
+    quoted = f'"{role}"'
+    conn.exec_driver_sql(f'GRANT CONNECT ON DATABASE "{database}" TO {quoted}')
+    conn.exec_driver_sql(f"GRANT USAGE ON SCHEMA public TO {quoted}")
+    # Whatever it was granted before (an older master, an operator) goes; then exactly what it needs.
+    conn.exec_driver_sql(f"REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {quoted}")
+    conn.exec_driver_sql(f"REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM {quoted}")
+    # PostgreSQL before 15 let every role create objects in `public`; the worker must not (DDL).
+    conn.exec_driver_sql("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+    for grant in _TABLE_GRANTS:
+        conn.exec_driver_sql(grant.format(role=quoted))

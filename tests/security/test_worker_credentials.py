@@ -1,0 +1,224 @@
+"""A worker's own credentials, read from a running worker's environment as an intruder would, reach only the
+worker's operations (docs/ARCHITECTURE.md, "Roles hold only what they need").
+
+Each refusal here succeeded before workers had a role of their own: their NEXUS_DATABASE_URL named a
+superuser and their environment carried the admin token and the Flower password.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import uuid
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.exc import DBAPIError, ProgrammingError
+
+from nexus.auth import hash_token
+from nexus.config import MASTER_ONLY_SECRETS
+from nexus.jobs import lifecycle, queries
+from nexus.jobs.records import Lease
+from tests.support import wait_for
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def process_environment(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes()
+    return dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
+
+
+@pytest.fixture(scope="module")
+def stolen(worker):
+    """The session worker's environment, as read by someone who got into its process."""
+    return process_environment(worker.process.pid)
+
+
+@pytest.fixture
+def intruder(stolen, services):
+    """A database engine on the worker's own credentials (autocommit: each attempt stands alone)."""
+    engine = create_engine(stolen["NEXUS_DATABASE_URL"], isolation_level="AUTOCOMMIT")
+    yield engine
+    engine.dispose()
+
+
+def refused(engine, sql: str, params: dict | None = None) -> bool:
+    try:
+        with engine.connect() as conn:
+            conn.execute(text(sql), params or {})
+    except (ProgrammingError, DBAPIError) as exc:
+        if "permission denied" in str(exc) or "must be owner" in str(exc):
+            return True
+        raise  # any other failure (the server full, a typo) says nothing about privileges
+    return False
+
+
+def submit(services, raw: dict, tenant: str = "default") -> uuid.UUID:
+    [(job, _)] = services.submitter.submit_many([raw], tenant=tenant)
+    return job.id
+
+
+def test_the_worker_holds_no_master_secret(stolen, settings):
+    for name in MASTER_ONLY_SECRETS:
+        assert f"NEXUS_{name.upper()}" not in stolen
+    assert settings.admin_token not in "\0".join(stolen.values())
+    assert settings.flower_password not in "\0".join(stolen.values())
+    assert stolen["NEXUS_DATABASE_URL"] != settings.database_url
+
+
+def test_the_worker_role_is_no_superuser_and_owns_nothing(intruder):
+    with intruder.connect() as conn:
+        role = conn.execute(text("SELECT rolsuper, rolcreaterole, rolcreatedb, rolbypassrls FROM pg_roles "
+                                 "WHERE rolname = current_user")).one()
+        owned = conn.execute(text("SELECT count(*) FROM pg_class c JOIN pg_roles r ON r.oid = c.relowner "
+                                  "WHERE r.rolname = current_user")).scalar_one()
+    assert tuple(role) == (False, False, False, False)
+    assert owned == 0
+
+
+def test_a_worker_cannot_forge_or_read_api_tokens(intruder):
+    forged = "nx_forged-" + uuid.uuid4().hex
+    assert refused(intruder, "INSERT INTO api_tokens (id, name, token_hash, role, tenant) "
+                             "VALUES (:id, 'forged', :h, 'admin', 'default')", {"id": uuid.uuid4(), "h": hash_token(forged)})
+    assert refused(intruder, "SELECT token_hash FROM api_tokens")
+    assert refused(intruder, "UPDATE api_tokens SET role = 'admin'")
+
+
+def test_a_worker_cannot_run_ddl(intruder):
+    assert refused(intruder, "CREATE TABLE stolen (x int)")
+    assert refused(intruder, "ALTER TABLE jobs ADD COLUMN x int")
+    assert refused(intruder, "DROP TABLE job_events")
+    assert refused(intruder, "CREATE FUNCTION nexus_w_claim() RETURNS int LANGUAGE sql AS 'SELECT 1'")
+
+
+def test_a_worker_reaches_no_table_directly(intruder, services):
+    job_id = submit(services, {"type": "noop", "requirements": {"tier": "gpu_peer"}})
+    assert refused(intruder, "SELECT payload FROM jobs")
+    assert refused(intruder, "UPDATE jobs SET result = '{\"forged\": true}'::jsonb WHERE id = :id", {"id": job_id})
+    assert refused(intruder, "DELETE FROM job_events")
+    assert refused(intruder, "SELECT * FROM nodes")
+
+
+def test_a_worker_cannot_rewrite_another_attempts_result_or_a_finished_one(intruder, services):
+    """Through the worker's own functions: the attempt number is easy to guess, the lease token is not."""
+    other = submit(services, {"type": "noop", "requirements": {"tier": "gpu_peer"}})
+    with services.engine.begin() as conn:  # another worker's running attempt
+        assert lifecycle.claim(conn, other, 1, "honest-node", 60) is not None
+    with intruder.connect() as conn:
+        assert lifecycle.complete(conn, other, 1, "intruder", {"forged": True}, None) is None
+        assert lifecycle.complete(conn, other, 1, "intruder", {"forged": True}, None, uuid.uuid4()) is None
+        assert lifecycle.fail(conn, other, 1, "intruder", "forged", False, 0) is None
+        lifecycle.set_progress(conn, other, 1, {"forged": True})
+        assert queries.own_job(conn, Lease(other, 1, None)) is None  # nor read it
+    # Its own claim is a real lease: it may finish that attempt, once, and never after.
+    mine = submit(services, {"type": "noop", "requirements": {"tier": "gpu_peer"}})
+    with intruder.connect() as conn:
+        claimed = lifecycle.claim(conn, mine, 1, "intruder", 60)
+        assert claimed is not None and claimed.lease_token is not None
+        assert lifecycle.complete(conn, mine, 1, "intruder", {"mine": 1}, None, claimed.lease_token) is not None
+        assert lifecycle.complete(conn, mine, 1, "intruder", {"rewritten": 1}, None, claimed.lease_token) is None
+        assert lifecycle.fail(conn, mine, 1, "intruder", "late", True, 0, lease_token=claimed.lease_token) is None
+    with services.engine.connect() as conn:
+        rows = dict(conn.execute(text("SELECT id, result FROM jobs WHERE id IN (:a, :b)"),
+                                 {"a": other, "b": mine}).all())
+        assert conn.execute(text("SELECT progress FROM jobs WHERE id = :id"), {"id": other}).scalar() is None
+    assert rows == {other: None, mine: {"mine": 1}}
+
+
+def test_children_belong_to_the_parents_tenant_and_lease(intruder, services):
+    """A worker submits children only for an attempt it holds, and in that job's tenant."""
+    parent = submit(services, {"type": "noop", "requirements": {"tier": "gpu_peer"}}, tenant="victim")
+    from nexus.jobs.submit import build_spec
+
+    spec = build_spec({"type": "noop"}, services.settings, tenant="intruder-tenant", parent_id=parent)
+    with services.engine.begin() as conn:
+        assert lifecycle.claim(conn, parent, 1, "honest-node", 60) is not None
+    with intruder.connect() as conn:
+        assert lifecycle.insert_children(conn, Lease(parent, 1, uuid.uuid4()), [spec]) == {}
+    mine = submit(services, {"type": "noop", "requirements": {"tier": "gpu_peer"}}, tenant="victim")
+    with intruder.connect() as conn:
+        claimed = lifecycle.claim(conn, mine, 1, "intruder", 60)
+        [row] = lifecycle.insert_children(conn, Lease(mine, 1, claimed.lease_token), [spec]).values()
+    with services.engine.connect() as conn:
+        child = conn.execute(text("SELECT tenant, parent_id FROM jobs WHERE id = :id"), {"id": row.id}).one()
+    assert tuple(child) == ("victim", mine)  # the tenant the caller named is not the one it got
+    # Nor may it hand the master's verifier a job of its choosing.
+    to_master = build_spec({"type": "noop"}, services.settings, tenant="victim", parent_id=mine)
+    to_master = dataclasses.replace(to_master, queue="master.proof_verify")
+    with intruder.connect() as conn:
+        assert lifecycle.insert_children(conn, Lease(mine, 1, claimed.lease_token), [to_master]) == {}
+
+
+def test_a_worker_cannot_take_or_record_a_proofs_verification(intruder, services):
+    """A proof's verdict (and with it the proven weight) is the master's: its provers are nodes, and the
+    worker role can neither claim a verification nor write one by any other way."""
+    from nexus.jobs.submit import build_spec
+
+    spec = build_spec({"type": "proof_verify", "payload": {"proof_id": str(uuid.uuid4())}}, services.settings,
+                      tenant="default", allow_internal=True)
+    assert spec.queue == "master.proof_verify"
+    # On a master queue of its own, so that the session's verifier (if one runs) leaves it alone.
+    [(verify, _)] = services.submitter.submit_specs([dataclasses.replace(spec, queue=f"master.test-{uuid.uuid4()}")])
+    with intruder.connect() as conn:
+        assert lifecycle.claim(conn, verify.id, 1, "a-prover", 60) is None
+        assert lifecycle.complete(conn, verify.id, 1, "a-prover", {"verdict": {"accepted": True}}, None) is None
+    assert refused(intruder, "UPDATE jobs SET result = '{\"verdict\": {\"accepted\": true}}'::jsonb "
+                             "WHERE id = :id", {"id": verify.id})
+    assert job_state(services, verify.id) == "queued"
+    with services.engine.begin() as conn:  # the master's own verifier may
+        assert lifecycle.claim(conn, verify.id, 1, "master", 60) is not None
+
+
+def test_a_workers_redis_user_may_not_administer_the_broker(stolen, services):
+    """The broker's queues and streams, yes; CONFIG, ACL, FLUSHALL, KEYS, DEBUG, SHUTDOWN, no."""
+    import redis
+
+    assert stolen["NEXUS_REDIS_URL"].startswith("redis://nexus-worker:")
+    broker = redis.Redis.from_url(stolen["NEXUS_REDIS_URL"], socket_timeout=5)
+    broker.lpush("cpu_only-probe", "x") and broker.delete("cpu_only-probe")  # queues: allowed
+    for command in (("CONFIG", "SET", "appendonly", "no"), ("CONFIG", "GET", "requirepass"), ("ACL", "LIST"),
+                    ("ACL", "SETUSER", "nexus-worker", "+@all"), ("FLUSHALL",), ("FLUSHDB",), ("KEYS", "*"),
+                    ("DEBUG", "SLEEP", "0"), ("SHUTDOWN", "NOSAVE"), ("REPLICAOF", "127.0.0.1", "1")):
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            broker.execute_command(*command)
+    assert services.redis.ping()  # the broker is still up
+
+
+def test_a_workers_object_store_key_reads_but_cannot_replace_inputs_or_models(stolen, settings, services):
+    """The workers' scoped key, not the root keys: inputs and model files are read-only to it, and it
+    creates or deletes no bucket. (Receipts and outputs it must write; the proof's row holds the receipt's
+    digest, which no worker can change, so a replaced receipt is rejected.)"""
+    from minio import Minio
+    from minio.error import S3Error
+
+    assert stolen["NEXUS_S3_ACCESS_KEY"] != settings.s3_access_key
+    assert settings.s3_secret_key not in "\0".join(stolen.values())
+    services.store.put_bytes(settings.bucket_inputs, "tenant-a/input", b"someone's input")
+    services.store.put_bytes(settings.bucket_models, "model/weights.bin", b"weights")
+    intruder = Minio(stolen["NEXUS_S3_ENDPOINT"], access_key=stolen["NEXUS_S3_ACCESS_KEY"],
+                     secret_key=stolen["NEXUS_S3_SECRET_KEY"], secure=False)
+    assert intruder.get_object(settings.bucket_inputs, "tenant-a/input").read() == b"someone's input"
+    for bucket, key in ((settings.bucket_inputs, "tenant-a/input"), (settings.bucket_models, "model/weights.bin")):
+        with pytest.raises(S3Error, match="AccessDenied"):
+            intruder.put_object(bucket, key, io.BytesIO(b"poisoned"), 8)
+        with pytest.raises(S3Error, match="AccessDenied"):
+            intruder.remove_object(bucket, key)
+    with pytest.raises(S3Error, match="AccessDenied"):
+        intruder.make_bucket("stolen-bucket")
+    assert services.store.get_bytes(settings.bucket_models, "model/weights.bin") == b"weights"
+
+
+def job_state(services, job_id) -> str:
+    with services.engine.connect() as conn:
+        return conn.execute(text("SELECT state FROM jobs WHERE id = :id"), {"id": job_id}).scalar_one()
+
+
+def test_the_worker_still_runs_jobs(services, worker):
+    """The positive control: the same credentials run a job end to end (the whole suite does, too)."""
+    job_id = submit(services, {"type": "noop", "payload": {"echo": "restricted"}})
+    wait_for(lambda: job_state(services, job_id) in ("succeeded", "failed"), timeout=60, what="noop finished")
+    with services.engine.connect() as conn:
+        row = conn.execute(text("SELECT state, result FROM jobs WHERE id = :id"), {"id": job_id}).one()
+    assert tuple(row) == ("succeeded", {"echo": "restricted"})
