@@ -34,7 +34,8 @@ def cluster(tmp_path_factory):
     env.update(NEXUS_API_PORT=str(free_port()), NEXUS_FLOWER_PORT=str(free_port()), NEXUS_HEARTBEAT_INTERVAL_SECONDS="1",
                NEXUS_CLUSTER_FILE=str(data_dir / "cluster.json"), NEXUS_INFERENCE_TORCH_THREADS="1",
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", COLUMNS="200")
-    launcher = subprocess.Popen([sys.executable, "-m", "nexus", "dev", "-n", "2", "--data-dir", str(data_dir)],
+    # --no-model: the test declares the tiny model itself, unplaced, so it measures temporary instances too
+    launcher = subprocess.Popen([sys.executable, "-m", "nexus", "dev", "-n", "2", "--no-model", "--data-dir", str(data_dir)],
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)
     try:
@@ -176,4 +177,9 @@ def test_a_benchmark_is_cancelled_through_the_job_api(cluster):
         finished = ("succeeded", "failed", "cancelled")
         return job["state"] == "cancelled" and all(c["state"] in finished for c in children)
 
-    wait_for(final, timeout=120, interval=0.5, what="the benchmark and its node jobs cancelled")
+    try:
+        wait_for(final, timeout=120, interval=0.5, what="the benchmark and its node jobs cancelled")
+    except TimeoutError:
+        job = api.get(url + f"/api/v1/jobs/{benchmark_id}", timeout=10).json()
+        children = api.get(url + "/api/v1/jobs", params={"parent_id": benchmark_id}, timeout=10).json()["jobs"]
+        raise AssertionError((job["state"], job["error"], [(c["state"], c["error"]) for c in children]))

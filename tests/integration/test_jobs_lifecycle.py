@@ -97,7 +97,8 @@ def test_a_claim_reads_one_row_however_long_the_backlog(services):
     claim_sql = body._execute
     with services.engine.begin() as conn:
         body.execute(conn, {"id": uuid.uuid4(), "attempt": 1, "node": "warm", "lease": 30.0, "event_node": None,
-                            "event_message": None, "event_failure_kind": None})  # prepares it on this connection
+                            "event_message": None, "event_failure_kind": None,
+                            "share": services.settings.max_broker_messages_per_tenant})  # prepares it here
         [plan] = conn.exec_driver_sql(f"EXPLAIN (ANALYZE, FORMAT JSON) {claim_sql}", {
             "id": job_id, "attempt": 1, "node": "a", "lease": 30.0, "event_node": "a", "event_message": None,
             "event_failure_kind": None, "share": services.settings.max_broker_messages_per_tenant,
