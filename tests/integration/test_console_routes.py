@@ -75,7 +75,7 @@ def test_the_console_files_are_in_the_built_wheel(tmp_path):
         shutil.copy(root / name, source / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path),
                     str(source)], check=True, capture_output=True)
-    [wheel] = tmp_path.glob("nexus-*.whl")
+    [wheel] = tmp_path.glob("nexus_cluster-*.whl")  # the distribution nexus-cluster
     names = set(zipfile.ZipFile(wheel).namelist())
     shipped = {str(p.relative_to(root)) for p in console.UI_DIR.rglob("*") if p.is_file()}
     assert shipped and shipped <= names, shipped - names
