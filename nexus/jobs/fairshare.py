@@ -5,7 +5,9 @@ A Celery queue on Redis is one FIFO list: a tenant that submitted 10,000 jobs to
 a tenant's jobs become messages only while that tenant has fewer than
 `Settings.max_broker_messages_per_tenant` of them waiting on the queue (published, not yet
 claimed); the others wait as rows — state `queued` (or `retrying`), not yet published
-(`published_attempt <= attempt`), which is how a due retry has always waited. Whoever frees a
+(`published_attempt <= attempt`), which is how a due retry has always waited. A retry is published
+as soon as it is due, share or not: its job was admitted once, and the share may be full of messages
+a frozen worker holds (its prefetch), which left a lost attempt waiting behind them. Whoever frees a
 place publishes the tenant's next held jobs, in priority then submission order:
 
 - the worker that claims one of the tenant's messages, at once (the claim itself tells whether
@@ -84,10 +86,19 @@ REFILL = DefinerFunction(
         SELECT CASE WHEN :share = 0 THEN :batch
                     ELSE LEAST(:batch, GREATEST(0, :share - {published_count('p', ':tenant', ':queue')})) END AS n
     ),
-    due AS (
+    -- A retry goes out whatever the share: its job was admitted once, and the share may be full of
+    -- messages a frozen worker holds (prefetched), which left the lost attempt waiting behind them.
+    retries AS (
         SELECT h.id FROM jobs h WHERE h.tenant = :tenant AND h.queue = :queue AND {ready('h')}
+          AND h.state = 'retrying'
+        ORDER BY h.priority DESC, h.created_at, h.id LIMIT :batch FOR UPDATE SKIP LOCKED
+    ),
+    fresh AS (
+        SELECT h.id FROM jobs h WHERE h.tenant = :tenant AND h.queue = :queue AND {ready('h')}
+          AND h.state = 'queued'
         ORDER BY h.priority DESC, h.created_at, h.id LIMIT (SELECT n FROM room) FOR UPDATE SKIP LOCKED
     ),
+    due AS (SELECT id FROM retries UNION ALL SELECT id FROM fresh),
     upd AS (
         UPDATE jobs j SET published_attempt = j.attempt + 1, published_at = now()
         FROM due WHERE j.id = due.id
