@@ -182,4 +182,4 @@ def test_a_benchmark_is_cancelled_through_the_job_api(cluster):
     except TimeoutError:
         job = api.get(url + f"/api/v1/jobs/{benchmark_id}", timeout=10).json()
         children = api.get(url + "/api/v1/jobs", params={"parent_id": benchmark_id}, timeout=10).json()["jobs"]
-        raise AssertionError((job["state"], job["error"], [(c["state"], c["error"]) for c in children]))
+        raise AssertionError((job["state"], job["error"], [(c["state"], c["error"]) for c in children])) from None
