@@ -41,3 +41,17 @@ def beat(api, node: dict, fixture: str = "cpu_only", state: str = "ready", token
     body = heartbeat_body(hardware(fixture), state=state, running_jobs=list(running_jobs),
                           loaded_models=list(loaded_models), workers=[], cpu_percent=12.5, sent_at=time.time())
     return api.post(f"/api/v1/nodes/{node['node_id']}/heartbeat", json=body, headers=auth(token or node["node_token"]))
+
+
+class ApiClient:
+    """The API over HTTP with a token: `api("GET", path, expect=200)` answers the JSON, asserting the status."""
+
+    def __init__(self, url: str, token: str) -> None:
+        self.url, self.headers = url, {"Authorization": f"Bearer {token}"}
+
+    def __call__(self, method: str, path: str, expect: int | None = None, **kw):
+        import requests
+
+        response = requests.request(method, self.url + path, headers=self.headers, timeout=30, **kw)
+        assert response.status_code == expect if expect else response.status_code < 300, response.text
+        return response.json()

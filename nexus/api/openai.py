@@ -347,8 +347,8 @@ _BODIES = {  # path -> (request model, response model) for the OpenAPI document
     "/v1/completions": (schema.CompletionRequest, schema.Completion),
     "/v1/chat/completions": (schema.ChatCompletionRequest, schema.ChatCompletion),
     "/v1/embeddings": (schema.EmbeddingRequest, schema.EmbeddingList),
-    "/v1/models": (None, schema.ModelList),
-    "/v1/models/{name}": (None, schema.Model),
+    "/v1/models": (None, schema.OpenAIModelList),
+    "/v1/models/{name}": (None, schema.OpenAIModel),
 }
 
 

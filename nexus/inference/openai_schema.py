@@ -217,7 +217,7 @@ class EmbeddingList(_Response):
     usage: Usage
 
 
-class Model(_Response):
+class OpenAIModel(_Response):
     id: str
     object: Literal["model"]
     created: int
@@ -225,9 +225,9 @@ class Model(_Response):
     max_model_len: int | None = None  # as vLLM answers it: the context length, prompt included
 
 
-class ModelList(_Response):
+class OpenAIModelList(_Response):  # named apart from the catalog's ModelList: one OpenAPI document holds both
     object: Literal["list"]
-    data: list[Model]
+    data: list[OpenAIModel]
 
 
 class ErrorDetail(_Response):

@@ -14,6 +14,7 @@ import time
 import pytest
 
 from nexus.jobs.reconciler import queue_depth
+from nexus.queueing import broker
 from tests.chaos.audit import audit, wait_all_final
 from tests.chaos.cluster import TIER
 from tests.chaos.faults import (claims_after, fault_points, new_tenant, seconds_until_final, summary,
@@ -82,8 +83,10 @@ def test_broker_replaced_by_an_empty_one(cluster, profile, report):
         for name in cluster.worker_names:
             cluster.kill_worker(name, signal.SIGSTOP)
         try:
-            lost_messages.append(wait_for(lambda: (n := queue_depth(cluster.services.redis, TIER)) >= waiting and n,
-                                          timeout=10, interval=0.05, what="messages waiting in the queue"))
+            # Waiting in the queue or fetched by the paused workers: the share counts both, Redis loses both.
+            lost_messages.append(wait_for(lambda: (n := queue_depth(cluster.services.redis, TIER) +
+                                                   broker.held_by_queue(cluster.services.redis)[TIER]) >= waiting and n,
+                                          timeout=10, interval=0.05, what="messages waiting in the broker"))
             cluster.restart_redis(empty=True)
         finally:
             for name in cluster.worker_names:

@@ -21,7 +21,7 @@ import requests
 from nexus.serving.weights import upload_folder
 from nexus.queueing.health import worker_records
 from nexus.storage import make_object_store
-from tests.agent_support import FIXTURES
+from tests.agent_support import ApiClient, FIXTURES
 from tests.inference_support import MODEL_ENV, tiny_model_dir  # noqa: F401
 from tests.support import NexusProcess, wait_for
 
@@ -31,15 +31,7 @@ NODE = "inference-node"
 MODEL = "tiny-node"
 
 
-class Api:
-    def __init__(self, url: str, token: str) -> None:
-        self.url, self.headers = url, {"Authorization": f"Bearer {token}"}
-
-    def __call__(self, method: str, path: str, expect: int | None = None, **kw):
-        response = requests.request(method, self.url + path, headers=self.headers, timeout=30, **kw)
-        assert response.status_code == expect if expect else response.status_code < 300, response.text
-        return response.json()
-
+class Api(ApiClient):
     def node(self) -> dict | None:
         return next((n for n in self("GET", "/api/v1/nodes")["nodes"] if n["name"] == NODE), None)
 

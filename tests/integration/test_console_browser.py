@@ -298,7 +298,8 @@ def test_a_submitter_sees_its_tenant_and_no_node_details(browser, live_api, api,
 
 
 @pytest.mark.timeout(420)
-def test_a_proof_is_verified_from_the_console_and_its_weight_shown(browser, live_api, services, worker, reconciler):
+def test_a_proof_is_verified_from_the_console_and_its_weight_shown(browser, live_api, services, worker, reconciler,
+                                                                  verifier):
     url, admin = live_api
     response = requests.post(f"{url}/api/v1/proofs", headers=bearer(admin), timeout=30, json={
         "seed": "console", "nonce_end": 256, "segment_size": 128, "allow_cpu": True, "options": {"preset": "tiny"}})

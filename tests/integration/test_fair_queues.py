@@ -125,4 +125,4 @@ def test_v1_requests_are_not_held_behind_their_tenants_share(services):
              "payload": {"endpoint": "completions", "body": {"model": "tiny", "prompt": "hi"}}, "max_attempts": 1}
             for _ in range(SHARE * 3)]
     ids = [str(row.id) for row, _ in services.submitter.submit_many(raws, tenant="a", allow_internal=True)]
-    assert messages(services, "model.tiny") == {(job, 1) for job in ids}
+    assert {(job, 1) for job in ids} <= messages(services, "model.tiny")  # the session's own /v1 tests share it

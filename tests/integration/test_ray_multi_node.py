@@ -31,7 +31,7 @@ from sqlalchemy import text
 
 from nexus.models.ray_clusters import PORT_BLOCK, RayCluster
 from nexus.serving.ray_probe import RayClusterNotReady, cluster_state
-from tests.agent_support import FIXTURES
+from tests.agent_support import ApiClient, FIXTURES
 from tests.inference_support import MODEL_ENV, tiny_model_dir  # noqa: F401
 from tests.support import NexusProcess, wait_for
 
@@ -42,15 +42,7 @@ ADDRESSES = {"ray-node-a": "127.0.0.2", "ray-node-b": "127.0.0.3"}
 STANDIN = Path(__file__).parents[1] / "ray_vllm_standin.py"
 
 
-class Api:
-    def __init__(self, url: str, token: str) -> None:
-        self.url, self.headers = url, {"Authorization": f"Bearer {token}"}
-
-    def __call__(self, method: str, path: str, expect: int | None = None, **kw):
-        response = requests.request(method, self.url + path, headers=self.headers, timeout=30, **kw)
-        assert response.status_code == expect if expect else response.status_code < 300, response.text
-        return response.json()
-
+class Api(ApiClient):
     def nodes(self) -> dict[str, dict]:
         return {n["name"]: n for n in self("GET", "/api/v1/nodes")["nodes"] if n["name"] in ADDRESSES}
 

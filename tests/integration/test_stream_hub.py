@@ -12,6 +12,7 @@ from nexus.inference.types import StreamDelta, Usage
 from tests.support import wait_for
 
 READERS = 40
+CLIENT_NAME = "hub-test"  # CLIENT LIST tells this test's connections from the session's
 
 
 def _never_idle(_seconds):
@@ -30,11 +31,12 @@ def _read_all(client, job_id) -> tuple[str, Usage | None]:
 
 
 def _xread_connections(client) -> int:
-    return sum(1 for c in client.client_list() if c.get("cmd") == "xread")
+    """This client's connections blocked in XREAD (the session's API reads the same Redis through its own hub)."""
+    return sum(1 for c in client.client_list() if c.get("cmd") == "xread" and c.get("name") == CLIENT_NAME)
 
 
 def test_many_readers_share_one_blocked_read_and_each_gets_its_own_text_in_order(redis_server):
-    client = redis.Redis.from_url(redis_server.url, socket_timeout=5)
+    client = redis.Redis.from_url(redis_server.url, socket_timeout=5, client_name=CLIENT_NAME)
     results: dict[int, tuple[str, Usage | None]] = {}
 
     def reader(i: int) -> None:

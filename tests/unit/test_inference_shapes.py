@@ -310,5 +310,5 @@ def test_responses_match_their_documented_models():
     assert floats.data[0].embedding == [0.5, -1.0] and floats.usage.total_tokens == 4
     b64 = parse_body(Endpoint.EMBEDDINGS, {"model": "m", "input": "a", "encoding_format": "base64"})
     assert build_embeddings(b64, vectors)["data"][1]["embedding"] == "AACAPwAAAAA="
-    models = schema.ModelList.model_validate(build_models_list([ModelCard("tiny", 1_700_000_000, 512)]))
+    models = schema.OpenAIModelList.model_validate(build_models_list([ModelCard("tiny", 1_700_000_000, 512)]))
     assert models.data[0].max_model_len == 512 and models.data[0].created == 1_700_000_000
