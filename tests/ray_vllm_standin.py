@@ -8,7 +8,8 @@ ray.init(address=None), which reads RAY_ADDRESS; a placement group of
 tensor x pipeline bundles of {"GPU": 1} with the PACK strategy, waited for; one
 actor per bundle, as vLLM places its workers; the driver on the node named by
 VLLM_HOST_IP. Then it answers /health and /v1/models like vLLM's server, and
-writes what it found to $STANDIN_REPORT_DIR/<port>.json. It generates nothing:
+writes what it found to $VLLM_STANDIN_REPORT_DIR/<port>.json (a VLLM_ name: `vllm serve` gets only
+such variables from the worker, nexus.serving.backends.vllm_backend.vllm_env). It generates nothing:
 the model's layers are what a GPU would run. SIGTERM ends it; the placement
 group goes with its driver.
 """
@@ -86,10 +87,12 @@ def serve(args: argparse.Namespace, report: dict) -> None:
 
     server = ThreadingHTTPServer((args.host, args.port), Handler)
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
-    folder = os.environ.get("STANDIN_REPORT_DIR")
+    folder = os.environ.get("VLLM_STANDIN_REPORT_DIR")
     if folder:
         public = {k: v for k, v in report.items() if not k.startswith("_")}
-        Path(folder, f"{args.port}.json").write_text(json.dumps({"argv": sys.argv[1:], **public}))
+        staged = Path(folder, f".{args.port}.json")  # renamed into place: a reader never sees half a report
+        staged.write_text(json.dumps({"argv": sys.argv[1:], **public}))
+        staged.rename(Path(folder, f"{args.port}.json"))
     server.serve_forever()
 
 

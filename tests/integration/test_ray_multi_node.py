@@ -123,10 +123,16 @@ def check_cluster(services, instance: dict, reports: Path) -> RayCluster:
 
 
 def instance_port(reports: Path, group: dict) -> str:
-    for path in reports.glob("*.json"):
-        if json.loads(path.read_text())["placement_group"] == group["id"]:
-            return path.stem
-    raise AssertionError(f"no stand-in report for placement group {group['id']}")
+    """The port of the stand-in that made this placement group. Polled: on a loaded machine the serving
+    worker may have restarted its `vllm serve`, whose new report lands just after the group shows."""
+    def find() -> str | None:
+        return next((path.stem for path in reports.glob("*.json")
+                     if json.loads(path.read_text())["placement_group"] == group["id"]), None)
+
+    try:
+        return wait_for(find, timeout=30, interval=0.5, what="the stand-in's report")
+    except TimeoutError:
+        raise AssertionError(f"no stand-in report for placement group {group['id']}") from None
 
 
 def torn_down(token: str, temp_root: Path) -> None:
@@ -160,7 +166,7 @@ def test_two_agents_form_and_tear_down_a_ray_cluster_for_a_two_node_instance(
                "NEXUS_NODE_ADDRESS": ADDRESSES[name], "NEXUS_HEARTBEAT_INTERVAL_SECONDS": "0.5",
                "NEXUS_AGENT_DRAIN_GRACE_SECONDS": "30", "NEXUS_VLLM_EXECUTABLE": str(vllm),
                "NEXUS_VLLM_STARTUP_TIMEOUT_SECONDS": "240", "NEXUS_RAY_TEMP_ROOT": str(temp_root),
-               "STANDIN_REPORT_DIR": str(reports),
+               "VLLM_STANDIN_REPORT_DIR": str(reports),
                # Ray drains a node for up to 30 s on SIGTERM; nothing runs on these after their instance stops.
                "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "2"}
         agents[name] = NexusProcess(settings, ["agent", "--hardware-fixture", str(FIXTURES / "rtx4090.json")],
