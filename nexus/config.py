@@ -82,8 +82,9 @@ class Settings(BaseSettings):
     bucket_receipts: str = "nexus-receipts"
     bucket_models: str = "nexus-models"
     # The workers' object-store key pair (a SeaweedFS identity or MinIO user whose policy is
-    # `worker_bucket_actions`): workers carry it as their NEXUS_S3_ACCESS_KEY / NEXUS_S3_SECRET_KEY, never the
-    # root keys above. Empty: workers hold the root keys (dev with a store of the user's own).
+    # `worker_bucket_actions`: model files only): workers carry it as their NEXUS_S3_ACCESS_KEY /
+    # NEXUS_S3_SECRET_KEY, never the root keys above. Empty: workers hold the root keys (dev with a store of
+    # the user's own); their jobs still reach tenant objects only through the master, by their leases.
     worker_s3_access_key: str = ""
     worker_s3_secret_key: str = ""
     presign_expiry_seconds: int = Field(900, ge=1, le=7 * 24 * 3600)
@@ -101,6 +102,7 @@ class Settings(BaseSettings):
     # Limits (README "Limits"): what one request, one job and one token may ask of the master.
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)  # a JSON request body (413 above)
     max_input_bytes: int = Field(16 * 1024 * 1024, ge=1024)  # one upload to POST /api/v1/inputs
+    max_output_bytes: int = Field(1024 * 1024 * 1024, ge=1024)  # one object a worker writes through its lease
     max_bulk_jobs: int = Field(10_000, ge=1)
     max_payload_bytes: int = Field(256 * 1024, ge=64)  # one job's payload as compact JSON
     max_children_per_job: int = Field(10_000, ge=1)  # child jobs one parent may create (batch chunks, segments)
@@ -359,13 +361,10 @@ class Settings(BaseSettings):
                                        **{name: "" for name in MASTER_ONLY_SECRETS}})
 
     def worker_bucket_actions(self) -> tuple[str, ...]:
-        """What the workers' object-store key may do, per bucket: read inputs and model files, read and write
-        outputs and receipts (segment results, a proof's receipt, batch parts); never write an input or a
-        model file, create or delete a bucket."""
-        return (f"Read:{self.bucket_inputs}", f"List:{self.bucket_inputs}", f"Read:{self.bucket_models}",
-                f"List:{self.bucket_models}",
-                f"Read:{self.bucket_outputs}", f"Write:{self.bucket_outputs}", f"List:{self.bucket_outputs}",
-                f"Read:{self.bucket_receipts}", f"Write:{self.bucket_receipts}", f"List:{self.bucket_receipts}")
+        """What the workers' object-store key may do: read and list model files, nothing else. A job's
+        inputs, outputs and receipts are tenant data: a worker reaches those only through the master, by
+        the job's lease (nexus.storage.leased, nexus.api.leases)."""
+        return (f"Read:{self.bucket_models}", f"List:{self.bucket_models}")
 
     def worker_environment(self) -> dict[str, str]:
         """NEXUS_* variables of a worker node's processes: every setting of `for_worker`, no master-only one

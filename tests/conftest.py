@@ -3,7 +3,8 @@
     settings    Settings pointing at this session's servers (short leases and backoffs)
     services    nexus.services.Services for those settings (engine, celery, redis, store, submitter)
     app/api     the Flask app and its test client; `auth(token)` builds headers
-    worker      one real `nexus worker` process for the session, with a worker's credentials
+    worker      one real `nexus worker` process for the session, with a worker's credentials (and live_api,
+                through which its jobs reach their objects)
     verifier    the master's own worker (`nexus verifier`): proofs' verdicts
     live_api    a real gunicorn API process: (url, admin token)
 Tables and Redis are emptied before each test that uses `services`.
@@ -159,7 +160,8 @@ def admin_headers() -> dict:
 
 
 @pytest.fixture(scope="session")
-def worker(settings, session_dir):
+def worker(settings, session_dir, live_api):
+    """With the API up: a worker reaches its jobs' objects through the master, by their leases."""
     process = start_worker(settings, session_dir, name="session-worker")
     yield process
     process.stop()
