@@ -318,3 +318,58 @@ def test_the_worker_still_runs_jobs(services, worker):
     with services.engine.connect() as conn:
         row = conn.execute(text("SELECT state, result FROM jobs WHERE id = :id"), {"id": job_id}).one()
     assert tuple(row) == ("succeeded", {"echo": "restricted"})
+
+
+def test_a_worker_writes_only_the_model_instance_it_holds(intruder, services):
+    """Instance rows only through the worker's functions, each fenced by the token its taker drew: no
+    table write, no other node's instance, no instance another worker holds."""
+    from nexus.models import catalog
+    from nexus.models.catalog import InstanceState, ModelSpec
+    from nexus.models.placement import ParallelismPlan
+
+    with services.engine.begin() as conn:
+        catalog.insert_model(conn, ModelSpec(name="held", source="/models/held", max_model_len=64), replace=True)
+        theirs = catalog.create_instance(conn, "held", ParallelismPlan.from_dict({}))
+        conn.execute(text("UPDATE model_instances SET node_id = 'their-node' WHERE id = :id"), {"id": theirs["id"]})
+    assert refused(intruder, "UPDATE model_instances SET state = 'error', error = 'forged' WHERE id = :id",
+                   {"id": theirs["id"]})
+    assert refused(intruder, "INSERT INTO model_instances (id, model) VALUES (:id, 'held')", {"id": uuid.uuid4()})
+    with intruder.connect() as conn:
+        # Another node's pending instance: neither adopted nor taken by id.
+        assert catalog.adopt_held_instance(conn, "held", "intruder-node", "intruder@x") is None
+        assert catalog.take_held_instance(conn, theirs["id"], "held", "intruder-node", "intruder@x") is None
+        mine = catalog.start_held_instance(conn, "held", "intruder-node", "intruder@x")
+        assert mine is not None and mine["worker_token"] is not None
+        # Its own, with its token: yes; anyone else's, or its own with a guessed token: no.
+        assert catalog.set_held_instance_state(conn, mine["id"], mine["worker_token"], InstanceState.RUNNING)
+        assert catalog.set_held_instance_state(conn, theirs["id"], mine["worker_token"], InstanceState.ERROR) is None
+        assert catalog.set_held_instance_state(conn, mine["id"], uuid.uuid4(), InstanceState.ERROR) is None
+        assert catalog.held_instance_heartbeat(conn, theirs["id"], uuid.uuid4(), "held", "n", "w") is None
+        assert catalog.held_instance_heartbeat(conn, mine["id"], mine["worker_token"], "held", "n", "w") == "running"
+    with services.engine.connect() as conn:
+        states = dict(conn.execute(text("SELECT id, state FROM model_instances")).all())
+    assert states == {theirs["id"]: "pending", mine["id"]: "running"}
+
+
+def test_a_worker_cannot_pass_the_child_limit_through_its_own_lease(intruder, services, settings):
+    """The fan-out limit is the database function's, not only the worker's Python: a worker calling the
+    function itself with more children than NEXUS_MAX_CHILDREN_PER_JOB gets none of them."""
+    from nexus.jobs.fanout import TooManyChildren
+    from nexus.jobs.submit import build_spec
+
+    parent = submit(services, {"type": "noop", "requirements": {"tier": "gpu_peer"}})
+    with intruder.connect() as conn:
+        lease = lifecycle.claim(conn, parent, 1, "intruder", 60)
+    limit = settings.max_children_per_job
+    specs = [build_spec({"type": "noop", "requirements": {"tier": "gpu_peer"}}, settings, tenant="default",
+                        parent_id=parent) for _ in range(limit + 1)]
+    with intruder.connect() as conn:
+        with pytest.raises(TooManyChildren):
+            lifecycle.insert_children(conn, Lease(parent, 1, lease.lease_token), specs)
+    with intruder.connect() as conn:  # up to the limit, in two calls: the second sees the first's
+        assert len(lifecycle.insert_children(conn, Lease(parent, 1, lease.lease_token), specs[:limit - 1])) == limit - 1
+        with pytest.raises(TooManyChildren):
+            lifecycle.insert_children(conn, Lease(parent, 1, lease.lease_token), specs[limit - 1:])
+    with services.engine.connect() as conn:
+        count = conn.execute(text("SELECT count(*) FROM jobs WHERE parent_id = :id"), {"id": parent}).scalar_one()
+    assert count == limit - 1
