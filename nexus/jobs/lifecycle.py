@@ -228,7 +228,7 @@ def insert_children(conn: Connection, lease: Lease, specs: list[JobSpec]) -> dic
     return out
 
 
-def _insert_children(conn: Connection, lease: Lease, specs: list[JobSpec]) -> list:
+def _insert_children(conn: Connection, lease: Lease, specs: list[JobSpec]) -> list[RowMapping]:
     return _INSERT_CHILDREN.execute(conn, {
         "id": lease.job_id, "attempt": lease.attempt, "lease_token": lease.token,
         "ids": [s.id for s in specs], "types": [s.type for s in specs],
