@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 from apiflask import APIBlueprint
 from flask import Response, request, stream_with_context
@@ -140,7 +140,7 @@ def _refused(bucket: str, key: str) -> ApiError:
 @public  # the lease token is checked here, not by the API-token check of every route
 @bp.doc(security="bearer", description="Authorization: Bearer <lease token>. One of the job's objects: its bytes, "
                                        "its ETag in X-Nexus-ETag (HEAD: the ETag only).")
-def read(job_id: uuid.UUID, attempt: int, bucket: str, key: str):
+def read(job_id: uuid.UUID, attempt: int, bucket: str, key: str) -> Response:
     real = _checked(job_id, bucket, key)
     s = services()
     with s.statements.connect() as conn:
@@ -163,7 +163,7 @@ def read(job_id: uuid.UUID, attempt: int, bucket: str, key: str):
             raise _missing(bucket, key) from None
         raise
 
-    def body():
+    def body() -> Iterator[bytes]:
         try:
             yield from obj.stream(_CHUNK_BYTES)
         finally:
@@ -183,7 +183,7 @@ def _missing(bucket: str, key: str) -> ApiError:
 @public
 @bp.doc(security="bearer", description="Authorization: Bearer <lease token>. Body: the object's bytes. Stores one "
                                        "of the job's outputs or its receipt (a receipt only once).")
-def write(job_id: uuid.UUID, attempt: int, bucket: str, key: str):
+def write(job_id: uuid.UUID, attempt: int, bucket: str, key: str) -> tuple[dict[str, str], int]:
     real = _checked(job_id, bucket, key)
     s = services()
     request.max_content_length = s.settings.max_output_bytes

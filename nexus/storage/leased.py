@@ -17,7 +17,7 @@ import io
 import json
 import os
 import uuid
-from typing import Any, BinaryIO
+from typing import IO, Any
 from urllib.parse import quote
 
 import requests
@@ -98,7 +98,7 @@ class LeasedStore(ObjectStore):
     def put_bytes(self, bucket: str, key: str, data: bytes, content_type: str = "application/octet-stream") -> str:
         return self.put_stream(bucket, key, io.BytesIO(data), len(data), content_type)
 
-    def put_stream(self, bucket: str, key: str, data: BinaryIO, length: int,
+    def put_stream(self, bucket: str, key: str, data: IO[bytes], length: int,
                    content_type: str = "application/octet-stream") -> str:
         if self._standing(bucket):
             raise ObjectRefused(f"{bucket}/{key}: workers write no model file")

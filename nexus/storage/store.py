@@ -8,7 +8,7 @@ from __future__ import annotations
 import io
 import json
 from datetime import timedelta
-from typing import Any, BinaryIO
+from typing import IO, Any
 
 import urllib3
 from minio import Minio
@@ -43,7 +43,7 @@ class ObjectStore:
     def put_bytes(self, bucket: str, key: str, data: bytes, content_type: str = "application/octet-stream") -> str:
         return self.put_stream(bucket, key, io.BytesIO(data), len(data), content_type)
 
-    def put_stream(self, bucket: str, key: str, data: BinaryIO, length: int,
+    def put_stream(self, bucket: str, key: str, data: IO[bytes], length: int,
                    content_type: str = "application/octet-stream") -> str:
         """Store `length` bytes read from `data` (a request body, streamed on: never whole in memory)."""
         result = self.client.put_object(
