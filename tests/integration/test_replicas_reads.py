@@ -28,9 +28,10 @@ pytestmark = pytest.mark.timeout(180)
 def cluster(tmp_path_factory, settings, redis_server):
     base = tmp_path_factory.mktemp("replicas")
     cluster = start_replica_cluster(base, settings, redis_server)
+    api, _url = start_api(cluster.master_only_settings, base)  # the workers' way to their jobs' objects
     with get_engine(cluster.settings).begin() as conn:
         conn.execute(text("CREATE TABLE IF NOT EXISTS replica_probe (id int PRIMARY KEY, body text)"))
-    api, _url = start_api(cluster.master_only_settings, base)  # the workers' way to their jobs' objects
+    cluster.wait_for_standby(master_commit_lsn(get_engine(cluster.settings)))
     yield cluster
     api.stop()
     cluster.stop()
