@@ -36,7 +36,7 @@ class Role(str, Enum):
 
 # Settings only the master holds: a worker's configuration must leave them out (production refuses it).
 MASTER_ONLY_SECRETS = ("admin_token", "flower_password", "worker_database_password", "worker_redis_password",
-                       "worker_s3_secret_key")
+                       "worker_s3_secret_key", "api_redis_password", "reconciler_redis_password")
 
 # The workers' Redis ACL user: every key and channel (Celery's queues, results and bindings, the job
 # notices, the token streams, the activity and probe keys), no administrative or dangerous command
@@ -45,9 +45,23 @@ WORKER_REDIS_USER = "nexus-worker"
 WORKER_REDIS_RULES = "~* &* +@all -@admin -@dangerous"
 
 
+# The API's and the reconciler's own users (their processes hold no other Redis password): every key and
+# channel too, since both publish to every queue and the API reads every stream and notice, and no
+# administrative or dangerous command either. Separate users, so that each password is held by one
+# kind of process only, rotated or revoked on its own, and a leaked one says which.
+API_REDIS_USER = "nexus-api"
+RECONCILER_REDIS_USER = "nexus-reconciler"
+SERVICE_REDIS_RULES = WORKER_REDIS_RULES
+
+
 def worker_redis_acl(password: str) -> str:
     """The ACL rules of the workers' user, as a Redis `user` directive's arguments."""
     return f"on >{password} {WORKER_REDIS_RULES}"
+
+
+def service_redis_acl(password: str) -> str:
+    """The ACL rules of the API's or the reconciler's user, as a Redis `user` directive's arguments."""
+    return f"on >{password} {SERVICE_REDIS_RULES}"
 
 
 def worker_role_name(database: str) -> str:
@@ -71,6 +85,11 @@ class Settings(BaseSettings):
     # The workers' Redis ACL user's password (WORKER_REDIS_USER): workers carry it in their NEXUS_REDIS_URL.
     # Empty: workers share the master's Redis login (dev without ACL users).
     worker_redis_password: str = ""
+    # The API's and the reconciler's Redis ACL users' passwords (API_REDIS_USER, RECONCILER_REDIS_USER): each
+    # process gets its own NEXUS_REDIS_URL (`api_redis_url`, `reconciler_redis_url`), never the default
+    # user's. Empty: that process uses NEXUS_REDIS_URL as it is (dev without ACL users).
+    api_redis_password: str = ""
+    reconciler_redis_password: str = ""
     redis_url: str = "redis://127.0.0.1:6379/0"
     s3_endpoint: str = "127.0.0.1:9000"
     s3_access_key: str = "nexus-dev-access"
@@ -82,8 +101,9 @@ class Settings(BaseSettings):
     bucket_receipts: str = "nexus-receipts"
     bucket_models: str = "nexus-models"
     # The workers' object-store key pair (a SeaweedFS identity or MinIO user whose policy is
-    # `worker_bucket_actions`): workers carry it as their NEXUS_S3_ACCESS_KEY / NEXUS_S3_SECRET_KEY, never the
-    # root keys above. Empty: workers hold the root keys (dev with a store of the user's own).
+    # `worker_bucket_actions`: model files only): workers carry it as their NEXUS_S3_ACCESS_KEY /
+    # NEXUS_S3_SECRET_KEY, never the root keys above. Empty: workers hold the root keys (dev with a store of
+    # the user's own); their jobs still reach tenant objects only through the master, by their leases.
     worker_s3_access_key: str = ""
     worker_s3_secret_key: str = ""
     presign_expiry_seconds: int = Field(900, ge=1, le=7 * 24 * 3600)
@@ -101,6 +121,7 @@ class Settings(BaseSettings):
     # Limits (README "Limits"): what one request, one job and one token may ask of the master.
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)  # a JSON request body (413 above)
     max_input_bytes: int = Field(16 * 1024 * 1024, ge=1024)  # one upload to POST /api/v1/inputs
+    max_output_bytes: int = Field(1024 * 1024 * 1024, ge=1024)  # one object a worker writes through its lease
     max_bulk_jobs: int = Field(10_000, ge=1)
     max_payload_bytes: int = Field(256 * 1024, ge=64)  # one job's payload as compact JSON
     max_children_per_job: int = Field(10_000, ge=1)  # child jobs one parent may create (batch chunks, segments)
@@ -341,13 +362,25 @@ class Settings(BaseSettings):
     @property
     def worker_redis_url(self) -> str:
         """What a worker's NEXUS_REDIS_URL is: the master's Redis, as the workers' ACL user (when it has one)."""
-        if not self.worker_redis_password:
+        return self._redis_url_as(WORKER_REDIS_USER, self.worker_redis_password)
+
+    @property
+    def api_redis_url(self) -> str:
+        """The API's NEXUS_REDIS_URL: the master's Redis as the API's own ACL user (when it has one)."""
+        return self._redis_url_as(API_REDIS_USER, self.api_redis_password)
+
+    @property
+    def reconciler_redis_url(self) -> str:
+        """The reconciler's NEXUS_REDIS_URL: the master's Redis as its own ACL user (when it has one)."""
+        return self._redis_url_as(RECONCILER_REDIS_USER, self.reconciler_redis_password)
+
+    def _redis_url_as(self, user: str, password: str) -> str:
+        if not password:
             return self.redis_url
         from sqlalchemy.engine import make_url
 
         url = make_url(self.redis_url)  # the same URL grammar: scheme://user:password@host:port/db
-        return url.set(username=WORKER_REDIS_USER, password=self.worker_redis_password).render_as_string(
-            hide_password=False)
+        return url.set(username=user, password=password).render_as_string(hide_password=False)
 
     def for_worker(self) -> "Settings":
         """This master's settings as a worker node gets them: its own database role and Redis user, no
@@ -359,13 +392,10 @@ class Settings(BaseSettings):
                                        **{name: "" for name in MASTER_ONLY_SECRETS}})
 
     def worker_bucket_actions(self) -> tuple[str, ...]:
-        """What the workers' object-store key may do, per bucket: read inputs and model files, read and write
-        outputs and receipts (segment results, a proof's receipt, batch parts); never write an input or a
-        model file, create or delete a bucket."""
-        return (f"Read:{self.bucket_inputs}", f"List:{self.bucket_inputs}", f"Read:{self.bucket_models}",
-                f"List:{self.bucket_models}",
-                f"Read:{self.bucket_outputs}", f"Write:{self.bucket_outputs}", f"List:{self.bucket_outputs}",
-                f"Read:{self.bucket_receipts}", f"Write:{self.bucket_receipts}", f"List:{self.bucket_receipts}")
+        """What the workers' object-store key may do: read and list model files, nothing else. A job's
+        inputs, outputs and receipts are tenant data: a worker reaches those only through the master, by
+        the job's lease (nexus.storage.leased, nexus.api.leases)."""
+        return (f"Read:{self.bucket_models}", f"List:{self.bucket_models}")
 
     def worker_environment(self) -> dict[str, str]:
         """NEXUS_* variables of a worker node's processes: every setting of `for_worker`, no master-only one

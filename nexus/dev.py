@@ -25,7 +25,8 @@ import requests
 
 from nexus.client import NexusClient, NexusError
 from nexus.supervisor import ChildSpec, RestartPolicy, Supervisor
-from nexus.config import WORKER_REDIS_USER, Settings, worker_redis_acl
+from nexus.config import (API_REDIS_USER, RECONCILER_REDIS_USER, WORKER_REDIS_USER, Settings, service_redis_acl,
+                          worker_redis_acl)
 from nexus.queueing.health import StuckWorkers
 from nexus.localservers import LocalServer, PostgresServer, RedisServer, S3Server, free_port
 from nexus.localservers.s3 import ScopedKey
@@ -43,8 +44,9 @@ def local_secrets(data_dir: Path) -> dict[str, str]:
         values = json.loads(path.read_text())
         added = {"worker_database_password": secrets.token_urlsafe(24), "worker_redis_password": secrets.token_hex(20),
                  "worker_s3_access_key": "nexus-worker-" + secrets.token_hex(4),
-                 "worker_s3_secret_key": secrets.token_urlsafe(30)}
-        if set(added) - set(values):  # written before workers had credentials of their own
+                 "worker_s3_secret_key": secrets.token_urlsafe(30), "api_redis_password": secrets.token_hex(20),
+                 "reconciler_redis_password": secrets.token_hex(20)}
+        if set(added) - set(values):  # written before workers (or the API, the reconciler) had credentials of their own
             values = {**added, **values}
             path.write_text(json.dumps(values, indent=2))
         return values
@@ -52,7 +54,8 @@ def local_secrets(data_dir: Path) -> dict[str, str]:
               "flower_password": secrets.token_urlsafe(18), "s3_access_key": "nexus-" + secrets.token_hex(6),
               "s3_secret_key": secrets.token_urlsafe(30), "worker_database_password": secrets.token_urlsafe(24),
               "worker_redis_password": secrets.token_hex(20), "worker_s3_access_key": "nexus-worker-" + secrets.token_hex(4),
-              "worker_s3_secret_key": secrets.token_urlsafe(30)}
+              "worker_s3_secret_key": secrets.token_urlsafe(30), "api_redis_password": secrets.token_hex(20),
+              "reconciler_redis_password": secrets.token_hex(20)}
     data_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(values, indent=2))
     path.chmod(0o600)
@@ -82,13 +85,12 @@ class LocalCluster:
             pg = self._start(PostgresServer(self.data_dir / "postgres", self._port("postgres")))
             overrides["database_url"] = pg.url_for("nexus")
         if "redis_url" not in given:
-            # With the workers' ACL user: agents and workers use the broker as workers may.
-            worker_password = overrides.get("worker_redis_password") or self.base.worker_redis_password
-            users = {WORKER_REDIS_USER: worker_redis_acl(worker_password)} if worker_password else {}
             overrides["redis_url"] = self._start(RedisServer(self.data_dir / "redis", self._port("redis"),
-                                                             users=users)).url
-        elif "worker_redis_password" not in given:
-            overrides.pop("worker_redis_password", None)  # a Redis of the user's own has no such user
+                                                             users=self._redis_users(overrides))).url
+        else:  # a Redis of the user's own has none of our users, unless it says so
+            for name in ("worker_redis_password", "api_redis_password", "reconciler_redis_password"):
+                if name not in given:
+                    overrides.pop(name, None)
         if "s3_endpoint" not in given:
             keys = {k: overrides.get(k) or getattr(self.base, k) for k in ("s3_access_key", "s3_secret_key")}
             worker_key = [ScopedKey("nexus-worker", overrides["worker_s3_access_key"], overrides["worker_s3_secret_key"],
@@ -103,6 +105,16 @@ class LocalCluster:
             overrides["node_api_port"] = self._port("node_api")
         overrides["data_dir"] = self.data_dir
         return self.base.model_copy(update=overrides)
+
+    def _redis_users(self, overrides: dict) -> dict[str, str]:
+        """The ACL users of our Redis: agents and workers, the API and the reconciler each use their own."""
+        def password(name: str) -> str:
+            return overrides.get(name) or getattr(self.base, name)
+
+        users = {WORKER_REDIS_USER: (worker_redis_acl, password("worker_redis_password")),
+                 API_REDIS_USER: (service_redis_acl, password("api_redis_password")),
+                 RECONCILER_REDIS_USER: (service_redis_acl, password("reconciler_redis_password"))}
+        return {user: acl(secret) for user, (acl, secret) in users.items() if secret}
 
     def _start(self, server: LocalServer) -> LocalServer:
         log.info("starting %s", server.name)
@@ -126,8 +138,11 @@ class LocalCluster:
                  "join_token", "flower_password", "api_port", "api_host", "node_api_port", "data_dir",
                  "worker_database_password", "worker_redis_password", "worker_s3_access_key", "worker_s3_secret_key"}
         env = {**_inherited_env(), **settings_env(settings, names), "NEXUS_URL": settings.public_api_url}
-        specs = [ChildSpec("api", (*NEXUS, "master", "--workers", "1"), env),
-                 ChildSpec("reconciler", (*NEXUS, "reconciler"), env),
+        # The API and the reconciler reach Redis as their own ACL users (DEPLOYMENT.md, "Credentials").
+        api_env = {**env, "NEXUS_REDIS_URL": settings.api_redis_url}
+        reconciler_env = {**env, "NEXUS_REDIS_URL": settings.reconciler_redis_url}
+        specs = [ChildSpec("api", (*NEXUS, "master", "--workers", "1"), api_env),
+                 ChildSpec("reconciler", (*NEXUS, "reconciler"), reconciler_env),
                  ChildSpec("verifier", (*NEXUS, "verifier"), env),  # proofs' verdicts: the master's
                  ChildSpec("flower", (*NEXUS, "flower"), env)]
         # Agents and their workers hold a worker's credentials only: the worker database role, no admin

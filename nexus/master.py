@@ -24,6 +24,7 @@ def prepare_master(settings: Settings) -> None:
     from nexus.auth import ensure_bootstrap_admin, ensure_bootstrap_join
     from nexus.db.migrate import ensure_database, upgrade_head
     from nexus.jobs.worker_role import install_worker_role
+    from nexus.models.catalog import WORKER_INSTANCE_WRITES
     from nexus.services import Services
 
     services = Services(settings)
@@ -32,7 +33,7 @@ def prepare_master(settings: Settings) -> None:
     except Exception as exc:  # a managed database may not let us connect to `postgres`; it exists then
         log.info("not creating the database (%s); assuming it exists", exc)
     upgrade_head(services.engine)
-    install_worker_role(services.engine, settings)
+    install_worker_role(services.engine, settings, WORKER_INSTANCE_WRITES)
     services.store.ensure_buckets(settings.buckets)
     ensure_bootstrap_admin(services.engine, settings.admin_token)
     ensure_bootstrap_join(services.engine, settings.join_token)

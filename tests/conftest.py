@@ -3,7 +3,8 @@
     settings    Settings pointing at this session's servers (short leases and backoffs)
     services    nexus.services.Services for those settings (engine, celery, redis, store, submitter)
     app/api     the Flask app and its test client; `auth(token)` builds headers
-    worker      one real `nexus worker` process for the session, with a worker's credentials
+    worker      one real `nexus worker` process for the session, with a worker's credentials (and live_api,
+                through which its jobs reach their objects)
     verifier    the master's own worker (`nexus verifier`): proofs' verdicts
     live_api    a real gunicorn API process: (url, admin token)
 Tables and Redis are emptied before each test that uses `services`.
@@ -21,14 +22,16 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.engine import make_url
 
 from nexus.auth import hash_token
-from nexus.config import WORKER_REDIS_USER, Settings, worker_redis_acl
+from nexus.config import (API_REDIS_USER, RECONCILER_REDIS_USER, WORKER_REDIS_USER, Settings, service_redis_acl,
+                          worker_redis_acl)
 from nexus.db.engine import dispose_engines
 from nexus.localservers import PostgresServer, RedisServer, S3Server, free_port
 from nexus.localservers.s3 import ScopedKey
 from nexus.master import prepare_master
 from nexus.services import Services
-from tests.support import (ADMIN_TOKEN, JOIN_TOKEN, S3_ACCESS, S3_SECRET, WORKER_REDIS_PASSWORD, WORKER_S3_ACCESS,
-                           WORKER_S3_SECRET, NexusProcess, port_open, start_api, start_worker)
+from tests.support import (ADMIN_TOKEN, API_REDIS_PASSWORD, JOIN_TOKEN, RECONCILER_REDIS_PASSWORD, S3_ACCESS,
+                           S3_SECRET, WORKER_REDIS_PASSWORD, WORKER_S3_ACCESS, WORKER_S3_SECRET, NexusProcess,
+                           port_open, start_api, start_worker)
 
 SYSTEM_PG = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
 
@@ -62,9 +65,12 @@ def postgres_url(session_dir):
 
 @pytest.fixture(scope="session")
 def redis_server(session_dir):
-    # With the workers' ACL user, so every test's workers use the broker as a worker's credentials allow.
-    with RedisServer(session_dir / "redis", users={WORKER_REDIS_USER: worker_redis_acl(WORKER_REDIS_PASSWORD)}) \
-            as server:
+    # With the workers', the API's and the reconciler's ACL users, so every test's processes use the broker
+    # as their own credentials allow.
+    users = {WORKER_REDIS_USER: worker_redis_acl(WORKER_REDIS_PASSWORD),
+             API_REDIS_USER: service_redis_acl(API_REDIS_PASSWORD),
+             RECONCILER_REDIS_USER: service_redis_acl(RECONCILER_REDIS_PASSWORD)}
+    with RedisServer(session_dir / "redis", users=users) as server:
         yield server
 
 
@@ -81,7 +87,8 @@ def settings(postgres_url, redis_server, s3_server, session_dir) -> Settings:
     settings = Settings(
         database_url=postgres_url, redis_url=redis_server.url, s3_endpoint=s3_server.endpoint,
         s3_access_key=S3_ACCESS, s3_secret_key=S3_SECRET, admin_token=ADMIN_TOKEN, join_token=JOIN_TOKEN,
-        worker_redis_password=WORKER_REDIS_PASSWORD,
+        worker_redis_password=WORKER_REDIS_PASSWORD, api_redis_password=API_REDIS_PASSWORD,
+        reconciler_redis_password=RECONCILER_REDIS_PASSWORD,
         worker_s3_access_key=WORKER_S3_ACCESS, worker_s3_secret_key=WORKER_S3_SECRET,
         api_port=free_port(), node_api_port=free_port(), data_dir=session_dir / "data",
         job_lease_seconds=3.0, job_heartbeat_seconds=0.5, retry_backoff_base_seconds=0.2,
@@ -159,7 +166,8 @@ def admin_headers() -> dict:
 
 
 @pytest.fixture(scope="session")
-def worker(settings, session_dir):
+def worker(settings, session_dir, live_api):
+    """With the API up: a worker reaches its jobs' objects through the master, by their leases."""
     process = start_worker(settings, session_dir, name="session-worker")
     yield process
     process.stop()
@@ -175,10 +183,16 @@ def verifier(settings, session_dir):
 
 
 @pytest.fixture(scope="session")
-def live_api(settings, session_dir):
-    process, url = start_api(settings, session_dir)
-    yield url, ADMIN_TOKEN
+def api_process(settings, session_dir):
+    """The real `nexus master` process behind live_api."""
+    process, _url = start_api(settings, session_dir)
+    yield process
     process.stop()
+
+
+@pytest.fixture(scope="session")
+def live_api(settings, api_process):
+    return settings.public_api_url, ADMIN_TOKEN
 
 
 @pytest.fixture(scope="session")

@@ -44,7 +44,7 @@ def declare(engine, spec: ModelSpec) -> None:
 
 
 @pytest.fixture(scope="session")
-def model_worker(settings, session_services, session_dir, tiny_model_dir):
+def model_worker(settings, session_services, session_dir, tiny_model_dir, live_api):  # objects: by lease
     if "worker" not in _SHARED:
         declare(session_services.engine, tiny_spec(tiny_model_dir))
         # Only the model's queue: the session's other tests keep their tier queues to themselves.

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nexus.config import Settings
-from nexus.localservers import PostgresServer, RedisServer, S3Server
+from nexus.localservers import PostgresServer, RedisServer, S3Server, free_port
 from nexus.master import prepare_master
 from nexus.replicas.lsn import parse_lsn
 
@@ -74,6 +74,8 @@ def start_replica_cluster(base: Path, session_settings: Settings, redis_master: 
     master_only = session_settings.model_copy(update={
         "database_url": database_url, "redis_url": _with_db(redis_master.url, REPLICA_TEST_REDIS_DB),
         "replica_retry_after_seconds": 2.0,
+        # An API of its own (start_api), through which this cluster's workers reach their jobs' objects.
+        "api_port": free_port(), "node_api_port": free_port(),
     })
     prepare_master(master_only)  # the schema on the primary (the standby replays it)
     # Set the hint bits of what prepare_master wrote (catalog rows of the worker role's functions) now:

@@ -24,6 +24,8 @@ ADMIN_TOKEN = "nx_test-admin-token-" + uuid.uuid4().hex
 JOIN_TOKEN = "nxj_test-join-token-" + uuid.uuid4().hex
 S3_ACCESS, S3_SECRET = "nexus-test-access", "nexus-test-secret-key"
 WORKER_REDIS_PASSWORD = "nexus-test-worker-redis-" + uuid.uuid4().hex
+API_REDIS_PASSWORD = "nexus-test-api-redis-" + uuid.uuid4().hex
+RECONCILER_REDIS_PASSWORD = "nexus-test-reconciler-redis-" + uuid.uuid4().hex
 WORKER_S3_ACCESS, WORKER_S3_SECRET = "nexus-test-worker", "nexus-test-worker-secret-" + uuid.uuid4().hex[:12]
 
 
@@ -47,9 +49,19 @@ def settings_env(settings: Settings) -> dict[str, str]:
 NODE_COMMANDS = frozenset({"worker", "agent"})
 
 
+# Master processes with a Redis user of their own: their NEXUS_REDIS_URL names it (as `nexus dev` and compose do).
+OWN_REDIS_URL = {"master": "api_redis_url", "reconciler": "reconciler_redis_url"}
+
+
 def process_env(settings: Settings, args: list[str]) -> dict[str, str]:
-    """The NEXUS_* variables of `nexus <args>`: a worker node's own for workers and agents, else the master's."""
-    return settings.worker_environment() if args and args[0] in NODE_COMMANDS else settings_env(settings)
+    """The NEXUS_* variables of `nexus <args>`: a worker node's own for workers and agents, else the master's
+    (the API and the reconciler as their own Redis users)."""
+    if args and args[0] in NODE_COMMANDS:
+        return settings.worker_environment()
+    env = settings_env(settings)
+    if args and args[0] in OWN_REDIS_URL:
+        env["NEXUS_REDIS_URL"] = getattr(settings, OWN_REDIS_URL[args[0]])
+    return env
 
 
 class NexusProcess:

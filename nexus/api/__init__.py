@@ -55,9 +55,10 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
 def refuse_json_that_is_not_an_object() -> None:
     """Every JSON body /api/v1 takes is an object: `null`, a list or a number is a 400 before any view
     reads it (a view whose fields all have defaults would otherwise take `null` for `{}`). /v1 answers
-    in OpenAI's error shape and checks its own bodies."""
+    in OpenAI's error shape and checks its own bodies. A job's object written through its lease
+    (api/leases.py) is stored as it came, streamed: any bytes, and not read here."""
     if request.method in ("POST", "PUT", "PATCH") and request.path.startswith("/api/") and request.is_json \
-            and request.content_length:
+            and request.content_length and request.blueprint != "leases":
         body = request.get_json(silent=True)
         if not isinstance(body, dict) and (body is not None or request.get_data().strip() == b"null"):
             raise ApiError(400, "the body must be a JSON object", {"body": type(body).__name__})
@@ -70,9 +71,10 @@ def _blueprints():
     from nexus.api import models, openai  # model catalog and instances, the OpenAI-compatible /v1
     from nexus.api import benchmarks  # throughput sweeps per node, their plots
     from nexus.api import console  # the web console's static files under /ui/
+    from nexus.api import leases  # a running job's objects, for the worker holding its lease
 
     return [health.bp, jobs.bp, inputs.bp, tokens.bp, nodes.bp, gpu.bp, cluster.bp, proofs.bp,
-            models.bp, openai.bp, benchmarks.bp, console.bp]
+            models.bp, openai.bp, benchmarks.bp, console.bp, leases.bp]
 
 
 def create_wsgi_app() -> APIFlask:

@@ -22,8 +22,8 @@ from nexus.jobs.submit import PayloadTooLarge, PublishError, SubmissionError
 log = logging.getLogger(__name__)
 
 _CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
-          409: "conflict", 413: "payload_too_large", 415: "unsupported_media_type", 422: "invalid_request",
-          429: "too_many_requests", 503: "unavailable"}
+          409: "conflict", 411: "length_required", 413: "payload_too_large", 415: "unsupported_media_type",
+          422: "invalid_request", 429: "too_many_requests", 503: "unavailable"}
 
 
 class ApiError(HTTPError):

@@ -28,6 +28,9 @@ from nexus.db.prepared import Prepared
 # Written where the statement lets a session other than the worker role skip a lease check
 # (the master's own tools and tests); replaced by the worker role's name when installed.
 WORKER_ROLE_MARK = "__nexus_worker_role__"
+# Written where a statement enforces the master's NEXUS_MAX_CHILDREN_PER_JOB; replaced by the number when
+# installed, so a worker cannot name a limit of its own.
+MAX_CHILDREN_MARK = "__nexus_max_children__"
 
 
 @dataclass(frozen=True)
@@ -54,9 +57,12 @@ class DefinerFunction:
         select = f"SELECT * FROM {self.name}({arguments})" if self.returns else f"SELECT {self.name}({arguments})"
         object.__setattr__(self, "_call", Prepared(f"{self.name}_call", select, self.params, prefix=self.prefix))
 
-    def create_sql(self, worker_role: str) -> str:
-        """CREATE OR REPLACE the function; callable by its owner and `worker_role` only."""
+    def create_sql(self, worker_role: str, marks: dict[str, str] | None = None) -> str:
+        """CREATE OR REPLACE the function; callable by its owner and `worker_role` only. `marks`: constants
+        of the master's written into the statement (MAX_CHILDREN_MARK)."""
         first, body = (self._plpgsql(text, worker_role) for text in (self.first, self.body))
+        for mark, value in (marks or {}).items():
+            first, body = first.replace(mark, value), body.replace(mark, value)
         signature = ", ".join(f"_{p} {kind}" for p, kind in self.params.items())
         arg_types = ", ".join(self.params.values())
         if self.returns:

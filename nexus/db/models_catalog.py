@@ -59,6 +59,8 @@ class ModelInstance(Base):
     # The parallelism plan: strategy, tensor/pipeline sizes, stages [{node_id, gpus}], memory utilisation.
     plan: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
     worker: Mapped[str | None] = mapped_column(String(255))  # the Celery worker serving it
+    # Drawn when a serving worker takes the instance, known only to it: its later writes show it (0010).
+    worker_token: Mapped[uuid.UUID | None] = mapped_column(Uuid)
     error: Mapped[str | None] = mapped_column(Text)
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from nexus.jobs.submit import Submitter
     from nexus.replicas import NodeReads
     from nexus.storage import ObjectStore
+    from nexus.storage.leased import LeaseGrants
 
 
 class JobCancelled(Exception):
@@ -46,6 +47,10 @@ class JobContext:
     read_after_lsn: str | None = None
     reads: "NodeReads | None" = None
     lease_token: uuid.UUID | None = None  # the claim's: shown by every write and read of this attempt
+    # The runner's own: the node's standing store and its way to lease-scoped objects (JobRunner), for a
+    # handler that runs other attempts itself (a proof proving its segments).
+    node_storage: "ObjectStore | None" = None
+    grants: "LeaseGrants | None" = None
     cancel_event: threading.Event = field(default_factory=threading.Event)
     lost_event: threading.Event = field(default_factory=threading.Event)
     _last_progress: float = 0.0

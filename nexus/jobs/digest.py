@@ -19,7 +19,7 @@ from nexus.jobs.context import JobContext
 from nexus.jobs.registry import JobType
 from nexus.jobs.states import ACTIVE_STATES, sql_in
 from nexus.replicas.health import Cooldown
-from nexus.replicas.node import NodeReads
+from nexus.replicas.node import NodeReads, object_with_source
 from nexus.replicas.standby import StandbyReads
 from nexus.replicas.stats import ReadStats
 
@@ -55,8 +55,9 @@ def run_digest(ctx: JobContext, payload: dict[str, Any]) -> dict[str, Any]:
     rows, spec_source = reads.rows(_SPEC_SQL, {"id": ctx.job_id}, after_lsn=ctx.read_after_lsn)
     if not rows or not rows[0]["input_key"]:
         raise ValueError("digest needs an input object (submit it with input_key)")
-    data, object_source = reads.object_with_source(ctx.settings.bucket_inputs, rows[0]["input_key"],
-                                                   payload.get("etag"))
+    # Through the job's own store: on a worker, the master grants this lease its input (nexus.storage.leased).
+    data, object_source = object_with_source(ctx.storage, ctx.settings.bucket_inputs, rows[0]["input_key"],
+                                             payload.get("etag"))
     return {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "node": ctx.node,
             "spec_source": spec_source, "object_source": object_source}
 

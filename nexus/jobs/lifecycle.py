@@ -10,19 +10,22 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Callable, Mapping, TypeVar
 
 from sqlalchemy import Connection, Engine, RowMapping, bindparam, text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.types import Uuid
 
-from nexus.db.functions import WORKER_ROLE_MARK, DefinerFunction
+from nexus.db.functions import MAX_CHILDREN_MARK, WORKER_ROLE_MARK, DefinerFunction
 from nexus.db.prepared import Prepared
 from nexus.jobs import fairshare
 from nexus.jobs.failures import FailureKind
+from nexus.jobs.fanout import TooManyChildren
 from nexus.jobs.records import Claimed, Job, Lease, Outcome, project, returning, select_list
 from nexus.queueing.routing import MASTER_QUEUE_PREFIX
 from nexus.jobs.states import ACTIVE_STATES, CLAIMABLE_STATES, RETRYABLE_BY_HAND, JobState, sql_in
@@ -154,6 +157,8 @@ def insert_jobs(conn: Connection, specs: list[JobSpec], share: int = 0) -> dict[
 # The tenant and the parent come from the parent's row, never from the caller; a child never outranks
 # its parent, and a worker puts none on the master's queues (the verifier would run it with the master's
 # credentials). An idempotent repeat answers with the parent's existing child of that key.
+TOO_MANY_CHILDREN_SQLSTATE = "NXC01"  # raised by nexus_w_submit_children past the fan-out limit
+
 _INSERT_CHILDREN = DefinerFunction("nexus_w_submit_children", {
     "id": "uuid", "attempt": "int", "lease_token": "uuid", "ids": "uuid[]", "types": "text[]",
     "payloads": "jsonb[]", "input_keys": "text[]", "requirements": "jsonb[]", "queues": "text[]",
@@ -179,7 +184,17 @@ _INSERT_CHILDREN = DefinerFunction("nexus_w_submit_children", {
     SELECT id, created_at, idempotency_key, true FROM ins
     UNION ALL
     SELECT e.id, e.created_at, e.idempotency_key, false FROM jobs e, parent
-    WHERE e.parent_id = parent.id AND e.tenant = parent.tenant AND e.idempotency_key = ANY(:idem_keys)""")
+    WHERE e.parent_id = parent.id AND e.tenant = parent.tenant AND e.idempotency_key = ANY(:idem_keys)""",
+    # The fan-out limit, enforced where children are made: the children this job already has (but those
+    # these keys repeat, a retried parent's) and these may not pass NEXUS_MAX_CHILDREN_PER_JOB, which the
+    # master writes into the function (MAX_CHILDREN_MARK). JobContext checks it first, for a clear message.
+    first=f"""
+    IF (SELECT count(*) FROM jobs c WHERE c.parent_id = _id
+          AND (c.idempotency_key IS NULL OR c.idempotency_key <> ALL(array_remove(_idem_keys, NULL))))
+       + cardinality(_ids) > {MAX_CHILDREN_MARK} THEN
+        RAISE EXCEPTION 'this job would create more than {MAX_CHILDREN_MARK} child jobs'
+            USING ERRCODE = '{TOO_MANY_CHILDREN_SQLSTATE}';
+    END IF""")
 
 
 @dataclass(frozen=True)
@@ -191,16 +206,18 @@ class ChildRow:
 
 def insert_children(conn: Connection, lease: Lease, specs: list[JobSpec]) -> dict[uuid.UUID, ChildRow]:
     """Insert a running job's children (and their events) in one statement: {spec id: row}; a spec missing
-    from the answer was not inserted (the parent's lease is gone, or its key names another job's child)."""
+    from the answer was not inserted (the parent's lease is gone, or its key names another job's child).
+    TooManyChildren when they would pass the master's NEXUS_MAX_CHILDREN_PER_JOB (nothing inserted)."""
     if not specs:
         return {}
-    rows = _INSERT_CHILDREN.execute(conn, {
-        "id": lease.job_id, "attempt": lease.attempt, "lease_token": lease.token,
-        "ids": [s.id for s in specs], "types": [s.type for s in specs],
-        "payloads": [json.dumps(s.payload) for s in specs], "input_keys": [s.input_key for s in specs],
-        "requirements": [json.dumps(s.requirements) for s in specs], "queues": [s.queue for s in specs],
-        "priorities": [s.priority for s in specs], "max_attempts": [s.max_attempts for s in specs],
-        "idem_keys": [s.idempotency_key for s in specs]})
+    try:
+        rows = _insert_children(conn, lease, specs)
+    except DBAPIError as exc:
+        if getattr(exc.orig, "pgcode", None) == TOO_MANY_CHILDREN_SQLSTATE:
+            message = str(exc.orig).splitlines()[0]
+            limit = int(re.search(r"more than (\d+)", message).group(1))  # type: ignore[union-attr]
+            raise TooManyChildren(f"{message} (NEXUS_MAX_CHILDREN_PER_JOB)", len(specs), limit) from None
+        raise
     by_id = {row["id"]: row for row in rows if row["created"]}
     by_key = {row["idempotency_key"]: row for row in rows if not row["created"]}
     out: dict[uuid.UUID, ChildRow] = {}
@@ -209,6 +226,16 @@ def insert_children(conn: Connection, lease: Lease, specs: list[JobSpec]) -> dic
         if row is not None:
             out[spec.id] = ChildRow(row["id"], row["created_at"], bool(row["created"]))
     return out
+
+
+def _insert_children(conn: Connection, lease: Lease, specs: list[JobSpec]) -> list[RowMapping]:
+    return _INSERT_CHILDREN.execute(conn, {
+        "id": lease.job_id, "attempt": lease.attempt, "lease_token": lease.token,
+        "ids": [s.id for s in specs], "types": [s.type for s in specs],
+        "payloads": [json.dumps(s.payload) for s in specs], "input_keys": [s.input_key for s in specs],
+        "requirements": [json.dumps(s.requirements) for s in specs], "queues": [s.queue for s in specs],
+        "priorities": [s.priority for s in specs], "max_attempts": [s.max_attempts for s in specs],
+        "idem_keys": [s.idempotency_key for s in specs]})
 
 
 _DELETE_UNSTARTED_CHILDREN = DefinerFunction(

@@ -26,6 +26,7 @@ from nexus.storage import ObjectStore
 
 if TYPE_CHECKING:
     from nexus.replicas import NodeReads
+    from nexus.storage.leased import LeaseGrants
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +86,11 @@ class JobRunner:
     """Per worker process: executes the messages Celery hands it."""
 
     def __init__(self, settings: Settings, engine: Engine, storage: ObjectStore, submitter: Submitter,
-                 notifier: Notifier, node: str, reads: NodeReads | None = None):
+                 notifier: Notifier, node: str, reads: NodeReads | None = None, grants: LeaseGrants | None = None):
         self.settings = settings
+        # A worker node's: each job reaches its objects through the master by its lease (nexus.storage.leased);
+        # `storage` then holds only the node's standing key (model files). None: `storage` is the master's.
+        self.grants = grants
         self.reads = reads  # nexus.replicas.NodeReads: local replicas for reads that tolerate lag
         self.engine = engine
         self.writes = autocommit(engine)  # claim and outcome: one statement, one round trip each
@@ -109,8 +113,9 @@ class JobRunner:
             self._refill(job)
         ctx = JobContext(
             job_id=job.id, attempt=job.attempt, node=self.node, tenant=job.tenant, input_key=job.input_key,
-            settings=self.settings, engine=self.engine, storage=self.storage, submitter=self.submitter,
+            settings=self.settings, engine=self.engine, storage=self._job_store(job), submitter=self.submitter,
             read_after_lsn=read_after_lsn, reads=self.reads, lease_token=job.lease_token,
+            node_storage=self.storage, grants=self.grants,
         )
         self.leases.track(ctx)
         try:
@@ -120,6 +125,12 @@ class JobRunner:
         if row is not None:
             self.notifier.job_finished(row)
         return outcome
+
+    def _job_store(self, job: Claimed) -> ObjectStore:
+        if self.grants is None:
+            return self.storage
+        leased = self.grants.store(job.id, job.attempt, job.lease_token)
+        return self.reads.job_store(leased) if self.reads is not None else leased
 
     def _refill(self, job: Claimed) -> None:
         try:

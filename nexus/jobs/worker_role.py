@@ -11,8 +11,11 @@ What the role may do:
     its parent's, the retry context that decides whether to decline a message, a waiting job's spec,
     publishing a tenant's next held jobs when its claim freed a place (nexus.jobs.fairshare);
     each one whole guarded statement with the attempt fence and lease token inside;
-  - read the model catalog and write its model instances (a serving worker keeps its instance row);
-  - nothing else: no table of jobs, events, tokens or nodes, no DDL, no other schema object.
+  - take, heartbeat and set the state of a model instance through the functions of nexus.models.catalog
+    (WORKER_INSTANCE_WRITES, passed in by the master: this package may not import that one), each fenced
+    by the token the worker drew when it took that instance;
+  - read the model catalog;
+  - nothing else: no table of jobs, events, tokens, nodes or instances, no DDL, no other schema object.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import logging
 from sqlalchemy import Connection, Engine, text
 
 from nexus.config import Settings, worker_role_name
-from nexus.db.functions import DefinerFunction
+from nexus.db.functions import MAX_CHILDREN_MARK, DefinerFunction
 from nexus.jobs import digest, fairshare, lifecycle, placement, queries
 
 log = logging.getLogger(__name__)
@@ -30,24 +33,26 @@ log = logging.getLogger(__name__)
 WORKER_FUNCTIONS: tuple[DefinerFunction, ...] = (
     *lifecycle.WORKER_WRITES, *queries.WORKER_READS, placement.RETRY_CONTEXT, digest.JOB_SPEC, fairshare.REFILL)
 
-# A serving worker's own rows (nexus.serving.host, nexus.models.catalog): the catalog to read, its instances.
-_TABLE_GRANTS = ("GRANT SELECT ON models TO {role}",
-                 "GRANT SELECT, INSERT, UPDATE ON model_instances TO {role}")
+# A serving worker reads the catalog (nexus.serving.host); its instance rows it writes through functions.
+_TABLE_GRANTS = ("GRANT SELECT ON models TO {role}",)
 
 _LOCK_ID = 0x4E585752  # serialises concurrent installs: CREATE OR REPLACE FUNCTION races otherwise
 
 
-def install_worker_role(engine: Engine, settings: Settings) -> str:
-    """Create or refresh the worker role of this database and its functions; returns the role's name."""
+def install_worker_role(engine: Engine, settings: Settings, more: tuple[DefinerFunction, ...] = ()) -> str:
+    """Create or refresh the worker role of this database and its functions (WORKER_FUNCTIONS and `more`, those
+    of the packages after this one); returns the role's name."""
     database = engine.url.database or ""
     role = worker_role_name(database)
+    marks = {MAX_CHILDREN_MARK: str(settings.max_children_per_job)}
+    functions = (*WORKER_FUNCTIONS, *more)
     with engine.begin() as conn:
         conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _LOCK_ID})
         _ensure_role(conn, role, settings.worker_database_password)
         _grant(conn, role, database)
-        for function in WORKER_FUNCTIONS:
-            conn.exec_driver_sql(function.create_sql(role).replace("%", "%%"))  # psycopg2 formats it
-    log.info("worker role %s ready (%d functions)", role, len(WORKER_FUNCTIONS))
+        for function in functions:
+            conn.exec_driver_sql(function.create_sql(role, marks).replace("%", "%%"))  # psycopg2 formats it
+    log.info("worker role %s ready (%d functions)", role, len(functions))
     return role
 
 

@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import Connection, bindparam, text
 from sqlalchemy.dialects.postgresql import JSONB
 
+from nexus.db.functions import DefinerFunction
 from nexus.models.placement import ParallelismPlan
 from nexus.queueing.tiers import Tier
 
@@ -163,7 +164,7 @@ def replace_instance(conn: Connection, instance_id, plan: ParallelismPlan, recor
     head = plan.head
     conn.execute(text(
         "UPDATE model_instances SET plan = :plan, node_id = :node, gpus = :gpus, state = 'pending', "
-        "error = :error, worker = NULL, updated_at = now() WHERE id = :id").bindparams(
+        "error = :error, worker = NULL, worker_token = NULL, updated_at = now() WHERE id = :id").bindparams(
         bindparam("plan", type_=JSONB)),
         {"id": instance_id, "plan": record, "node": head.node_id if head else None,
          "gpus": list(head.gpus) if head else [], "error": note[:2000]})
@@ -190,6 +191,7 @@ def set_instance_state(conn: Connection, instance_id, state: InstanceState, erro
     """Move an active instance to `state`; a stopped one stays stopped (None is returned)."""
     row = conn.execute(text(
         "UPDATE model_instances SET state = :state, error = :error, worker = COALESCE(:worker, worker), "
+        "worker_token = CASE WHEN :state = 'pending' THEN NULL ELSE worker_token END, "  # free for the next taker
         "updated_at = now(), heartbeat_at = now() WHERE id = :id AND state <> 'stopped' RETURNING *"),
         {"id": instance_id, "state": state.value, "error": error, "worker": worker}).mappings().first()
     return dict(row) if row else None
@@ -202,54 +204,97 @@ def stop_instance(conn: Connection, instance_id) -> dict | None:
     return dict(row) if row else None
 
 
-def adopt_instance(conn: Connection, model: str, node_id: str | None, worker: str) -> dict | None:
-    """Take the oldest pending instance of `model` placed on this node (or on no node)."""
-    row = conn.execute(text(
-        """UPDATE model_instances SET state = 'starting', worker = :worker, node_id = COALESCE(node_id, :node),
-                  updated_at = now(), heartbeat_at = now()
-           WHERE id = (SELECT id FROM model_instances WHERE model = :model AND state = 'pending'
-                         AND (node_id IS NULL OR node_id = :node)
-                       ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED)
-           RETURNING *"""), {"model": model, "node": node_id, "worker": worker}).mappings().first()
-    return dict(row) if row else None
+# --- a serving worker's own instance -------------------------------------------------------
+# The worker role writes model_instances only through these functions (nexus.jobs.worker_role): taking an
+# instance (adopting a pending one placed on its node, the one its agent named, or a new one of its own)
+# draws a token only the taker learns; every later write of that row (its state, its heartbeat) must show
+# it, so a worker cannot write another node's or another worker's instance, even knowing its id (the API
+# lists ids; Redis announces them).
+_HELD_RETURNS = {"id": "model_instances.id%TYPE", "state": "model_instances.state%TYPE",
+                 "plan": "model_instances.plan%TYPE", "worker_token": "uuid"}
+_HELD_COLUMNS = "i.id, i.state, i.plan, i.worker_token"
+_TAKEN = ("state = 'starting', worker = :worker, node_id = COALESCE(i.node_id, :node), error = NULL, "
+          "worker_token = gen_random_uuid(), updated_at = now(), heartbeat_at = now()")
+
+_ADOPT = DefinerFunction("nexus_w_adopt_instance", {"model": "text", "node": "text", "worker": "text"}, _HELD_RETURNS, f"""
+    UPDATE model_instances i SET {_TAKEN}
+    WHERE i.id = (SELECT p.id FROM model_instances p WHERE p.model = :model AND p.state = 'pending'
+                    AND (p.node_id IS NULL OR p.node_id = :node)
+                  ORDER BY p.created_at LIMIT 1 FOR UPDATE SKIP LOCKED)
+    RETURNING {_HELD_COLUMNS}""")
+_TAKE = DefinerFunction("nexus_w_take_instance", {"id": "uuid", "model": "text", "node": "text", "worker": "text"},
+                        _HELD_RETURNS, f"""
+    UPDATE model_instances i SET {_TAKEN}
+    WHERE i.id = :id AND i.model = :model AND i.state <> 'stopped' AND (i.node_id IS NULL OR i.node_id = :node)
+    RETURNING {_HELD_COLUMNS}""")
+_START_UNPLANNED = DefinerFunction("nexus_w_start_unplanned_instance", {"model": "text", "node": "text", "worker": "text"},
+                                   _HELD_RETURNS, f"""
+    INSERT INTO model_instances AS i (id, model, state, node_id, worker, plan, heartbeat_at, worker_token)
+    SELECT gen_random_uuid(), m.name, 'starting', :node, :worker, '{{"strategy": "cpu", "stages": []}}'::jsonb,
+           now(), gen_random_uuid()
+    FROM models m WHERE m.name = :model
+    RETURNING {_HELD_COLUMNS}""")
+_SET_HELD_STATE = DefinerFunction(
+    "nexus_w_set_instance_state", {"id": "uuid", "token": "uuid", "state": "text", "error": "text", "worker": "text"},
+    _HELD_RETURNS, f"""
+    UPDATE model_instances i SET state = :state, error = :error, worker = COALESCE(:worker, i.worker),
+           updated_at = now(), heartbeat_at = now(),
+           worker_token = CASE WHEN :state IN ('pending', 'stopped') THEN NULL ELSE i.worker_token END
+    WHERE i.id = :id AND i.worker_token = :token AND i.state <> 'stopped'
+    RETURNING {_HELD_COLUMNS}""")
+_HELD_HEARTBEAT = DefinerFunction(
+    "nexus_w_instance_heartbeat", {"id": "uuid", "token": "uuid", "model": "text", "node": "text", "worker": "text"},
+    {"state": "model_instances.state%TYPE"}, """
+    WITH beat AS (
+        UPDATE model_instances i SET heartbeat_at = now() WHERE i.id = :id AND i.worker_token = :token
+        RETURNING i.state
+    ), written_again AS (
+        INSERT INTO model_instances (id, model, state, node_id, worker, heartbeat_at, worker_token)
+        SELECT :id, m.name, 'running', :node, :worker, now(), :token FROM models m
+        WHERE m.name = :model AND NOT EXISTS (SELECT 1 FROM model_instances x WHERE x.id = :id)
+        RETURNING state
+    )
+    SELECT state FROM beat UNION ALL SELECT state FROM written_again""")
+
+WORKER_INSTANCE_WRITES = (_ADOPT, _TAKE, _START_UNPLANNED, _SET_HELD_STATE, _HELD_HEARTBEAT)
 
 
-def take_instance(conn: Connection, instance_id, model: str, node_id: str | None, worker: str) -> dict | None:
-    """The instance an agent started this worker for (again, after a restart); None if stopped or unknown."""
-    row = conn.execute(text(
-        "UPDATE model_instances SET state = 'starting', worker = :worker, node_id = COALESCE(node_id, :node), "
-        "error = NULL, updated_at = now(), heartbeat_at = now() "
-        "WHERE id = :id AND model = :model AND state <> 'stopped' RETURNING *"),
-        {"id": instance_id, "model": model, "node": node_id, "worker": worker}).mappings().first()
-    return dict(row) if row else None
+def _held(rows) -> dict | None:
+    return dict(rows[0]) if rows else None
 
 
-def start_unplanned_instance(conn: Connection, model: str, node_id: str | None, worker: str) -> dict:
-    """A worker started to serve a model with nothing deployed records its own instance."""
-    row = conn.execute(text(
-        "INSERT INTO model_instances (id, model, state, node_id, worker, plan, heartbeat_at) "
-        "VALUES (:id, :model, 'starting', :node, :worker, :plan, now()) RETURNING *").bindparams(
-        bindparam("plan", type_=JSONB)),
-        {"id": uuid.uuid4(), "model": model, "node": node_id, "worker": worker,
-         "plan": {"strategy": "cpu", "stages": []}}).mappings().one()
-    return dict(row)
+def adopt_held_instance(conn: Connection, model: str, node_id: str | None, worker: str) -> dict | None:
+    """Take the oldest pending instance of `model` placed on this node (or on no node); with its token."""
+    return _held(_ADOPT.execute(conn, {"model": model, "node": node_id, "worker": worker}))
 
 
-def instance_heartbeat(conn: Connection, instance_id, model: str, node_id: str | None, worker: str) -> str | None:
-    """Record that the instance is alive; returns its state (stopped: stop serving).
+def take_held_instance(conn: Connection, instance_id, model: str, node_id: str | None, worker: str) -> dict | None:
+    """The instance an agent started this worker for (again, after a restart), if it is placed on this node
+    (or on none); None if stopped, unknown or another node's."""
+    return _held(_TAKE.execute(conn, {"id": instance_id, "model": model, "node": node_id, "worker": worker}))
 
-    A row that vanished while the model still exists is written again (the worker
-    is the witness that it runs); None when the model itself is gone.
-    """
-    row = conn.execute(text(
-        "UPDATE model_instances SET heartbeat_at = now() WHERE id = :id RETURNING state"), {"id": instance_id}).first()
-    if row is not None:
-        return row[0]
-    row = conn.execute(text(
-        "INSERT INTO model_instances (id, model, state, node_id, worker, heartbeat_at) "
-        "SELECT :id, name, 'running', :node, :worker, now() FROM models WHERE name = :model RETURNING state"),
-        {"id": instance_id, "model": model, "node": node_id, "worker": worker}).first()
-    return row[0] if row else None
+
+def start_held_instance(conn: Connection, model: str, node_id: str | None, worker: str) -> dict | None:
+    """A worker started to serve a model with nothing deployed records its own instance (None: no such model)."""
+    return _held(_START_UNPLANNED.execute(conn, {"model": model, "node": node_id, "worker": worker}))
+
+
+def set_held_instance_state(conn: Connection, instance_id, token, state: InstanceState, error: str | None = None,
+                            worker: str | None = None) -> dict | None:
+    """The holder moves its instance to `state`; None when stopped, or no longer held with this token.
+    Leaving it pending or stopped lets it go: the next worker takes it with a token of its own."""
+    return _held(_SET_HELD_STATE.execute(conn, {"id": instance_id, "token": token, "state": state.value,
+                                                "error": error, "worker": worker}))
+
+
+def held_instance_heartbeat(conn: Connection, instance_id, token, model: str, node_id: str | None,
+                            worker: str) -> str | None:
+    """The holder's instance is alive: its state (stopped: stop serving). A row that vanished while the model
+    still exists is written again (the worker is the witness that it runs); None when the model is gone or
+    the instance is held by someone else now."""
+    rows = _HELD_HEARTBEAT.execute(conn, {"id": instance_id, "token": token, "model": model, "node": node_id,
+                                          "worker": worker})
+    return rows[0]["state"] if rows else None
 
 
 def instance_view(row: dict, live: bool | None = None) -> dict:

@@ -59,6 +59,7 @@ def _helper_runner(ctx: JobContext) -> "JobRunner":
         runner = _runners.get(id(ctx.engine))
         if runner is None:
             notifier = Notifier(redis.Redis.from_url(ctx.settings.redis_url, socket_timeout=5))
-            runner = JobRunner(ctx.settings, ctx.engine, ctx.storage, ctx.submitter, notifier, ctx.node)
+            runner = JobRunner(ctx.settings, ctx.engine, ctx.node_storage or ctx.storage, ctx.submitter, notifier,
+                               ctx.node, grants=ctx.grants)  # each segment's objects under its own lease
             _runners[id(ctx.engine)] = runner
         return runner

@@ -34,9 +34,18 @@ class NodeReads:
         return self.flags.get(key)[0]
 
     def object_with_source(self, bucket: str, key: str, etag: str | None = None) -> tuple[bytes, str]:
-        if isinstance(self.store, ReplicatedObjectStore):
-            return self.store.get_bytes_with_source(bucket, key, etag)
-        return self.store.get_bytes(bucket, key), "master"
+        return object_with_source(self.store, bucket, key, etag)
+
+    def job_store(self, leased: ObjectStore) -> ObjectStore:
+        """One job's way to the master (its lease), behind this node's local object store when it has one."""
+        return self.store.over(leased) if isinstance(self.store, ReplicatedObjectStore) else leased
+
+
+def object_with_source(store: ObjectStore, bucket: str, key: str, etag: str | None = None) -> tuple[bytes, str]:
+    """(bytes, "local" | "master"): where a read through `store` was answered from."""
+    if isinstance(store, ReplicatedObjectStore):
+        return store.get_bytes_with_source(bucket, key, etag)
+    return store.get_bytes(bucket, key), "master"
 
 
 def make_read_store(settings: Settings, master_store: ObjectStore | None = None,

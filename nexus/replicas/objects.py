@@ -42,14 +42,30 @@ def make_local_client(endpoint: str, access_key: str, secret_key: str, secure: b
 
 
 class ReplicatedObjectStore(ObjectStore):
-    """An ObjectStore on the master whose reads prefer a local copy with the same ETag."""
+    """An ObjectStore on the master whose reads prefer a local copy with the same ETag.
 
-    def __init__(self, master: ObjectStore, local: Minio, cooldown: Cooldown, stats: ReadStats):
+    `master` is how the master is reached: with a key of the node's own (model files), or one job's
+    lease (nexus.storage.leased), which `over` puts under the same local store."""
+
+    def __init__(self, master: ObjectStore, local: Minio, cooldown: Cooldown, stats: ReadStats,
+                 local_buckets: set[str] | None = None):
         super().__init__(master.client, master.presign_expiry)
+        self.master = master
         self.local = local
         self.cooldown = cooldown
         self.stats = stats
-        self._local_buckets: set[str] = set()
+        self._local_buckets = local_buckets if local_buckets is not None else set()
+
+    def over(self, master: ObjectStore) -> "ReplicatedObjectStore":
+        """The same local store in front of another way to the master (one job's lease)."""
+        return ReplicatedObjectStore(master, self.local, self.cooldown, self.stats, self._local_buckets)
+
+    # Writes and HEADs go to the master, whichever way it is reached.
+    def put_bytes(self, bucket: str, key: str, data: bytes, content_type: str = "application/octet-stream") -> str:
+        return self.master.put_bytes(bucket, key, data, content_type)
+
+    def etag(self, bucket: str, key: str) -> str | None:
+        return self.master.etag(bucket, key)
 
     def get_bytes(self, bucket: str, key: str, etag: str | None = None) -> bytes:
         return self.get_bytes_with_source(bucket, key, etag)[0]
@@ -80,16 +96,10 @@ class ReplicatedObjectStore(ObjectStore):
         if self.cooldown.available() and self._download_local(bucket, key, wanted, path):
             self.stats.count("objects", "local")
             return "local"
-        try:
-            # fget_object writes a .part file and renames it: `path` is whole or absent.
-            master = self.client.fget_object(bucket_name=bucket, object_name=key, file_path=path)
-        except S3Error as exc:
-            if exc.code in _MISSING:
-                raise ObjectNotFound(f"{bucket}/{key}") from None
-            raise
+        master_etag = self.master.download(bucket, key, path)  # `path` is whole or absent
         self.stats.count("objects", "master")
         if self.cooldown.available():
-            self._fill_file(bucket, key, path, normalise_etag(master.etag))
+            self._fill_file(bucket, key, path, normalise_etag(master_etag))
         return "master"
 
     def _download_local(self, bucket: str, key: str, wanted: str, path: str) -> bool:
@@ -155,18 +165,9 @@ class ReplicatedObjectStore(ObjectStore):
             return None
 
     def _read_master(self, bucket: str, key: str) -> tuple[bytes, str | None]:
-        try:
-            response = self.client.get_object(bucket_name=bucket, object_name=key)
-        except S3Error as exc:
-            if exc.code in _MISSING:
-                raise ObjectNotFound(f"{bucket}/{key}") from None
-            raise
-        try:
-            # The ETag of the bytes we actually got (the object may have changed since the HEAD).
-            return response.read(), normalise_etag(response.headers.get("ETag"))
-        finally:
-            response.close()
-            response.release_conn()
+        # The ETag of the bytes we actually got (the object may have changed since the HEAD).
+        data, etag = self.master.read_with_etag(bucket, key)
+        return data, normalise_etag(etag)
 
     def _fill(self, bucket: str, key: str, data: bytes, master_etag: str | None) -> None:
         try:

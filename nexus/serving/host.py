@@ -79,6 +79,7 @@ class ServedModel:
     port: int  # a vLLM server's loopback port
     spec: ModelSpec | None = None
     instance_id: uuid.UUID | None = None
+    instance_token: uuid.UUID | None = None  # drawn when this worker took the instance: its writes show it
     backend: InferenceBackend | None = None
 
     @property
@@ -138,14 +139,17 @@ class ModelServing:
     def _first_instance(self, conn, name: str) -> dict:
         """The instance the agent named, else a pending one placed here, else a new one of our own."""
         if self.settings.worker_instance_id:
-            instance = catalog.take_instance(conn, uuid.UUID(self.settings.worker_instance_id), name, self.node_id,
-                                             self.worker)
+            instance = catalog.take_held_instance(conn, uuid.UUID(self.settings.worker_instance_id), name,
+                                                  self.node_id, self.worker)
             if instance is None:
                 raise ServingStartError(f"instance {self.settings.worker_instance_id} of {name!r} is stopped "
                                         "or unknown")
             return instance
-        return catalog.adopt_instance(conn, name, self.node_id, self.worker) or \
-            catalog.start_unplanned_instance(conn, name, self.node_id, self.worker)
+        instance = catalog.adopt_held_instance(conn, name, self.node_id, self.worker) or \
+            catalog.start_held_instance(conn, name, self.node_id, self.worker)
+        if instance is None:
+            raise ServingStartError(f"model {name!r} is not in the catalog")
+        return instance
 
     def close(self, state: InstanceState = InstanceState.PENDING) -> None:
         """The worker is going away: free every backend and leave its instance `state`.
@@ -167,7 +171,7 @@ class ModelServing:
     # --- one instance ------------------------------------------------------------------
 
     def _bring_up(self, served: ServedModel, spec: ModelSpec, instance: dict) -> bool:
-        served.spec, served.instance_id = spec, instance["id"]
+        served.spec, served.instance_id, served.instance_token = spec, instance["id"], instance["worker_token"]
         try:
             path = None
             if spec.backend is not catalog.BackendKind.OPENAI:
@@ -207,7 +211,8 @@ class ModelServing:
 
     def _set_state(self, served: ServedModel, state: InstanceState, error: str | None = None) -> dict | None:
         with self.engine.begin() as conn:
-            return catalog.set_instance_state(conn, served.instance_id, state, error, self.worker)
+            return catalog.set_held_instance_state(conn, served.instance_id, served.instance_token, state, error,
+                                                   self.worker)
 
     # --- heartbeat ------------------------------------------------------------------------
 
@@ -231,7 +236,8 @@ class ModelServing:
     def heartbeat(self, served: ServedModel) -> None:
         if served.serving:
             with self.engine.begin() as conn:
-                state = catalog.instance_heartbeat(conn, served.instance_id, served.name, self.node_id, self.worker)
+                state = catalog.held_instance_heartbeat(conn, served.instance_id, served.instance_token, served.name,
+                                                        self.node_id, self.worker)
             if state in (None, InstanceState.STOPPED.value):
                 log.info("instance %s of %s was stopped; standing by", served.instance_id, served.name)
                 self.control.cancel(model_queue(served.name))
@@ -243,7 +249,7 @@ class ModelServing:
             return  # started by an agent for one instance: the agent stops this worker now
         with self.engine.begin() as conn:  # standby: take the next instance deployed for this model
             spec = catalog.get_model(conn, served.name)
-            instance = catalog.adopt_instance(conn, served.name, self.node_id, self.worker) if spec else None
+            instance = catalog.adopt_held_instance(conn, served.name, self.node_id, self.worker) if spec else None
         if instance is not None and self._bring_up(served, spec, instance):
             self.control.add(model_queue(served.name))
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import io
 import json
 from datetime import timedelta
-from typing import Any
+from typing import IO, Any
 
 import urllib3
 from minio import Minio
@@ -41,12 +41,21 @@ class ObjectStore:
 
     # --- objects -------------------------------------------------------------
     def put_bytes(self, bucket: str, key: str, data: bytes, content_type: str = "application/octet-stream") -> str:
+        return self.put_stream(bucket, key, io.BytesIO(data), len(data), content_type)
+
+    def put_stream(self, bucket: str, key: str, data: IO[bytes], length: int,
+                   content_type: str = "application/octet-stream") -> str:
+        """Store `length` bytes read from `data` (a request body, streamed on: never whole in memory)."""
         result = self.client.put_object(
-            bucket_name=bucket, object_name=key, data=io.BytesIO(data), length=len(data), content_type=content_type
+            bucket_name=bucket, object_name=key, data=data, length=length, content_type=content_type
         )
         return result.etag
 
     def get_bytes(self, bucket: str, key: str) -> bytes:
+        return self.read_with_etag(bucket, key)[0]
+
+    def read_with_etag(self, bucket: str, key: str) -> tuple[bytes, str | None]:
+        """The bytes and the ETag of the bytes actually read (the object may change between a HEAD and a GET)."""
         try:
             response = self.client.get_object(bucket_name=bucket, object_name=key)
         except S3Error as exc:
@@ -54,7 +63,7 @@ class ObjectStore:
                 raise ObjectNotFound(f"{bucket}/{key}") from None
             raise
         try:
-            return response.read()
+            return response.read(), response.headers.get("ETag")
         finally:
             response.close()
             response.release_conn()
@@ -62,13 +71,17 @@ class ObjectStore:
     def get_file(self, bucket: str, key: str, path: str, etag: str | None = None) -> str:
         """Write the object to `path` (streamed, never whole in memory); returns where it came from.
         `etag` is the version the caller expects; a replica-aware store uses it to trust a local copy."""
+        self.download(bucket, key, path)
+        return "master"
+
+    def download(self, bucket: str, key: str, path: str) -> str | None:
+        """Stream the object to `path` (whole or absent: fget_object renames a .part file); its ETag."""
         try:
-            self.client.fget_object(bucket_name=bucket, object_name=key, file_path=path)
+            return self.client.fget_object(bucket_name=bucket, object_name=key, file_path=path).etag
         except S3Error as exc:
             if exc.code in ("NoSuchKey", "NoSuchBucket"):
                 raise ObjectNotFound(f"{bucket}/{key}") from None
             raise
-        return "master"
 
     def put_json(self, bucket: str, key: str, obj: Any) -> str:
         data = json.dumps(obj, separators=(",", ":"), sort_keys=True).encode()

@@ -11,7 +11,7 @@ from celery import Celery, Task
 from sqlalchemy.exc import OperationalError
 
 from nexus.activity import ActivityBoard
-from nexus.config import Settings
+from nexus.config import Role, Settings
 from nexus.db.engine import get_engine
 from nexus.jobs.notify import Notifier
 from nexus.jobs.runtime import JobRunner
@@ -20,6 +20,8 @@ from nexus.queueing.celery_app import RUN_JOB_TASK
 from nexus.queueing.health import install_consumption_probe
 from nexus.queueing.message import JobMessage
 from nexus.replicas import make_node_reads
+from nexus.storage import make_object_store
+from nexus.storage.leased import lease_grants
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +40,13 @@ def register_tasks(app: Celery, settings: Settings) -> None:
         if not runner:
             engine = get_engine(settings)
             master_redis = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
-            reads = make_node_reads(settings, engine, master_redis)  # master-only when no NEXUS_REPLICA_* is set
+            store = make_object_store(settings)
+            reads = make_node_reads(settings, engine, master_redis, store)  # master-only without NEXUS_REPLICA_*
+            # A worker node holds no key to tenant data: its jobs' objects come by their leases.
+            grants = lease_grants(settings, store) if settings.role is Role.WORKER else None
             runner.append(JobRunner(
                 settings, engine, reads.store, Submitter(settings, engine, app), Notifier(master_redis),
-                node_name(settings), reads=reads,
+                node_name(settings), reads=reads, grants=grants,
             ))
         return runner[0]
 

@@ -19,17 +19,21 @@ from nexus.queueing.celery_app import make_celery
 from nexus.replicas import make_node_reads, master_commit_lsn
 from nexus.storage import make_object_store
 from tests.replicas_support import start_replica_cluster
-from tests.support import start_worker, wait_for
+from tests.support import start_api, start_worker, wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, settings, redis_server):
-    cluster = start_replica_cluster(tmp_path_factory.mktemp("replicas"), settings, redis_server)
+    base = tmp_path_factory.mktemp("replicas")
+    cluster = start_replica_cluster(base, settings, redis_server)
+    api, _url = start_api(cluster.master_only_settings, base)  # the workers' way to their jobs' objects
     with get_engine(cluster.settings).begin() as conn:
         conn.execute(text("CREATE TABLE IF NOT EXISTS replica_probe (id int PRIMARY KEY, body text)"))
+    cluster.wait_for_standby(master_commit_lsn(get_engine(cluster.settings)))
     yield cluster
+    api.stop()
     cluster.stop()
 
 

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.timeout(120)
 PUBLIC, ANY, SUBMITTER, WORKER, ADMIN, OWN_TOKEN = "public", "any", "submitter", "worker", "admin", "own token"
 
 # Who may call what. ANY: every valid API token; SUBMITTER: submitters and admins; WORKER: workers and
-# admins; ADMIN: admins only; OWN_TOKEN: the route checks a join or node token itself (tested below).
+# admins; ADMIN: admins only; OWN_TOKEN: the route checks a join, node or lease token itself (tested below).
 POLICY = {
     "health.healthz": PUBLIC, "openapi.spec": PUBLIC, "openapi.docs": PUBLIC,
     "static": PUBLIC,
@@ -34,6 +34,7 @@ POLICY = {
     "jobs.get_job": ANY, "jobs.list_jobs": ANY, "jobs.job_events": ANY,
     "inputs.upload": SUBMITTER,
     "nodes.register": OWN_TOKEN, "nodes.heartbeat": OWN_TOKEN,
+    "leases.read": OWN_TOKEN, "leases.write": OWN_TOKEN,  # a job's lease token (test_worker_credentials too)
     "nodes.list_nodes": ADMIN, "nodes.get_node": ADMIN, "nodes.drain": ADMIN, "nodes.resume": ADMIN,
     "nodes.patch": ADMIN, "nodes.remove": ADMIN,
     "cluster.cluster": SUBMITTER, "gpu.can_fit": SUBMITTER,
@@ -154,3 +155,14 @@ def test_a_node_token_cannot_act_as_another_node(api, services):
     assert beat(api, alice, token=bob["node_token"]).status_code == 401
     assert beat(api, alice, token="nxn_" + uuid.uuid4().hex).status_code == 401
     assert api.post(f"/api/v1/nodes/{alice['node_id']}/heartbeat", json={}).status_code in (400, 401)
+
+
+def test_no_api_token_opens_a_jobs_objects(api, tokens, owned_job, services):
+    """The lease routes take only the running attempt's lease token: no API token, the admin's included."""
+    services.store.put_bytes(services.settings.bucket_outputs, f"jobs/{owned_job}/output", b"x")
+    for who in CALLERS:
+        headers = bearer(tokens[who]) if who in tokens else {}
+        path = f"/api/v1/leases/{owned_job}/1/objects/outputs/jobs/{owned_job}/output"
+        assert api.get(path, headers=headers).status_code in (401, 403), who
+        assert api.put(path, data=b"forged", headers=headers).status_code in (401, 403), who
+    assert services.store.get_bytes(services.settings.bucket_outputs, f"jobs/{owned_job}/output") == b"x"

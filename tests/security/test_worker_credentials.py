@@ -186,28 +186,124 @@ def test_a_workers_redis_user_may_not_administer_the_broker(stolen, services):
     assert services.redis.ping()  # the broker is still up
 
 
-def test_a_workers_object_store_key_reads_but_cannot_replace_inputs_or_models(stolen, settings, services):
-    """The workers' scoped key, not the root keys: inputs and model files are read-only to it, and it
-    creates or deletes no bucket. (Receipts and outputs it must write; the proof's row holds the receipt's
-    digest, which no worker can change, so a replaced receipt is rejected.)"""
+def _intruder_store(stolen):
     from minio import Minio
+
+    return Minio(stolen["NEXUS_S3_ENDPOINT"], access_key=stolen["NEXUS_S3_ACCESS_KEY"],
+                 secret_key=stolen["NEXUS_S3_SECRET_KEY"], secure=False)
+
+
+def test_a_workers_object_store_key_reads_only_model_files(stolen, settings, services):
+    """The workers' scoped key, not the root keys: model files, read-only; no bucket made or removed."""
     from minio.error import S3Error
 
     assert stolen["NEXUS_S3_ACCESS_KEY"] != settings.s3_access_key
     assert settings.s3_secret_key not in "\0".join(stolen.values())
-    services.store.put_bytes(settings.bucket_inputs, "tenant-a/input", b"someone's input")
     services.store.put_bytes(settings.bucket_models, "model/weights.bin", b"weights")
-    intruder = Minio(stolen["NEXUS_S3_ENDPOINT"], access_key=stolen["NEXUS_S3_ACCESS_KEY"],
-                     secret_key=stolen["NEXUS_S3_SECRET_KEY"], secure=False)
-    assert intruder.get_object(settings.bucket_inputs, "tenant-a/input").read() == b"someone's input"
-    for bucket, key in ((settings.bucket_inputs, "tenant-a/input"), (settings.bucket_models, "model/weights.bin")):
-        with pytest.raises(S3Error, match="AccessDenied"):
-            intruder.put_object(bucket, key, io.BytesIO(b"poisoned"), 8)
-        with pytest.raises(S3Error, match="AccessDenied"):
-            intruder.remove_object(bucket, key)
+    intruder = _intruder_store(stolen)
+    assert intruder.get_object(settings.bucket_models, "model/weights.bin").read() == b"weights"
+    with pytest.raises(S3Error, match="AccessDenied"):
+        intruder.put_object(settings.bucket_models, "model/weights.bin", io.BytesIO(b"poisoned"), 8)
+    with pytest.raises(S3Error, match="AccessDenied"):
+        intruder.remove_object(settings.bucket_models, "model/weights.bin")
     with pytest.raises(S3Error, match="AccessDenied"):
         intruder.make_bucket("stolen-bucket")
     assert services.store.get_bytes(settings.bucket_models, "model/weights.bin") == b"weights"
+
+
+def test_a_worker_cannot_read_another_tenants_input(stolen, settings, services):
+    """Before, the workers' key read every tenant's inputs; now it reaches none of them."""
+    from minio.error import S3Error
+
+    services.store.put_bytes(settings.bucket_inputs, "victim/secret/input", b"someone else's input")
+    intruder = _intruder_store(stolen)
+    for attempt in (lambda: intruder.get_object(settings.bucket_inputs, "victim/secret/input").read(),
+                    lambda: list(intruder.list_objects(settings.bucket_inputs, recursive=True)),
+                    lambda: intruder.put_object(settings.bucket_inputs, "victim/x", io.BytesIO(b"x"), 1)):
+        with pytest.raises(S3Error, match="AccessDenied"):
+            attempt()
+
+
+def test_a_worker_cannot_delete_or_replace_a_receipt(stolen, settings, services):
+    """Receipts and finished outputs: before, the workers' key could delete or overwrite them."""
+    from minio.error import S3Error
+
+    services.store.put_json(settings.bucket_receipts, "proofs/p/receipt.json", {"receipt_digest": "d"})
+    services.store.put_bytes(settings.bucket_outputs, "jobs/j/output", b"a finished output")
+    intruder = _intruder_store(stolen)
+    for bucket, key in ((settings.bucket_receipts, "proofs/p/receipt.json"), (settings.bucket_outputs, "jobs/j/output")):
+        with pytest.raises(S3Error, match="AccessDenied"):
+            intruder.remove_object(bucket, key)
+        with pytest.raises(S3Error, match="AccessDenied"):
+            intruder.put_object(bucket, key, io.BytesIO(b"forged"), 6)
+        with pytest.raises(S3Error, match="AccessDenied"):
+            intruder.get_object(bucket, key)
+    assert services.store.get_json(settings.bucket_receipts, "proofs/p/receipt.json") == {"receipt_digest": "d"}
+
+
+def _lease_url(settings, job_id, attempt, bucket, key) -> str:
+    return f"{settings.public_api_url}/api/v1/leases/{job_id}/{attempt}/objects/{bucket}/{key}"
+
+
+def test_through_its_lease_a_worker_reaches_its_own_jobs_objects_only(intruder, settings, services, live_api):
+    """The master's lease routes, as a worker uses them: the claim's lease token opens this job's input
+    and outputs; another tenant's input, another job's outputs, a guessed token or a finished job, never."""
+    import requests
+
+    services.store.put_bytes(settings.bucket_inputs, "mine/in", b"my input")
+    services.store.put_bytes(settings.bucket_inputs, "victim/in", b"their input")
+    mine = services.submitter.submit_many([{"type": "digest", "input_key": "mine/in",
+                                            "requirements": {"tier": "gpu_peer"}}], tenant="mine")[0][0].id
+    other = submit(services, {"type": "noop", "requirements": {"tier": "gpu_peer"}}, tenant="victim")
+    with intruder.connect() as conn:
+        lease = lifecycle.claim(conn, mine, 1, "intruder", 60)
+    bearer = {"Authorization": f"Bearer {lease.lease_token}"}
+
+    def get(job_id, bucket, key, headers=bearer):
+        return requests.get(_lease_url(settings, job_id, 1, bucket, key), headers=headers, timeout=10)
+
+    answer = get(mine, "inputs", "mine/in")
+    assert (answer.status_code, answer.content) == (200, b"my input")
+    assert get(mine, "inputs", "victim/in").status_code == 403  # another tenant's input
+    assert get(other, "inputs", "victim/in").status_code == 403  # another job, with this lease's token
+    assert get(mine, "inputs", "victim/in", {"Authorization": f"Bearer {uuid.uuid4()}"}).status_code == 403
+    # A dot segment never reaches past its prefix (the client resolves it, else the master refuses it).
+    assert get(mine, "outputs", f"jobs/{mine}/../{other}/output").status_code in (400, 403)
+    assert get(mine, "outputs", f"jobs/{mine}/%2E%2E/{other}/output").status_code in (400, 403)
+    put = requests.put(_lease_url(settings, mine, 1, "outputs", f"jobs/{mine}/output"), data=b"out",
+                       headers=bearer, timeout=10)
+    assert put.status_code == 201
+    assert requests.put(_lease_url(settings, mine, 1, "outputs", f"jobs/{other}/output"), data=b"x",
+                        headers=bearer, timeout=10).status_code == 403
+    with intruder.connect() as conn:
+        assert lifecycle.complete(conn, mine, 1, "intruder", {}, None, lease.lease_token) is not None
+    # Finished: the lease is gone, and with it every way to its objects.
+    assert requests.put(_lease_url(settings, mine, 1, "outputs", f"jobs/{mine}/output"), data=b"rewritten",
+                        headers=bearer, timeout=10).status_code == 403
+    assert get(mine, "inputs", "mine/in").status_code == 403
+    assert services.store.get_bytes(settings.bucket_outputs, f"jobs/{mine}/output") == b"out"
+
+
+def test_a_receipt_is_written_once_and_only_by_its_proof(intruder, settings, services, live_api):
+    import requests
+
+    from nexus.proofs.objects import receipt_key
+
+    proof = submit(services, {"type": "proof", "payload": {"kind": "poc", "nonce_end": 16, "segment_size": 16,
+                                                           "options": {"preset": "tiny"}},
+                              "requirements": {"tier": "gpu_peer"}})
+    with intruder.connect() as conn:
+        lease = lifecycle.claim(conn, proof, 1, "intruder", 60)
+    bearer = {"Authorization": f"Bearer {lease.lease_token}"}
+    url = _lease_url(settings, proof, 1, "receipts", receipt_key(proof))
+    assert requests.put(url, data=b'{"receipt": 1}', headers=bearer, timeout=10).status_code == 201
+    again = requests.put(url, data=b'{"receipt": "forged"}', headers=bearer, timeout=10)
+    assert again.status_code == 409 and again.json()["error"]["code"] == "receipt_exists"
+    other_key = receipt_key(uuid.uuid4())  # another proof's receipt
+    assert requests.put(_lease_url(settings, proof, 1, "receipts", other_key), data=b"{}", headers=bearer,
+                        timeout=10).status_code == 403
+    assert requests.delete(url, headers=bearer, timeout=10).status_code == 405
+    assert services.store.get_bytes(settings.bucket_receipts, receipt_key(proof)) == b'{"receipt": 1}'
 
 
 def job_state(services, job_id) -> str:
@@ -222,3 +318,58 @@ def test_the_worker_still_runs_jobs(services, worker):
     with services.engine.connect() as conn:
         row = conn.execute(text("SELECT state, result FROM jobs WHERE id = :id"), {"id": job_id}).one()
     assert tuple(row) == ("succeeded", {"echo": "restricted"})
+
+
+def test_a_worker_writes_only_the_model_instance_it_holds(intruder, services):
+    """Instance rows only through the worker's functions, each fenced by the token its taker drew: no
+    table write, no other node's instance, no instance another worker holds."""
+    from nexus.models import catalog
+    from nexus.models.catalog import InstanceState, ModelSpec
+    from nexus.models.placement import ParallelismPlan
+
+    with services.engine.begin() as conn:
+        catalog.insert_model(conn, ModelSpec(name="held", source="/models/held", max_model_len=64), replace=True)
+        theirs = catalog.create_instance(conn, "held", ParallelismPlan.from_dict({}))
+        conn.execute(text("UPDATE model_instances SET node_id = 'their-node' WHERE id = :id"), {"id": theirs["id"]})
+    assert refused(intruder, "UPDATE model_instances SET state = 'error', error = 'forged' WHERE id = :id",
+                   {"id": theirs["id"]})
+    assert refused(intruder, "INSERT INTO model_instances (id, model) VALUES (:id, 'held')", {"id": uuid.uuid4()})
+    with intruder.connect() as conn:
+        # Another node's pending instance: neither adopted nor taken by id.
+        assert catalog.adopt_held_instance(conn, "held", "intruder-node", "intruder@x") is None
+        assert catalog.take_held_instance(conn, theirs["id"], "held", "intruder-node", "intruder@x") is None
+        mine = catalog.start_held_instance(conn, "held", "intruder-node", "intruder@x")
+        assert mine is not None and mine["worker_token"] is not None
+        # Its own, with its token: yes; anyone else's, or its own with a guessed token: no.
+        assert catalog.set_held_instance_state(conn, mine["id"], mine["worker_token"], InstanceState.RUNNING)
+        assert catalog.set_held_instance_state(conn, theirs["id"], mine["worker_token"], InstanceState.ERROR) is None
+        assert catalog.set_held_instance_state(conn, mine["id"], uuid.uuid4(), InstanceState.ERROR) is None
+        assert catalog.held_instance_heartbeat(conn, theirs["id"], uuid.uuid4(), "held", "n", "w") is None
+        assert catalog.held_instance_heartbeat(conn, mine["id"], mine["worker_token"], "held", "n", "w") == "running"
+    with services.engine.connect() as conn:
+        states = dict(conn.execute(text("SELECT id, state FROM model_instances")).all())
+    assert states == {theirs["id"]: "pending", mine["id"]: "running"}
+
+
+def test_a_worker_cannot_pass_the_child_limit_through_its_own_lease(intruder, services, settings):
+    """The fan-out limit is the database function's, not only the worker's Python: a worker calling the
+    function itself with more children than NEXUS_MAX_CHILDREN_PER_JOB gets none of them."""
+    from nexus.jobs.fanout import TooManyChildren
+    from nexus.jobs.submit import build_spec
+
+    parent = submit(services, {"type": "noop", "requirements": {"tier": "gpu_peer"}})
+    with intruder.connect() as conn:
+        lease = lifecycle.claim(conn, parent, 1, "intruder", 60)
+    limit = settings.max_children_per_job
+    specs = [build_spec({"type": "noop", "requirements": {"tier": "gpu_peer"}}, settings, tenant="default",
+                        parent_id=parent) for _ in range(limit + 1)]
+    with intruder.connect() as conn:
+        with pytest.raises(TooManyChildren):
+            lifecycle.insert_children(conn, Lease(parent, 1, lease.lease_token), specs)
+    with intruder.connect() as conn:  # up to the limit, in two calls: the second sees the first's
+        assert len(lifecycle.insert_children(conn, Lease(parent, 1, lease.lease_token), specs[:limit - 1])) == limit - 1
+        with pytest.raises(TooManyChildren):
+            lifecycle.insert_children(conn, Lease(parent, 1, lease.lease_token), specs[limit - 1:])
+    with services.engine.connect() as conn:
+        count = conn.execute(text("SELECT count(*) FROM jobs WHERE parent_id = :id"), {"id": parent}).scalar_one()
+    assert count == limit - 1

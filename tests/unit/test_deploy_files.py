@@ -279,3 +279,28 @@ def test_production_refuses_the_template_secrets_with_a_clear_message():
     with pytest.raises(ValueError, match="NEXUS_S3_SECRET_KEY"):
         _master_settings({**strong, "NEXUS_S3_SECRET_KEY": "minioadmin"})
     assert _master_settings(strong).mode.value == "production"
+
+
+def test_each_master_process_reaches_redis_as_the_user_settings_name():
+    """The API and the reconciler log in as their own ACL users, with the rules nexus.config gives them (the
+    ones `nexus dev` and the tests' Redis use), and neither holds the default user's password."""
+    from nexus.config import (API_REDIS_USER, RECONCILER_REDIS_USER, SERVICE_REDIS_RULES, WORKER_REDIS_RULES,
+                              WORKER_REDIS_USER)
+
+    services = master_services()
+    env = load_env("master")
+    args = services["redis"]["command"]
+    users = {}
+    for at in [i for i, arg in enumerate(args) if arg == "--user"]:
+        end = next((i for i in range(at + 1, len(args)) if args[i].startswith("--")), len(args))
+        users[args[at + 1]] = args[at + 2:end]
+    for user, rules in ((WORKER_REDIS_USER, WORKER_REDIS_RULES), (API_REDIS_USER, SERVICE_REDIS_RULES),
+                        (RECONCILER_REDIS_USER, SERVICE_REDIS_RULES)):
+        on, password, *granted = users[user]
+        assert on == "on" and password.startswith(">") and granted == rules.split()
+    for service, user, secret in (("api", API_REDIS_USER, "NEXUS_API_REDIS_PASSWORD"),
+                                  ("reconciler", RECONCILER_REDIS_USER, "NEXUS_RECONCILER_REDIS_PASSWORD")):
+        url = urlsplit(services[service]["environment"]["NEXUS_REDIS_URL"])
+        assert (url.username, url.password, url.hostname) == (user, env[secret], "redis")
+        assert not any("redis://:" in str(v) for v in services[service]["environment"].values())  # no default login
+        assert users[user][1] == ">" + env[secret]
