@@ -1,7 +1,10 @@
 """Master start-up: database, migrations, buckets and the bootstrap admin and join tokens, then the API servers.
 
-`nexus master` prepares in a child process (`python -m nexus.master`) and then only watches the two
-gunicorns: the migrations, the object-store client and the ORM stay out of the process that lives on.
+`nexus master` prepares in a child process (`python -m nexus.master`) and then watches the two
+gunicorns: the migrations and the ORM stay out of the process that lives on. With `--reconciler`
+and `--flower` that process also runs the reconciler and Flower, each in a thread of its own
+(docs/ARCHITECTURE.md, "The master at rest"): a process of its own costs each about 40 MiB of
+interpreter, settings and Celery before it does anything, and the watcher held those anyway.
 """
 
 from __future__ import annotations
@@ -99,20 +102,60 @@ def api_servers(settings: Settings, workers: int) -> list[list[str]]:
     return servers
 
 
-def serve_api(settings: Settings, workers: int) -> int:
-    """Run both servers until asked to stop or until either exits; then stop the other and return.
+def run_reconciler(settings: Settings, stop: threading.Event) -> None:
+    """The reconciler's passes (nexus/jobs/reconciler.py) every few seconds until `stop` is set."""
+    from functools import partial
 
-    Either one gone is the master gone: the exit lets the container's restart
-    policy (or `nexus dev`'s supervisor) start both again, rather than running
-    half a master. Each server gets SIGTERM if this process dies (orphan_guard).
+    from nexus.jobs.reconciler import Reconciler
+    from nexus.models.ray_clusters import reconcile_multi_node
+    from nexus.services import Services
+
+    services = Services(settings)
+    # Multi-node instances that lost a member: to error, then placed again.
+    multi_node = partial(reconcile_multi_node, services.engine, services.settings)
+    Reconciler(services.settings, services.engine, services.celery, services.redis, [multi_node]).run_forever(stop)
+
+
+def companion_threads(settings: Settings, stop: threading.Event, reconciler: bool, flower: bool) -> list[threading.Thread]:
+    """The reconciler and Flower as threads of the watching process, when asked for.
+
+    Sound beside the watcher, not beside the API: the API's processes are the gunicorns, so a
+    tenant stalling them stalls neither the reconciler nor the heartbeats (the node API keeps its
+    own gunicorn, "Liveness from the work"). The reconciler waits on PostgreSQL and Redis for
+    nearly all of a pass, and Flower on its sockets; neither holds the GIL for long.
+    """
+    threads = []
+    if reconciler:
+        thread = threading.Thread(target=run_reconciler, args=(settings, stop), name="reconciler", daemon=True)
+        thread.start()
+        threads.append(thread)
+    if flower:
+        from nexus.queueing.monitor import flower_thread
+
+        threads.append(flower_thread(settings, stop))
+    return threads
+
+
+def serve_api(settings: Settings, workers: int, reconciler: bool = False, flower: bool = False) -> int:
+    """Run both servers (and the companions asked for) until asked to stop or until one exits; then
+    stop the others and return.
+
+    Either server gone, or a companion thread, is the master gone: the exit lets the container's
+    restart policy (or `nexus dev`'s supervisor) start all again, rather than running half a master.
+    Each server gets SIGTERM if this process dies (orphan_guard).
     """
     children = [subprocess.Popen([sys.executable, "-m", "nexus.agent.orphan_guard", *argv])
                 for argv in api_servers(settings, workers)]
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    while not stop.wait(0.5) and all(child.poll() is None for child in children):
+    threads = companion_threads(settings, stop, reconciler, flower)  # after the children: they inherit nothing of it
+    while not stop.wait(0.5) and all(child.poll() is None for child in children) \
+            and all(thread.is_alive() for thread in threads):
         pass
+    ended = [thread.name for thread in threads if not thread.is_alive()]
+    stopped_by_signal = stop.is_set()
+    stop.set()  # the companions end their loops
     exited = [child.returncode for child in children if child.poll() is not None]
     for child in children:
         if child.poll() is None:
@@ -122,7 +165,12 @@ def serve_api(settings: Settings, workers: int) -> int:
             child.wait(15)
         except subprocess.TimeoutExpired:
             child.kill()
-    if exited and not stop.is_set():
+    for thread in threads:
+        thread.join(10)
+    if ended and not stopped_by_signal:
+        log.error("the master's %s thread ended; stopping the API servers", ", ".join(ended))
+        return 1
+    if exited and not stopped_by_signal:
         log.error("an API server exited (%s); stopping the other", exited)
         return exited[0] or 1
     return 0
