@@ -30,7 +30,7 @@ class Registered(BaseModel):
     node_token: str = Field(description="shown once: the node's own token for its heartbeats")
     state: str
     tier: str
-    gpu_tiers: list[str]
+    gpu_tiers: dict[str, str] = Field(description="GPU index -> its tier")
 
 
 class HeartbeatAnswer(BaseModel):
@@ -47,7 +47,7 @@ class NodeView(_Row):
     state: str
     drain_requested: bool
     tier: str
-    gpu_tiers: list[str]
+    gpu_tiers: dict[str, str] = Field(description="GPU index -> its tier")
     queues: list[str]
     gpu_count: int
     vram_total_mb: int
