@@ -10,6 +10,9 @@ carries its job id and attempt (JobMessage's argsrepr), so a job is found in it 
 
 Secrets never reach the command line (`ps` shows it to every user): the broker URL travels inside the
 app, the basic-auth credentials through Flower's own environment variable.
+
+`nexus flower` serves it in a process of its own; `nexus master --flower` (what `nexus dev` runs) in a
+thread of the master's watching process, on an event loop of its own (`flower_thread`).
 """
 
 from __future__ import annotations
@@ -18,15 +21,19 @@ import asyncio
 import os
 import signal
 import threading
+from typing import TYPE_CHECKING
 
 from nexus.config import Settings
 from nexus.queueing.celery_app import make_celery
+
+if TYPE_CHECKING:
+    from flower.app import Flower
 
 INSPECT_INTERVAL_SECONDS = 30.0
 TASK_COLUMNS = "name,args,state,received,runtime,worker,uuid"
 
 
-def make_flower(settings: Settings):
+def make_flower(settings: Settings) -> Flower:
     """Flower on the Nexus app, its options applied, not yet serving; in the thread whose event loop it uses."""
     from flower import command
     from flower.app import Flower
@@ -40,13 +47,17 @@ def make_flower(settings: Settings):
     return Flower(capp=make_celery(settings), options=command.options, **command.settings)
 
 
-def _serve(flower, stop: threading.Event | None = None) -> None:
+def _serve(flower: Flower, stop: threading.Event | None = None) -> None:
     from tornado.ioloop import PeriodicCallback
 
     flower.start_http_server()
     PeriodicCallback(flower.update_workers, INSPECT_INTERVAL_SECONDS * 1000).start()
     if stop is not None:
-        PeriodicCallback(lambda: stop.is_set() and flower.stop(), 500).start()
+        def stop_when_asked() -> None:
+            if stop.is_set():
+                flower.stop()
+
+        PeriodicCallback(stop_when_asked, 500).start()
     try:
         flower.start()
     except (KeyboardInterrupt, SystemExit):
