@@ -1,6 +1,6 @@
 """The master's memory at rest: RSS, PSS and USS of every process of the API, the reconciler and Flower.
 
-    python bench/master_memory.py [--rest 20] [--samples 3] [--keep]
+    python bench/master_memory.py [--rest 20] [--samples 3] [--keep] [--source CHECKOUT]
 
 Starts `nexus dev -n 1 --no-model` in a fresh data directory (its own PostgreSQL, Redis and S3
 servers), waits until the cluster is announced and then `--rest` seconds more, and reads
@@ -12,6 +12,8 @@ verifier, the agent and its worker, and the servers are listed apart.
 RSS counts pages shared between processes (a forked gunicorn worker and its arbiter, the
 interpreter's libraries) once in each; PSS splits each shared page between its sharers, so the
 sum of PSS is what the processes take together; USS is each process's own pages.
+
+`--source` runs another checkout's `nexus` (e.g. main, for a before/after on one machine).
 """
 
 from __future__ import annotations
@@ -141,16 +143,19 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=3, help="readings, 5 s apart; the last is printed")
     parser.add_argument("--keep", action="store_true", help="keep the data directory")
     parser.add_argument("--json", action="store_true", help="also print the totals as one JSON line")
+    parser.add_argument("--source", type=Path, default=Path(__file__).resolve().parent.parent,
+                        help="the checkout whose nexus runs (default: this one)")
     args = parser.parse_args()
 
     data_dir = Path(tempfile.mkdtemp(prefix="nexus-memory-"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_")}
     env["NEXUS_API_PORT"] = str(_free_port())
     env["NEXUS_FLOWER_PORT"] = str(_free_port())
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = str(args.source.resolve()) + os.pathsep + env.get("PYTHONPATH", "")
     log = open(data_dir / "dev.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "nexus", "dev", "-n", "1", "--no-model", "--data-dir",
-                             str(data_dir)], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                             str(data_dir)], env=env, cwd=data_dir, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)  # cwd: `-m` puts it first on sys.path, before --source
     try:
         wait_for(data_dir / "cluster.json", proc, 180)
         time.sleep(args.rest)
