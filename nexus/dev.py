@@ -126,9 +126,10 @@ class LocalCluster:
                  "join_token", "flower_password", "api_port", "api_host", "node_api_port", "data_dir",
                  "worker_database_password", "worker_redis_password", "worker_s3_access_key", "worker_s3_secret_key"}
         env = {**_inherited_env(), **settings_env(settings, names), "NEXUS_URL": settings.public_api_url}
-        # The reconciler and Flower are threads of the master's watching process (docs/ARCHITECTURE.md,
-        # "The master at rest"); its log is logs/api.log.
-        specs = [ChildSpec("api", (*NEXUS, "master", "--workers", "1", "--reconciler", "--flower"), env),
+        # The reconciler, Flower and the node API are threads of the master's watching process
+        # (docs/ARCHITECTURE.md, "The master at rest"); their log is logs/api.log.
+        specs = [ChildSpec("api", (*NEXUS, "master", "--workers", "1", "--reconciler", "--flower",
+                                   "--node-api-in-process"), env),
                  ChildSpec("verifier", (*NEXUS, "verifier"), env)]  # proofs' verdicts: the master's
         # Agents and their workers hold a worker's credentials only: the worker database role, no admin
         # token, no Flower password (docs/ARCHITECTURE.md, "Roles hold only what they need").

@@ -1,10 +1,10 @@
 """Master start-up: database, migrations, buckets and the bootstrap admin and join tokens, then the API servers.
 
 `nexus master` prepares in a child process (`python -m nexus.master`) and then watches the two
-gunicorns: the migrations and the ORM stay out of the process that lives on. With `--reconciler`
-and `--flower` that process also runs the reconciler and Flower, each in a thread of its own
-(docs/ARCHITECTURE.md, "The master at rest"): a process of its own costs each about 40 MiB of
-interpreter, settings and Celery before it does anything, and the watcher held those anyway.
+gunicorns: the migrations and the ORM stay out of the process that lives on. With `--reconciler`,
+`--flower` and `--node-api-in-process` that process also runs the reconciler, Flower and the node
+API, in threads (docs/ARCHITECTURE.md, "The master at rest"): a process of its own costs each about
+40 MiB of interpreter, settings and Celery before it does anything, and the watcher held those anyway.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def node_api_argv(settings: Settings) -> list[str]:
                           NODE_API_WORKERS, ["--worker-class", "gthread", "--threads", str(NODE_API_THREADS)])
 
 
-def api_servers(settings: Settings, workers: int) -> list[list[str]]:
+def api_servers(settings: Settings, workers: int, node_api: bool = True) -> list[list[str]]:
     """The user API, and the node API beside it on a listener and process of its own.
 
     Why a second gunicorn: on the threaded server a request thread was held for the
@@ -94,10 +94,11 @@ def api_servers(settings: Settings, workers: int) -> list[list[str]]:
     a custom worker routing by listener depends on gunicorn's internals and still
     shares the GIL and the pool; heartbeats as direct database writes would give
     every agent a database login (docs/ARCHITECTURE.md, "Roles hold only what they
-    need"). Cost: one more process (~60 MB).
+    need"). Cost: one more process (~60 MB), which `--node-api-in-process` saves by serving the
+    node API from the watching process instead (node_api_threads), still apart from user requests.
     """
     servers = [user_api_argv(settings, workers)]
-    if settings.node_api_port:
+    if settings.node_api_port and node_api:
         servers.append(node_api_argv(settings))
     return servers
 
@@ -116,15 +117,48 @@ def run_reconciler(settings: Settings, stop: threading.Event) -> None:
     Reconciler(services.settings, services.engine, services.celery, services.redis, [multi_node]).run_forever(stop)
 
 
-def companion_threads(settings: Settings, stop: threading.Event, reconciler: bool, flower: bool) -> list[threading.Thread]:
-    """The reconciler and Flower as threads of the watching process, when asked for.
+def node_api_threads(settings: Settings, stop: threading.Event) -> list[threading.Thread]:
+    """The node API (register, heartbeat) on waitress in this process: a listener thread and a pool of
+    NODE_API_THREADS, as its gunicorn had; keep-alive connections wait in waitress's event loop, not
+    in a thread each. The second thread closes the server when `stop` is set."""
+    from waitress import create_server
 
-    Sound beside the watcher, not beside the API: the API's processes are the gunicorns, so a
-    tenant stalling them stalls neither the reconciler nor the heartbeats (the node API keeps its
-    own gunicorn, "Liveness from the work"). The reconciler waits on PostgreSQL and Redis for
-    nearly all of a pass, and Flower on its sockets; neither holds the GIL for long.
+    from nexus.api import create_node_wsgi_app
+
+    server = create_server(create_node_wsgi_app(), host=settings.api_host, port=settings.node_api_port,
+                           threads=NODE_API_THREADS, ident="nexus", clear_untrusted_proxy_headers=True)
+
+    def close_when_asked() -> None:
+        stop.wait()
+        server.close()
+        for channel in list(server._map.values()):  # open keep-alive connections keep the loop running
+            channel.close()
+        server.task_dispatcher.shutdown(timeout=5)
+
+    def serve() -> None:
+        try:
+            server.run()
+        except (OSError, ValueError):  # the listener closed under the loop while stopping
+            if not stop.is_set():
+                raise
+
+    threads = [threading.Thread(target=serve, name="node-api", daemon=True),
+               threading.Thread(target=close_when_asked, name="node-api-closer", daemon=True)]
+    for thread in threads:
+        thread.start()
+    return threads[:1]
+
+
+def companion_threads(settings: Settings, stop: threading.Event, reconciler: bool, flower: bool,
+                      node_api: bool = False) -> list[threading.Thread]:
+    """The reconciler, Flower and the node API as threads of the watching process, when asked for.
+
+    Sound beside the watcher, not beside the user API: the user API is its gunicorn, a child
+    process, so a tenant stalling it stalls neither the reconciler nor the heartbeats ("Liveness
+    from the work"). The reconciler waits on PostgreSQL and Redis for nearly all of a pass, Flower
+    on its sockets, and a beat is milliseconds of CPU; none holds the GIL for long.
     """
-    threads = []
+    threads = node_api_threads(settings, stop) if node_api and settings.node_api_port else []
     if reconciler:
         thread = threading.Thread(target=run_reconciler, args=(settings, stop), name="reconciler", daemon=True)
         thread.start()
@@ -136,7 +170,8 @@ def companion_threads(settings: Settings, stop: threading.Event, reconciler: boo
     return threads
 
 
-def serve_api(settings: Settings, workers: int, reconciler: bool = False, flower: bool = False) -> int:
+def serve_api(settings: Settings, workers: int, reconciler: bool = False, flower: bool = False,
+              node_api_in_process: bool = False) -> int:
     """Run both servers (and the companions asked for) until asked to stop or until one exits; then
     stop the others and return.
 
@@ -145,11 +180,12 @@ def serve_api(settings: Settings, workers: int, reconciler: bool = False, flower
     Each server gets SIGTERM if this process dies (orphan_guard).
     """
     children = [subprocess.Popen([sys.executable, "-m", "nexus.agent.orphan_guard", *argv])
-                for argv in api_servers(settings, workers)]
+                for argv in api_servers(settings, workers, node_api=not node_api_in_process)]
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    threads = companion_threads(settings, stop, reconciler, flower)  # after the children: they inherit nothing of it
+    # After the children: they inherit nothing of it.
+    threads = companion_threads(settings, stop, reconciler, flower, node_api=node_api_in_process)
     while not stop.wait(0.5) and all(child.poll() is None for child in children) \
             and all(thread.is_alive() for thread in threads):
         pass

@@ -37,14 +37,17 @@ def dev_cmd(workers: int, data_dir: Path, api_port: int | None, model: str, no_m
 @click.option("--reconciler", "with_reconciler", is_flag=True,
               help="Run the reconciler in this process too (instead of `nexus reconciler`).")
 @click.option("--flower", "with_flower", is_flag=True, help="Serve Flower from this process too (instead of `nexus flower`).")
-def master_cmd(workers: int, with_reconciler: bool, with_flower: bool) -> None:
+@click.option("--node-api-in-process", is_flag=True,
+              help="Serve the node API (register, heartbeat) from this process on threads, not a gunicorn of its own.")
+def master_cmd(workers: int, with_reconciler: bool, with_flower: bool, node_api_in_process: bool) -> None:
     """Apply migrations, create buckets and the admin token, then serve the API (gevent) and the node API."""
     from nexus.master import prepare_in_child, serve_api
 
     settings = load_server_settings()  # refused settings end here, with the reason
     if prepare_in_child() != 0:
         raise click.ClickException("preparing the master failed (see the log above)")
-    sys.exit(serve_api(settings, workers, reconciler=with_reconciler, flower=with_flower))
+    sys.exit(serve_api(settings, workers, reconciler=with_reconciler, flower=with_flower,
+                       node_api_in_process=node_api_in_process))
 
 
 @click.command("worker")

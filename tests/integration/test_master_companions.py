@@ -1,5 +1,6 @@
-"""`nexus master --reconciler --flower` (what `nexus dev` runs): the reconciler and Flower live in the master's
-watching process, and a stalled user API stalls neither the reconciler nor the heartbeats' node API."""
+"""`nexus master --reconciler --flower --node-api-in-process` (what `nexus dev` runs): the reconciler, Flower and
+the node API live in the master's watching process, and a stalled user API stalls neither the reconciler nor
+the node API."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from sqlalchemy import text
 
 from nexus.jobs import lifecycle
 from nexus.localservers import free_port
+from nexus.agent.heartbeat import registration_body
+from tests.agent_support import hardware
 from tests.support import NexusProcess, wait_for
 
 pytestmark = pytest.mark.timeout(180)
@@ -36,8 +39,8 @@ def _cmdline(pid: int) -> str:
 def test_the_reconciler_works_on_while_the_user_api_is_stalled(settings, services, session_dir):
     settings = settings.model_copy(update={"api_port": free_port(), "node_api_port": free_port(),
                                            "flower_port": free_port()})
-    master = NexusProcess(settings, ["master", "--workers", "1", "--reconciler", "--flower"], session_dir,
-                          "master-companions").start()
+    master = NexusProcess(settings, ["master", "--workers", "1", "--reconciler", "--flower", "--node-api-in-process"],
+                          session_dir, "master-companions").start()
     stalled: list[int] = []
     try:
         master.wait_for_log("reconciler running")
@@ -47,9 +50,12 @@ def test_the_reconciler_works_on_while_the_user_api_is_stalled(settings, service
         wait_for(lambda: _status(flower) == 401, timeout=60, what="Flower, behind basic auth")
         assert _status(flower, auth=(settings.flower_user, settings.flower_password)) == 200
 
+        # The node API is no gunicorn of its own: the user API's arbiter and worker are the only children.
+        children = _descendants(master.process.pid)
+        assert not any("create_node_wsgi_app" in _cmdline(pid) for pid in children)
         # The whole user API stalls (its arbiter and its worker, frozen).
-        stalled = [pid for pid in _descendants(master.process.pid) if "nexus.api.green" in _cmdline(pid)]
-        assert len(stalled) == 2, [_cmdline(p) for p in _descendants(master.process.pid)]
+        stalled = [pid for pid in children if "nexus.api.green" in _cmdline(pid)]
+        assert len(stalled) == 2, [_cmdline(p) for p in children]
         for pid in stalled:
             os.kill(pid, signal.SIGSTOP)
         with pytest.raises(requests.RequestException):
@@ -63,8 +69,12 @@ def test_the_reconciler_works_on_while_the_user_api_is_stalled(settings, service
             conn.execute(text("UPDATE jobs SET lease_expires_at = now() - interval '1 second' WHERE id = :id"),
                          {"id": row.id})
         wait_for(lambda: _state(services, row.id) == "retrying", timeout=20, what="the lease expired")
-        # ... and the node API answers.
+        # ... and the node API answers, registration included.
         assert _status(node_api + "/healthz") == 200
+        body = registration_body(hardware("cpu_only"), "lane-node", ["cpu_only"])
+        registered = requests.post(node_api + "/api/v1/nodes/register", json=body,
+                                   headers={"Authorization": f"Bearer {settings.join_token}"}, timeout=10)
+        assert registered.status_code == 201, registered.text
     finally:
         for pid in stalled:
             os.kill(pid, signal.SIGCONT)
