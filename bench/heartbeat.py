@@ -1,6 +1,6 @@
 """Heartbeat load: 1,000 simulated nodes beating every 5 s against a real API process on 127.0.0.1.
 
-    python bench/heartbeat.py [--nodes 1000] [--interval 5] [--seconds 40] [--api-workers 2]
+    python bench/heartbeat.py [--nodes 1000] [--interval 5] [--seconds 40] [--api-workers 2] [--node-api-in-process]
 
 Registers the nodes through the API (join token), then each node sends the
 agent's real heartbeat body (hardware fixtures in turn: 8xH100, 4090, 3060, CPU-only …)
@@ -61,10 +61,11 @@ class Connection:
         raise AssertionError("unreachable")
 
 
-def start_api(settings, folder: Path, workers: int) -> NexusProcess:
+def start_api(settings, folder: Path, workers: int, in_process: bool = False) -> NexusProcess:
     import requests
 
-    api = NexusProcess(settings, ["master", "--workers", str(workers)], folder, "api",
+    flags = ["--node-api-in-process"] if in_process else []  # the node API on waitress in the master's process
+    api = NexusProcess(settings, ["master", "--workers", str(workers), *flags], folder, "api",
                        {"NEXUS_JOIN_TOKEN": "nxj_bench-join-token"}).start()
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -76,12 +77,17 @@ def start_api(settings, folder: Path, workers: int) -> NexusProcess:
     raise TimeoutError(api.log_text()[-2000:])
 
 
+def node_port(settings) -> int:
+    """Where agents register and beat: the node API (the user API when there is none)."""
+    return settings.node_api_port or settings.api_port
+
+
 def register_all(settings, n: int) -> list[dict]:
     local = threading.local()
 
     def register(i: int) -> dict:
         if not hasattr(local, "conn"):
-            local.conn = Connection(settings.api_host, settings.api_port)
+            local.conn = Connection(settings.api_host, node_port(settings))
         hw = hardware(FIXTURE_NAMES[i % len(FIXTURE_NAMES)])
         body = registration_body(hw, f"bench-node-{i:04d}", ["cpu_only"])
         status, raw = local.conn.post("/api/v1/nodes/register", json.dumps(body).encode(), "nxj_bench-join-token")
@@ -106,7 +112,7 @@ def beat_for(nodes: list[dict], settings, interval: float, seconds: float):
     end = start + seconds
 
     def sender():
-        conn = Connection(settings.api_host, settings.api_port)
+        conn = Connection(settings.api_host, node_port(settings))
         while (item := work.get()) is not None:
             node, scheduled = item
             sent = time.monotonic()
@@ -167,10 +173,12 @@ def main() -> None:
     parser.add_argument("--interval", type=float, default=5.0)
     parser.add_argument("--seconds", type=float, default=40.0, help="how long the fleet heartbeats (bounded)")
     parser.add_argument("--api-workers", type=int, default=2, help="gunicorn worker processes")
+    parser.add_argument("--node-api-in-process", action="store_true",
+                        help="the node API on threads of the master's process (what nexus dev runs)")
     args = parser.parse_args()
 
     with bench_cluster(join_token="nxj_bench-join-token") as (settings, folder):
-        api = start_api(settings, folder, args.api_workers)
+        api = start_api(settings, folder, args.api_workers, args.node_api_in_process)
         try:
             registered_at = time.monotonic()
             nodes = register_all(settings, args.nodes)

@@ -1,11 +1,11 @@
 """The Docker-free local cluster: `nexus dev -n 3`.
 
 Starts real servers installed from the package registries (Redis, PostgreSQL,
-an S3 server) unless NEXUS_* URLs point at running ones, then the API, the
-reconciler, Flower and N workers as supervised child processes (restarted when
-they crash). Unless told otherwise it serves a model: the tiny one, made on first
-start under DIR/models, declared and deployed on the first worker. Writes
-DIR/cluster.json, prints the URLs and the admin token, and stops everything in
+an S3 server) unless NEXUS_* URLs point at running ones, then the master (the API,
+with the reconciler and Flower inside its watching process), the verifier and N
+workers as supervised child processes (restarted when they crash). Unless told
+otherwise it serves a model: the tiny one, made on first start under DIR/models,
+declared and deployed on the first worker. Writes DIR/cluster.json, prints the URLs and the admin token, and stops everything in
 order on Ctrl-C or SIGTERM.
 """
 
@@ -138,13 +138,15 @@ class LocalCluster:
                  "join_token", "flower_password", "api_port", "api_host", "node_api_port", "data_dir",
                  "worker_database_password", "worker_redis_password", "worker_s3_access_key", "worker_s3_secret_key"}
         env = {**_inherited_env(), **settings_env(settings, names), "NEXUS_URL": settings.public_api_url}
-        # The API and the reconciler reach Redis as their own ACL users (DEPLOYMENT.md, "Credentials").
-        api_env = {**env, "NEXUS_REDIS_URL": settings.api_redis_url}
-        reconciler_env = {**env, "NEXUS_REDIS_URL": settings.reconciler_redis_url}
-        specs = [ChildSpec("api", (*NEXUS, "master", "--workers", "1"), api_env),
-                 ChildSpec("reconciler", (*NEXUS, "reconciler"), reconciler_env),
-                 ChildSpec("verifier", (*NEXUS, "verifier"), env),  # proofs' verdicts: the master's
-                 ChildSpec("flower", (*NEXUS, "flower"), env)]
+        # The reconciler, Flower and the node API are threads of the master's watching process
+        # (docs/ARCHITECTURE.md, "The master at rest"); their log is logs/api.log. The master reaches
+        # Redis as the API's own ACL user, and its reconciler thread as the reconciler's
+        # (DEPLOYMENT.md, "Credentials").
+        master_env = {**env, "NEXUS_REDIS_URL": settings.api_redis_url,
+                      **settings_env(settings, {"reconciler_redis_password"})}
+        specs = [ChildSpec("api", (*NEXUS, "master", "--workers", "1", "--reconciler", "--flower",
+                                   "--node-api-in-process"), master_env),
+                 ChildSpec("verifier", (*NEXUS, "verifier"), env)]  # proofs' verdicts: the master's
         # Agents and their workers hold a worker's credentials only: the worker database role, no admin
         # token, no Flower password (docs/ARCHITECTURE.md, "Roles hold only what they need").
         node_env = {**_inherited_env(for_node=True), **settings.worker_environment(),

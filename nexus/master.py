@@ -1,7 +1,10 @@
 """Master start-up: database, migrations, buckets and the bootstrap admin and join tokens, then the API servers.
 
-`nexus master` prepares in a child process (`python -m nexus.master`) and then only watches the two
-gunicorns: the migrations, the object-store client and the ORM stay out of the process that lives on.
+`nexus master` prepares in a child process (`python -m nexus.master`) and then watches the two
+gunicorns: the migrations and the ORM stay out of the process that lives on. With `--reconciler`,
+`--flower` and `--node-api-in-process` that process also runs the reconciler, Flower and the node
+API, in threads (docs/ARCHITECTURE.md, "The master at rest"): a process of its own costs each about
+40 MiB of interpreter, settings and Celery before it does anything, and the watcher held those anyway.
 """
 
 from __future__ import annotations
@@ -78,7 +81,7 @@ def node_api_argv(settings: Settings) -> list[str]:
                           NODE_API_WORKERS, ["--worker-class", "gthread", "--threads", str(NODE_API_THREADS)])
 
 
-def api_servers(settings: Settings, workers: int) -> list[list[str]]:
+def api_servers(settings: Settings, workers: int, node_api: bool = True) -> list[list[str]]:
     """The user API, and the node API beside it on a listener and process of its own.
 
     Why a second gunicorn: on the threaded server a request thread was held for the
@@ -92,28 +95,105 @@ def api_servers(settings: Settings, workers: int) -> list[list[str]]:
     a custom worker routing by listener depends on gunicorn's internals and still
     shares the GIL and the pool; heartbeats as direct database writes would give
     every agent a database login (docs/ARCHITECTURE.md, "Roles hold only what they
-    need"). Cost: one more process (~60 MB).
+    need"). Cost: one more process (~60 MB), which `--node-api-in-process` saves by serving the
+    node API from the watching process instead (node_api_threads), still apart from user requests.
     """
     servers = [user_api_argv(settings, workers)]
-    if settings.node_api_port:
+    if settings.node_api_port and node_api:
         servers.append(node_api_argv(settings))
     return servers
 
 
-def serve_api(settings: Settings, workers: int) -> int:
-    """Run both servers until asked to stop or until either exits; then stop the other and return.
+def run_reconciler(settings: Settings, stop: threading.Event) -> None:
+    """The reconciler's passes (nexus/jobs/reconciler.py) every few seconds until `stop` is set."""
+    from functools import partial
 
-    Either one gone is the master gone: the exit lets the container's restart
-    policy (or `nexus dev`'s supervisor) start both again, rather than running
-    half a master. Each server gets SIGTERM if this process dies (orphan_guard).
+    from nexus.jobs.reconciler import Reconciler
+    from nexus.models.ray_clusters import reconcile_multi_node
+    from nexus.services import Services
+
+    # Its own Redis ACL user where it has one: the watching process itself reaches Redis as the API's.
+    services = Services(settings.model_copy(update={"redis_url": settings.reconciler_redis_url}))
+    # Multi-node instances that lost a member: to error, then placed again.
+    multi_node = partial(reconcile_multi_node, services.engine, services.settings)
+    Reconciler(services.settings, services.engine, services.celery, services.redis, [multi_node]).run_forever(stop)
+
+
+def node_api_threads(settings: Settings, stop: threading.Event) -> list[threading.Thread]:
+    """The node API (register, heartbeat) on waitress in this process: a listener thread and a pool of
+    NODE_API_THREADS, as its gunicorn had; keep-alive connections wait in waitress's event loop, not
+    in a thread each. The second thread closes the server when `stop` is set."""
+    from waitress import create_server
+
+    from nexus.api import create_node_wsgi_app
+
+    server = create_server(create_node_wsgi_app(), host=settings.api_host, port=settings.node_api_port,
+                           threads=NODE_API_THREADS, ident="nexus", clear_untrusted_proxy_headers=True)
+
+    def close_when_asked() -> None:
+        stop.wait()
+        server.close()
+        for channel in list(server._map.values()):  # open keep-alive connections keep the loop running
+            channel.close()
+        server.task_dispatcher.shutdown(timeout=5)
+
+    def serve() -> None:
+        try:
+            server.run()
+        except (OSError, ValueError):  # the listener closed under the loop while stopping
+            if not stop.is_set():
+                raise
+
+    threads = [threading.Thread(target=serve, name="node-api", daemon=True),
+               threading.Thread(target=close_when_asked, name="node-api-closer", daemon=True)]
+    for thread in threads:
+        thread.start()
+    return threads[:1]
+
+
+def companion_threads(settings: Settings, stop: threading.Event, reconciler: bool, flower: bool,
+                      node_api: bool = False) -> list[threading.Thread]:
+    """The reconciler, Flower and the node API as threads of the watching process, when asked for.
+
+    Sound beside the watcher, not beside the user API: the user API is its gunicorn, a child
+    process, so a tenant stalling it stalls neither the reconciler nor the heartbeats ("Liveness
+    from the work"). The reconciler waits on PostgreSQL and Redis for nearly all of a pass, Flower
+    on its sockets, and a beat is milliseconds of CPU; none holds the GIL for long.
+    """
+    threads = node_api_threads(settings, stop) if node_api and settings.node_api_port else []
+    if reconciler:
+        thread = threading.Thread(target=run_reconciler, args=(settings, stop), name="reconciler", daemon=True)
+        thread.start()
+        threads.append(thread)
+    if flower:
+        from nexus.queueing.monitor import flower_thread
+
+        threads.append(flower_thread(settings, stop))
+    return threads
+
+
+def serve_api(settings: Settings, workers: int, reconciler: bool = False, flower: bool = False,
+              node_api_in_process: bool = False) -> int:
+    """Run both servers (and the companions asked for) until asked to stop or until one exits; then
+    stop the others and return.
+
+    Either server gone, or a companion thread, is the master gone: the exit lets the container's
+    restart policy (or `nexus dev`'s supervisor) start all again, rather than running half a master.
+    Each server gets SIGTERM if this process dies (orphan_guard).
     """
     children = [subprocess.Popen([sys.executable, "-m", "nexus.agent.orphan_guard", *argv])
-                for argv in api_servers(settings, workers)]
+                for argv in api_servers(settings, workers, node_api=not node_api_in_process)]
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    while not stop.wait(0.5) and all(child.poll() is None for child in children):
+    # After the children: they inherit nothing of it.
+    threads = companion_threads(settings, stop, reconciler, flower, node_api=node_api_in_process)
+    while not stop.wait(0.5) and all(child.poll() is None for child in children) \
+            and all(thread.is_alive() for thread in threads):
         pass
+    ended = [thread.name for thread in threads if not thread.is_alive()]
+    stopped_by_signal = stop.is_set()
+    stop.set()  # the companions end their loops
     exited = [child.returncode for child in children if child.poll() is not None]
     for child in children:
         if child.poll() is None:
@@ -123,7 +203,12 @@ def serve_api(settings: Settings, workers: int) -> int:
             child.wait(15)
         except subprocess.TimeoutExpired:
             child.kill()
-    if exited and not stop.is_set():
+    for thread in threads:
+        thread.join(10)
+    if ended and not stopped_by_signal:
+        log.error("the master's %s thread ended; stopping the API servers", ", ".join(ended))
+        return 1
+    if exited and not stopped_by_signal:
         log.error("an API server exited (%s); stopping the other", exited)
         return exited[0] or 1
     return 0

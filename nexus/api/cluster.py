@@ -6,6 +6,7 @@ from apiflask import APIBlueprint
 from sqlalchemy import Connection, text
 
 from nexus.api.security import require, services
+from nexus.api.answers import ClusterView
 from nexus.auth import Role
 from nexus.jobs.states import ACTIVE_STATES, CLAIMABLE_STATES, sql_in
 from nexus.queueing.broker import queue_depth
@@ -50,6 +51,7 @@ def job_counts(conn: Connection) -> dict[str, int]:
 
 
 @bp.get("")
+@bp.output(ClusterView)
 @bp.doc(security="bearer")
 @require(Role.SUBMITTER)
 def cluster():

@@ -11,6 +11,7 @@ from nexus.nodes import reservations
 from nexus.nodes.fit import can_fit as fit_nodes
 from nexus.nodes.schemas import CanFitRequest, ReservationRequest
 from nexus.api.errors import ApiError
+from nexus.api.answers import CanFit, Released, Reservation, ReservationList
 from nexus.api.security import caller, require, services
 from nexus.api.views import row_view
 from nexus.auth import Role
@@ -21,6 +22,7 @@ bp = APIBlueprint("gpu", __name__, url_prefix="/api/v1/gpu", tag="GPU placement"
 
 @bp.post("/can-fit")
 @bp.input(CanFitRequest, arg_name="body")
+@bp.output(CanFit)
 @bp.doc(security="bearer", description="Ready nodes with `gpu_count` GPUs of the tier (or better) that each have "
                                        "`required_mb` available after reservations; least capable tier first.")
 @require(Role.SUBMITTER)
@@ -35,7 +37,8 @@ def can_fit(body: CanFitRequest):
 
 @bp.post("/reservations")
 @bp.input(ReservationRequest, arg_name="body")
-@bp.doc(security="bearer", responses={201: "reserved", 409: "not enough VRAM available, or the node is not ready"})
+@bp.output(Reservation, status_code=201, description="reserved")
+@bp.doc(security="bearer", responses={409: "not enough VRAM available, or the node is not ready"})
 @require()
 def reserve(body: ReservationRequest):
     with services().engine.begin() as conn:
@@ -47,6 +50,7 @@ def reserve(body: ReservationRequest):
 
 
 @bp.get("/reservations")
+@bp.output(ReservationList)
 @bp.doc(security="bearer")
 @require()
 def list_reservations():
@@ -55,6 +59,7 @@ def list_reservations():
 
 
 @bp.delete("/reservations/<uuid:reservation_id>")
+@bp.output(Released)
 @bp.doc(security="bearer")
 @require()
 def release(reservation_id: uuid.UUID):

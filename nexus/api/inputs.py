@@ -8,6 +8,7 @@ from apiflask import APIBlueprint
 from flask import request
 
 from nexus.api.errors import ApiError
+from nexus.api.answers import Uploaded
 from nexus.api.security import caller, require, services
 from nexus.auth import Role
 
@@ -20,7 +21,10 @@ def tenant_prefix(tenant: str) -> str:
 
 
 @bp.post("")
-@bp.doc(security="bearer", description="Body: the raw bytes (any content type). Answer: the key to use as input_key.")
+@bp.output(Uploaded, status_code=201)
+@bp.doc(security="bearer", description="Body: the raw bytes (any content type); `?name=` names the object. "
+                                       "Answer: the key to use as input_key.",
+        responses={400: "an empty body or a bad name", 413: "over NEXUS_MAX_INPUT_BYTES"})
 @require(Role.SUBMITTER)
 def upload():
     request.max_content_length = services().settings.max_input_bytes  # larger than a JSON body's

@@ -33,13 +33,13 @@ bp = APIBlueprint("jobs", __name__, url_prefix="/api/v1/jobs", tag="Jobs")
 _Answer = dict[str, str | dict[str, dict[str, Any]]]
 
 
-def _answer(description: str, schema: str) -> _Answer:
+def answer_ref(description: str, schema: str) -> _Answer:
     """A second success answer of an operation, in the schema its `output` model registered."""
     return {"description": description,
             "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}}
 
 
-_REPEATED: dict[int | str, _Answer] = {200: _answer("an idempotent repeat: the existing job", "JobView")}
+_REPEATED: dict[int | str, _Answer] = {200: answer_ref("an idempotent repeat: the existing job", "JobView")}
 
 
 class JobListQuery(BaseModel):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from apiflask import APIBlueprint
 from pydantic import BaseModel, ConfigDict, Field
@@ -45,13 +45,17 @@ class ModelRequest(BaseModel):
     max_model_len: int | None = Field(None, ge=1, le=10_000_000)
 
 
+# A node's id or name. No control characters: PostgreSQL refuses a NUL in text (that was a 500).
+NodeReference = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")]
+
+
 class DeployRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     tensor_parallel_size: Literal[1, 2, 4, 8] | None = Field(None, description="fixed; placement chooses if unset")
     pipeline_parallel_size: int | None = Field(None, ge=1, le=MAX_PIPELINE_STAGES)
-    nodes: list[str] = Field(default_factory=list, max_length=256,
-                             description="place only on these nodes (ids or names)")
+    nodes: list[NodeReference] = Field(default_factory=list, max_length=256,
+                                       description="place only on these nodes (ids or names)")
 
 
 class StateReport(BaseModel):

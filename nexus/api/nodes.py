@@ -17,6 +17,7 @@ from nexus.nodes.schemas import HeartbeatRequest, NodePatch, RegisterRequest
 from nexus.nodes.states import NodeState
 from nexus.nodes.tiers import TierThresholds
 from nexus.api.errors import ApiError
+from nexus.api.answers import HeartbeatAnswer, NodeList, NodeView, Registered
 from nexus.api.security import bearer_token, public, require, services
 from nexus.api.views import row_view
 from nexus.models.instances import instance_orders
@@ -46,6 +47,7 @@ def _required_token(purpose: str) -> str:
 @bp.post("/register")
 @public  # outermost: the join token is checked here, not by the API-token check of every route
 @bp.input(RegisterRequest, arg_name="body")
+@bp.output(Registered, status_code=201)
 @bp.doc(security="bearer", description="Authorization: Bearer <join token>. Answers the node token, once.")
 def register(body: RegisterRequest):
     token = _required_token("join token")
@@ -86,6 +88,7 @@ def _hardware(description: dict) -> NodeHardware:
 @bp.post("/<uuid:node_id>/heartbeat")
 @public  # the node token is checked by the heartbeat's own UPDATE, in one round trip
 @bp.input(HeartbeatRequest, arg_name="beat")
+@bp.output(HeartbeatAnswer)
 @bp.doc(security="bearer", description="Authorization: Bearer <node token>. Answers the node's state on the master "
                                        "and the model instances it should run.")
 def heartbeat(node_id: uuid.UUID, beat: HeartbeatRequest):
@@ -106,6 +109,7 @@ def heartbeat(node_id: uuid.UUID, beat: HeartbeatRequest):
 
 @bp.get("")
 @bp.input(NodeListQuery, location="query", arg_name="query")
+@bp.output(NodeList)
 @bp.doc(security="bearer")
 @require()
 def list_nodes(query: NodeListQuery):
@@ -117,6 +121,7 @@ def list_nodes(query: NodeListQuery):
 
 
 @bp.get("/<uuid:node_id>")
+@bp.output(NodeView)
 @bp.doc(security="bearer")
 @require()
 def get_node(node_id: uuid.UUID):
@@ -145,6 +150,7 @@ def _admin_action(action, node_id: uuid.UUID, *args) -> dict:
 
 
 @bp.post("/<uuid:node_id>/drain")
+@bp.output(NodeView)
 @bp.doc(security="bearer", description="Stop giving the node work; running jobs finish. Resume undoes it.")
 @require()
 def drain(node_id: uuid.UUID):
@@ -152,6 +158,7 @@ def drain(node_id: uuid.UUID):
 
 
 @bp.post("/<uuid:node_id>/resume")
+@bp.output(NodeView)
 @bp.doc(security="bearer", description="Undo a drain, or clear a quarantine.")
 @require()
 def resume(node_id: uuid.UUID):
@@ -160,6 +167,7 @@ def resume(node_id: uuid.UUID):
 
 @bp.patch("/<uuid:node_id>")
 @bp.input(NodePatch, arg_name="changes")
+@bp.output(NodeView)
 @bp.doc(security="bearer")
 @require()
 def patch(node_id: uuid.UUID, changes: NodePatch):
@@ -167,6 +175,7 @@ def patch(node_id: uuid.UUID, changes: NodePatch):
 
 
 @bp.delete("/<uuid:node_id>")
+@bp.output(NodeView)
 @bp.doc(security="bearer", description="Final: the node token stops working and its running jobs are re-queued.")
 @require()
 def remove(node_id: uuid.UUID):

@@ -14,7 +14,8 @@ from apiflask import APIBlueprint
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 from nexus.api.errors import ApiError
-from nexus.api.jobs import load_job
+from nexus.api.answers import ProofView, VerifyStarted, Weights
+from nexus.api.jobs import answer_ref, load_job
 from nexus.api.limits import check_priority
 from nexus.api.security import caller, require, services
 from nexus.api.views import job_view, jsonable, row_view
@@ -59,7 +60,8 @@ class VerifyRequest(BaseModel):
 
 @bp.post("")
 @bp.input(ProofSubmission, arg_name="body")
-@bp.doc(security="bearer", responses={201: "created", 200: "an idempotent repeat: the existing proof"})
+@bp.output(ProofView, status_code=201, description="created")
+@bp.doc(security="bearer", responses={200: answer_ref("an idempotent repeat: the existing proof", "ProofView")})
 @require(Role.SUBMITTER)
 def submit(body: ProofSubmission):
     check_priority(caller(), body.priority, services().settings)
@@ -76,6 +78,7 @@ def submit(body: ProofSubmission):
 
 
 @bp.get("/<uuid:proof_id>")
+@bp.output(ProofView)
 @bp.doc(security="bearer")
 def get_proof(proof_id: uuid.UUID):
     """The proof's state and progress, its receipt once finished, its verdicts and proven weight."""
@@ -84,7 +87,8 @@ def get_proof(proof_id: uuid.UUID):
 
 @bp.post("/<uuid:proof_id>/verify")
 @bp.input(VerifyRequest, arg_name="body")
-@bp.doc(security="bearer", responses={202: "the verification job; its verdict appears on the proof"})
+@bp.output(VerifyStarted, status_code=202, description="the verification job; its verdict appears on the proof")
+@bp.doc(security="bearer", responses={409: "the proof has not finished"})
 @require(Role.SUBMITTER)
 def verify(proof_id: uuid.UUID, body: VerifyRequest):
     proof = _load_proof(proof_id)
@@ -100,6 +104,7 @@ def verify(proof_id: uuid.UUID, body: VerifyRequest):
 
 
 @bp.get("/weights")
+@bp.output(Weights)
 @bp.doc(security="bearer")
 def weights():
     """Proven weight per node: valid nonces of proofs whose latest verification accepted them."""

@@ -10,6 +10,7 @@ from apiflask import APIBlueprint
 
 from nexus import auth
 from nexus.api.errors import ApiError
+from nexus.api.answers import Caller, CreatedToken, Revoked, TokenList
 from nexus.api.security import caller, require, services, token_cache
 from nexus.api.views import row_view
 from nexus.auth import Role
@@ -21,6 +22,7 @@ bp = APIBlueprint("tokens", __name__, url_prefix="/api/v1/tokens", tag="Tokens")
 
 @bp.post("")
 @bp.input(TokenRequest, arg_name="body")
+@bp.output(CreatedToken, status_code=201)
 @bp.doc(security="bearer")
 @require()
 def create(body: TokenRequest):
@@ -31,6 +33,7 @@ def create(body: TokenRequest):
 
 
 @bp.post("/join/rotate")
+@bp.output(CreatedToken, status_code=201)
 @bp.doc(security="bearer", description="A new join token (shown once); the previous one stops admitting nodes. "
                                        "Nodes that joined with it keep working: revoke it to remove them too.")
 @require()
@@ -41,6 +44,7 @@ def rotate_join():
 
 
 @bp.get("/self")
+@bp.output(Caller)
 @bp.doc(security="bearer", description="The calling token's name, role and tenant: what a client (the console) "
                                        "may show and do with it. Never the secret.")
 def whoami():
@@ -50,6 +54,7 @@ def whoami():
 
 
 @bp.get("")
+@bp.output(TokenList)
 @bp.doc(security="bearer")
 @require()
 def list_tokens():
@@ -58,6 +63,7 @@ def list_tokens():
 
 
 @bp.delete("/<uuid:token_id>")
+@bp.output(Revoked)
 @bp.doc(security="bearer")
 @require()
 def revoke(token_id: uuid.UUID):

@@ -1,26 +1,51 @@
-"""The `nexus` command. Flags are bound to the same NEXUS_* names Settings reads."""
+"""The `nexus` command. Flags are bound to the same NEXUS_* names Settings reads.
+
+Commands load with their module when they run: a server process (`nexus reconciler`, `flower`,
+`master`) must not hold the client's requests and rich tables for its whole life, and a client
+command need not import the servers' code.
+"""
 
 from __future__ import annotations
 
+import importlib
 import logging
 
 import click
 
 import nexus
-from pydantic import ValidationError
 
-from nexus.cli.config import config_cmd
-from nexus.cli.jobs import job_cmd, jobs_cmd, submit_cmd, token_cmd
-from nexus.cli.models import chat_cmd, models_cmd
-from nexus.cli.proofs import prove_cmd, verify_cmd
-from nexus.cli.services import dev_cmd, flower_cmd, master_cmd, reconciler_cmd, verifier_cmd, worker_cmd
+# command name -> the module of nexus.cli that defines it, and the command's name there
+COMMANDS = {
+    "dev": ("services", "dev_cmd"), "master": ("services", "master_cmd"), "worker": ("services", "worker_cmd"),
+    "verifier": ("services", "verifier_cmd"), "reconciler": ("services", "reconciler_cmd"),
+    "flower": ("services", "flower_cmd"),
+    "submit": ("jobs", "submit_cmd"), "jobs": ("jobs", "jobs_cmd"), "job": ("jobs", "job_cmd"),
+    "token": ("jobs", "token_cmd"),
+    "config": ("config", "config_cmd"),  # `just config`: writes bento.env / worker.env
+    "prove": ("proofs", "prove_cmd"), "verify": ("proofs", "verify_cmd"),  # `nexus verify` needs no cluster
+    "models": ("models", "models_cmd"), "chat": ("models", "chat_cmd"),  # the model catalog, a chat
+    "agent": ("nodes", "agent_cmd"), "status": ("nodes", "status_cmd"), "nodes": ("nodes", "nodes_cmd"),
+    "node": ("nodes", "node_cmd"),
+    "bench": ("bench", "bench_cmd"),  # throughput sweeps per node
+}
 
 
 class _NexusGroup(click.Group):
-    """Settings that are refused (production with default secrets, a bad value) end the command with the
-    reason on one line and exit status 1, not a traceback."""
+    """Commands imported on first use (COMMANDS). Settings that are refused (production with default
+    secrets, a bad value) end the command with the reason on one line and exit status 1, not a traceback."""
+
+    def list_commands(self, ctx):
+        return sorted({*COMMANDS, *self.commands})
+
+    def get_command(self, ctx, cmd_name):
+        if cmd_name in self.commands or cmd_name not in COMMANDS:
+            return self.commands.get(cmd_name)
+        module, attr = COMMANDS[cmd_name]
+        return getattr(importlib.import_module(f"nexus.cli.{module}"), attr)
 
     def invoke(self, ctx):
+        from pydantic import ValidationError
+
         try:
             return super().invoke(ctx)
         except ValidationError as error:
@@ -42,25 +67,3 @@ def main(verbose: bool) -> None:
     """Nexus: one compute cluster out of a rack of mixed GPU machines."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
-for command in (dev_cmd, master_cmd, worker_cmd, verifier_cmd, reconciler_cmd, flower_cmd, submit_cmd, jobs_cmd, job_cmd,
-                token_cmd):
-    main.add_command(command)
-
-main.add_command(config_cmd)  # `just config`: writes bento.env / worker.env
-
-for command in (prove_cmd, verify_cmd):  # proofs: `nexus verify` needs no cluster
-    main.add_command(command)
-
-for command in (models_cmd, chat_cmd):  # inference: the model catalog and an interactive chat
-    main.add_command(command)
-
-from nexus.cli.nodes import agent_cmd, node_cmd, nodes_cmd, status_cmd  # noqa: E402  (the node agent)
-
-for command in (agent_cmd, status_cmd, nodes_cmd, node_cmd):
-    main.add_command(command)
-
-from nexus.cli.bench import bench_cmd  # noqa: E402  (throughput sweeps per node)
-
-main.add_command(bench_cmd)

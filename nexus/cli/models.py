@@ -71,8 +71,11 @@ def list_cmd(as_json: bool) -> None:
 @click.option("--node", "nodes", multiple=True, metavar="NODE",
               help="Place it only on this node: name, id or id prefix (repeatable). A CPU model is placed "
                    "on a node only when one is named.")
-def deploy_cmd(name, tensor_parallel_size, pipeline_parallel_size, nodes) -> None:
-    """Place an instance of the model (placement picks nodes, GPUs and a parallelism plan)."""
+@click.option("--wait", "wait_seconds", type=float, default=None, metavar="SECONDS",
+              help="Follow the instance (pending, downloading its weights, starting) until it runs or fails, "
+                   "at most SECONDS, with progress on stderr; then print it.")
+def deploy_cmd(name, tensor_parallel_size, pipeline_parallel_size, nodes, wait_seconds) -> None:
+    """Place an instance of the model (placement picks nodes, GPUs and a parallelism plan); prints it as JSON."""
     from nexus.cli.nodes import resolve_node
 
     nexus = client()
@@ -81,9 +84,43 @@ def deploy_cmd(name, tensor_parallel_size, pipeline_parallel_size, nodes) -> Non
     try:
         if nodes:
             body["nodes"] = [resolve_node(nexus, reference) for reference in nodes]
-        console.print_json(data=nexus.request("POST", f"/api/v1/models/{name}/instances", json=body))
+        instance = nexus.request("POST", f"/api/v1/models/{name}/instances", json=body)
+        if wait_seconds is not None:
+            instance = follow_instance(nexus, name, instance, wait_seconds)
+        emit_json(instance)
     except NexusError as exc:
         _fail(exc)
+    if wait_seconds is not None and instance["state"] != "running":
+        raise click.ClickException(f"instance {instance['id']} is {instance['state']}"
+                                   + (f": {instance['error']}" if instance.get("error") else ""))
+
+
+# What an instance goes through before it serves, as steps of a progress bar.
+INSTANCE_STEPS = ("pending", "downloading", "starting", "running")
+
+
+def follow_instance(nexus: NexusClient, model: str, instance: dict, timeout: float) -> dict:
+    """Poll the instance until it runs, fails or the time is up; its steps as a bar on stderr."""
+    import time
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from nexus.cli.jobs import status_console
+
+    deadline = time.monotonic() + timeout
+    with Progress(TextColumn(f"{model} {{task.description}}"), BarColumn(), TimeElapsedColumn(),
+                  console=status_console, transient=status_console.is_terminal) as progress:
+        task = progress.add_task(instance["state"], total=len(INSTANCE_STEPS) - 1)
+        while True:
+            state = instance["state"]
+            step = INSTANCE_STEPS.index(state) if state in INSTANCE_STEPS else 0
+            progress.update(task, description=state, completed=step)
+            if state not in INSTANCE_STEPS[:-1] or time.monotonic() > deadline:
+                return instance
+            time.sleep(0.5)
+            found = [i for i in nexus.request("GET", f"/api/v1/models/{model}/instances")["instances"]
+                     if i["id"] == instance["id"]]
+            instance = found[0] if found else {**instance, "state": "stopped"}
 
 
 @models_cmd.command("stop")

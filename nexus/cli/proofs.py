@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 console = Console(stderr=True)
 
@@ -52,8 +53,12 @@ def _print_verdict(verdict) -> None:
 @click.option("--local", "local_node", default=None, metavar="NODE",
               help="Prove in this process as node NODE, with no cluster.")
 @click.option("--timeout", default=3600.0, show_default=True, help="Seconds to wait for the cluster.")
-def prove_cmd(nonces, preset, kind, seed, segment_size, allow_cpu, output, local_node, timeout) -> None:
-    """Run a proof and write its receipt, e.g. `nexus prove --nonces 0:4096 --allow-cpu`."""
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the receipt's summary as one JSON document on stdout (progress stays on stderr).")
+def prove_cmd(nonces, preset, kind, seed, segment_size, allow_cpu, output, local_node, timeout, as_json) -> None:
+    """Run a proof and write its receipt, e.g. `nexus prove --nonces 0:4096 --allow-cpu`.
+
+    Shows segments proven / total as a progress bar on stderr."""
     start, end = _nonce_range(nonces)
     request = {"kind": kind, "nonce_start": start, "nonce_end": end, "allow_cpu": allow_cpu,
                "options": {"preset": preset}}
@@ -65,6 +70,9 @@ def prove_cmd(nonces, preset, kind, seed, segment_size, allow_cpu, output, local
     output.write_text(json.dumps(receipt, indent=1))
     console.print(f"receipt written to {output}: {receipt['valid_count']} valid nonces, "
                   f"Merkle root {receipt['merkle_root'][:16]}…, by node {receipt['node_counts']}")
+    if as_json:
+        click.echo(json.dumps({"receipt": str(output), "valid_count": receipt["valid_count"],
+                               "merkle_root": receipt["merkle_root"], "node_counts": receipt["node_counts"]}))
 
 
 def _nonce_range(text: str) -> tuple[int, int]:
@@ -83,8 +91,15 @@ def _prove_locally(request: dict, node: str) -> dict:
         parsed = parse_proof_request(request)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
-    return prove_locally(parsed, node, on_segment=lambda r, total: console.print(
-        f"  segment {r.segment.index + 1}/{total}: {len(r.valid)} valid, {r.nonces_per_second:,.0f} nonces/s"))
+    with segment_progress() as progress:
+        task = progress.add_task("proving", total=None)
+
+        def on_segment(result, total: int) -> None:
+            progress.update(task, advance=1, total=total,
+                            description=f"segment {result.segment.index + 1}: {len(result.valid)} valid, "
+                                        f"{result.nonces_per_second:,.0f} nonces/s")
+
+        return prove_locally(parsed, node, on_segment=on_segment)
 
 
 def _prove_on_cluster(request: dict, timeout: float) -> dict:
@@ -95,7 +110,14 @@ def _prove_on_cluster(request: dict, timeout: float) -> dict:
     try:
         proof = nexus.request("POST", "/api/v1/proofs", json=request)
         console.print(f"proof [bold]{proof['id']}[/bold] submitted")
-        job = nexus.wait(proof["id"], timeout=timeout, on_update=_show_progress)
+        with segment_progress() as progress:
+            task = progress.add_task("queued", total=None)
+
+            def on_update(job: dict) -> None:
+                done = job.get("progress") or {}
+                progress.update(task, description=job["state"], completed=done.get("done", 0), total=done.get("total"))
+
+            job = nexus.wait(proof["id"], timeout=timeout, on_update=on_update)
         if job["state"] != "succeeded":
             raise click.ClickException(f"proof {job['state']}: {job.get('error') or ''}")
         proof = nexus.request("GET", f"/api/v1/proofs/{proof['id']}")
@@ -110,7 +132,7 @@ def _prove_on_cluster(request: dict, timeout: float) -> dict:
     return proof["receipt"]
 
 
-def _show_progress(job: dict) -> None:
-    progress = job.get("progress") or {}
-    if progress:
-        console.print(f"  {job['state']}: {progress.get('message') or progress}")
+def segment_progress() -> Progress:
+    """Segments proven / total, on stderr: redrawn on a terminal, else its last state once at the end."""
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("segments"),
+                    TimeElapsedColumn(), console=console)

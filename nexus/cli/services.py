@@ -34,14 +34,20 @@ def dev_cmd(workers: int, data_dir: Path, api_port: int | None, model: str, no_m
 
 @click.command("master")
 @click.option("--workers", default=2, show_default=True, help="gunicorn worker processes.")
-def master_cmd(workers: int) -> None:
+@click.option("--reconciler", "with_reconciler", is_flag=True,
+              help="Run the reconciler in this process too (instead of `nexus reconciler`).")
+@click.option("--flower", "with_flower", is_flag=True, help="Serve Flower from this process too (instead of `nexus flower`).")
+@click.option("--node-api-in-process", is_flag=True,
+              help="Serve the node API (register, heartbeat) from this process on threads, not a gunicorn of its own.")
+def master_cmd(workers: int, with_reconciler: bool, with_flower: bool, node_api_in_process: bool) -> None:
     """Apply migrations, create buckets and the admin token, then serve the API (gevent) and the node API."""
     from nexus.master import prepare_in_child, serve_api
 
     settings = load_server_settings()  # refused settings end here, with the reason
     if prepare_in_child() != 0:
         raise click.ClickException("preparing the master failed (see the log above)")
-    sys.exit(serve_api(settings, workers))
+    sys.exit(serve_api(settings, workers, reconciler=with_reconciler, flower=with_flower,
+                       node_api_in_process=node_api_in_process))
 
 
 @click.command("worker")
@@ -87,19 +93,13 @@ def verifier_cmd(concurrency: int | None) -> None:
 @click.command("reconciler")
 def reconciler_cmd() -> None:
     """Re-publish lost messages and expire dead workers' leases, every few seconds, until stopped."""
-    from functools import partial
+    from nexus.master import run_reconciler
 
-    from nexus.jobs.reconciler import Reconciler
-    from nexus.models.ray_clusters import reconcile_multi_node
-    from nexus.services import Services
-
-    services = Services(load_server_settings())
+    settings = load_server_settings()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    # Multi-node instances that lost a member: to error, then placed again.
-    multi_node = partial(reconcile_multi_node, services.engine, services.settings)
-    Reconciler(services.settings, services.engine, services.celery, services.redis, [multi_node]).run_forever(stop)
+    run_reconciler(settings, stop)
 
 
 @click.command("flower")

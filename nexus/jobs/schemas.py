@@ -37,7 +37,8 @@ class BulkJobRequest(BaseModel):
 class TokenRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1, max_length=200)
+    # No control characters: PostgreSQL refuses a NUL in text (that was a 500), and a name is shown in logs.
+    name: str = Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")
     role: str = Field(pattern=r"^(admin|submitter|worker)$")
     tenant: str = Field("default", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
     expires_in_seconds: int | None = Field(None, ge=1, le=10 * 365 * 24 * 3600,

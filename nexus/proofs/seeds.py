@@ -9,13 +9,17 @@ verification sample) goes through here, so any machine with numpy reproduces it.
 from __future__ import annotations
 
 import hashlib
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 DEFAULT_HASHES = 4  # 4 digests = 32 uint32 words = 1024 bits of entropy, more than the seed string carries
 
 
 def seed_words(seed: str, hashes: int = DEFAULT_HASHES) -> list[int]:
+    import numpy as np  # here, not at the top: the API validates proof requests without numpy
+
     words: list[int] = []
     for i in range(hashes):
         digest = hashlib.sha256(f"{seed}_{i}".encode()).digest()
@@ -24,11 +28,15 @@ def seed_words(seed: str, hashes: int = DEFAULT_HASHES) -> list[int]:
 
 
 def seed_sequence(seed: str, hashes: int = DEFAULT_HASHES) -> np.random.SeedSequence:
+    import numpy as np
+
     return np.random.SeedSequence(seed_words(seed, hashes))
 
 
 def rng(seed: str, hashes: int = DEFAULT_HASHES) -> np.random.Generator:
     """A PCG64 generator whose whole stream is fixed by `seed`."""
+    import numpy as np
+
     return np.random.Generator(np.random.PCG64(seed_sequence(seed, hashes)))
 
 

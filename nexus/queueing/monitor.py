@@ -10,25 +10,33 @@ carries its job id and attempt (JobMessage's argsrepr), so a job is found in it 
 
 Secrets never reach the command line (`ps` shows it to every user): the broker URL travels inside the
 app, the basic-auth credentials through Flower's own environment variable.
+
+`nexus flower` serves it in a process of its own; `nexus master --flower` (what `nexus dev` runs) in a
+thread of the master's watching process, on an event loop of its own (`flower_thread`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
+import threading
+from typing import TYPE_CHECKING
 
 from nexus.config import Settings
 from nexus.queueing.celery_app import make_celery
+
+if TYPE_CHECKING:
+    from flower.app import Flower
 
 INSPECT_INTERVAL_SECONDS = 30.0
 TASK_COLUMNS = "name,args,state,received,runtime,worker,uuid"
 
 
-def run_flower(settings: Settings) -> None:
-    """Serve Flower on settings.flower_host:flower_port until SIGTERM."""
+def make_flower(settings: Settings) -> Flower:
+    """Flower on the Nexus app, its options applied, not yet serving; in the thread whose event loop it uses."""
     from flower import command
     from flower.app import Flower
-    from tornado.ioloop import PeriodicCallback
 
     os.environ["FLOWER_BASIC_AUTH"] = f"{settings.flower_user}:{settings.flower_password}"
     command.apply_env_options()
@@ -36,13 +44,44 @@ def run_flower(settings: Settings) -> None:
                                      "--purge_offline_workers=60", f"--tasks_columns={TASK_COLUMNS}"])
     command.extract_settings()
     command.setup_logging()
-    flower = Flower(capp=make_celery(settings), options=command.options, **command.settings)
-    signal.signal(signal.SIGTERM, command.sigterm_handler)
+    return Flower(capp=make_celery(settings), options=command.options, **command.settings)
+
+
+def _serve(flower: Flower, stop: threading.Event | None = None) -> None:
+    from tornado.ioloop import PeriodicCallback
+
     flower.start_http_server()
     PeriodicCallback(flower.update_workers, INSPECT_INTERVAL_SECONDS * 1000).start()
+    if stop is not None:
+        def stop_when_asked() -> None:
+            if stop.is_set():
+                flower.stop()
+
+        PeriodicCallback(stop_when_asked, 500).start()
     try:
         flower.start()
     except (KeyboardInterrupt, SystemExit):
         pass
     finally:
         flower.stop()
+
+
+def run_flower(settings: Settings) -> None:
+    """Serve Flower on settings.flower_host:flower_port until SIGTERM."""
+    from flower import command
+
+    flower = make_flower(settings)
+    signal.signal(signal.SIGTERM, command.sigterm_handler)
+    _serve(flower)
+
+
+def flower_thread(settings: Settings, stop: threading.Event) -> threading.Thread:
+    """Flower in a thread of the calling process (`nexus master --flower`), on an event loop of its own,
+    until `stop` is set. Started after the process's children: the basic-auth variable it sets stays here."""
+    def serve() -> None:
+        asyncio.set_event_loop(asyncio.new_event_loop())
+        _serve(make_flower(settings), stop)
+
+    thread = threading.Thread(target=serve, name="flower", daemon=True)
+    thread.start()
+    return thread

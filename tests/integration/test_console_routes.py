@@ -62,7 +62,7 @@ def test_serving_the_console_adds_no_hook_and_no_route_outside_ui(services):
 
 
 def _blueprints_but_console():
-    from nexus.api import _blueprints
+    from nexus.api.app import _blueprints
 
     return [bp for bp in _blueprints() if bp is not console.bp]
 

@@ -59,9 +59,17 @@ def test_nexus_dev_serves_a_model_and_the_cli_is_scriptable(tmp_path):
         refused = _cli(tmp_path, env, "jobs", "--state", "done")
         assert refused.returncode == 2 and "is not one of" in refused.stderr
 
-        deployed = _cli(tmp_path, env, "models", "deploy", "tiny", "--node", "dev-worker-2")
+        # Followed until it serves: the steps on stderr, the running instance as one document on stdout.
+        deployed = _cli(tmp_path, env, "models", "deploy", "tiny", "--node", "dev-worker-2", "--wait", "100")
         assert deployed.returncode == 0, deployed.stderr
-        assert json.loads(deployed.stdout)["node_id"] == nodes["dev-worker-2"]
+        instance = json.loads(deployed.stdout)
+        assert instance["node_id"] == nodes["dev-worker-2"] and instance["state"] == "running"
+        assert "tiny running" in deployed.stderr
+
+        proved = _cli(tmp_path, env, "prove", "--nonces", "0:256", "--segment-size", "128", "--allow-cpu", "--json",
+                      "-o", str(tmp_path / "receipt.json"))
+        assert proved.returncode == 0, proved.stderr
+        assert json.loads(proved.stdout)["valid_count"] >= 0 and "2/2 segments" in proved.stderr
 
         # A worker started by hand, with no NEXUS_* set, joins the running cluster through cluster.json.
         with open(tmp_path / "hand-worker.log", "wb") as log:

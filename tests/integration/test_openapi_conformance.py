@@ -1,11 +1,13 @@
 """The OpenAPI document tells the truth: schemathesis fuzzes a live API and checks every answer against it.
 
-Against the session's API process (gunicorn, the real error handlers), for the job, model and cluster
-routes: each response's status is documented, its body matches the documented schema (the answer
+Against the session's API process (gunicorn, the real error handlers), for the job, model, cluster,
+node, token, GPU, proof and input routes: each response's status is documented, its body matches the documented schema (the answer
 models for 2xx, the `{"error": {code, message, details}}` shape for errors), no 5xx, documented
 methods only, schema-violating requests refused. One check is left out: schemathesis expects every
 schema-valid request to be accepted, but a job's type, a model's name or an input key are checked
-against the database, which no schema can say.
+against the database, which no schema can say. An answer may take up to a long-poll's wait
+(`?wait=`, at most 30 s). Rotating the join token is left out: the session's other tests register
+nodes with it.
 """
 
 from __future__ import annotations
@@ -26,14 +28,21 @@ def test_the_api_answers_as_its_openapi_document_says(live_api, tmp_path):
     assert job_answer == {"$ref": "#/components/schemas/JobView"}
     error = spec["components"]["schemas"]["HTTPError"]
     assert set(error["properties"]["error"]["properties"]) == {"code", "message", "details"}
+    for path, method, status in [("/api/v1/nodes", "get", "200"), ("/api/v1/nodes/register", "post", "201"),
+                                 ("/api/v1/tokens", "post", "201"), ("/api/v1/gpu/can-fit", "post", "200"),
+                                 ("/api/v1/cluster", "get", "200"), ("/api/v1/proofs", "post", "201"),
+                                 ("/api/v1/inputs", "post", "201")]:
+        answer = spec["paths"][path][method]["responses"][status]
+        assert answer["content"]["application/json"]["schema"]["$ref"].startswith("#/components/schemas/"), path
 
     run = subprocess.run(
         [sys.executable, "-m", "schemathesis.cli", "run", url + "/openapi.json", "-H", f"Authorization: Bearer {token}",
          "--checks", "all", "--exclude-checks", "positive_data_acceptance",
-         "--include-path-regex", "^/api/v1/(jobs|models|cluster)",
+         "--include-path-regex", "^/api/v1/(jobs|models|cluster|nodes|tokens|gpu|proofs|inputs)",
+         "--exclude-path-regex", "^/api/v1/tokens/join/rotate$",
          "--phases", "examples,coverage,fuzzing", "--max-examples", "15", "--seed", "7",
-         "--request-timeout", "45", "--report-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=540)
+         "--request-timeout", "45", "--max-response-time", "45", "--report-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=540, cwd=tmp_path)  # its cache stays out of the checkout
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
 
 
