@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from nexus.proofs.compute import distances, nonce_inputs, target_vector
 from nexus.proofs.poc import PRESETS, r_target_for
@@ -21,15 +22,21 @@ NONCES = [0, 1, 2, 3, 97, 1000, 123_456]
 
 _CHILD = """
 import json, sys
+import torch
 from nexus.proofs.compute import distances
 from nexus.proofs.poc import PRESETS
-seed, node, nonces = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+seed, node, nonces, threads = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
+torch.set_num_threads(threads)
 print(json.dumps([float(d) for d in distances(seed, PRESETS["tiny"].parameters, node, nonces)]))
 """
 
 
 def distances_in_another_process(seed: str, node: str, nonces: list[int]) -> list[float]:
-    out = subprocess.run([sys.executable, "-c", _CHILD, seed, node, json.dumps(nonces)],
+    """The child computes on as many CPU threads as this process: a float32 matmul splits its sums by
+    thread, so another thread count moves a distance by ~1e-8 (well inside the verifier's tolerance, as
+    the batch-size test shows), and an earlier test in this process may have set the count."""
+    threads = str(torch.get_num_threads())
+    out = subprocess.run([sys.executable, "-c", _CHILD, seed, node, json.dumps(nonces), threads],
                          capture_output=True, text=True, check=True, timeout=90)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
