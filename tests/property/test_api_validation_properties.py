@@ -62,6 +62,8 @@ def build_url(rule, draw_uuid, draw_name, job_id: str) -> str:
         kind = type(rule._converters[name]).__name__
         if kind == "UUIDConverter":
             values[name] = draw_uuid(job_id)
+        elif kind == "IntegerConverter":  # an attempt number: 1 exists for a started job, the others not
+            values[name] = len(draw_name) % 3
         else:
             values[name] = draw_name
     return rule.build(values, append_unknown=False)[1]
