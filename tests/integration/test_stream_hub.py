@@ -31,8 +31,11 @@ def _read_all(client, job_id) -> tuple[str, Usage | None]:
 
 
 def _xread_connections(client) -> int:
-    """This client's connections blocked in XREAD (the session's API reads the same Redis through its own hub)."""
-    return sum(1 for c in client.client_list() if c.get("cmd") == "xread" and c.get("name") == CLIENT_NAME)
+    """This client's connections blocked in XREAD now (the session's API reads the same Redis through its own
+    hub). `cmd` is a connection's last command, so an idle pooled connection that once read counts only
+    while blocked (`b` among its flags)."""
+    return sum(1 for c in client.client_list()
+               if c.get("cmd") == "xread" and "b" in c.get("flags", "") and c.get("name") == CLIENT_NAME)
 
 
 def test_many_readers_share_one_blocked_read_and_each_gets_its_own_text_in_order(redis_server):
