@@ -24,7 +24,7 @@ from typing import Any, Iterator
 from nexus.benchmarks.cells import Cell, failed_cell, to_csv
 from nexus.benchmarks.measure import PeakMemory, measure_cell, sized_prompt
 from nexus.benchmarks.sweep import Sweep, SweepInvalid
-from nexus.jobs.context import JobContext
+from nexus.jobs.context import JobCancelled, JobContext
 from nexus.jobs.records import Job
 from nexus.jobs.registry import JobType
 from nexus.models.catalog import BackendKind, ModelSpec
@@ -136,6 +136,10 @@ def _wait_for_nodes(ctx: JobContext, names: list[str], sweep: Sweep, timeout: fl
         done = sum(_cells_done(row, sweep) for row in by_node.values())
         finished = [row for row in by_node.values() if row.state in FINAL]
         if len(finished) == len(names):
+            if any(row.state == "cancelled" for row in finished) and ctx.own_job().cancel_requested:
+                # Cancelling the benchmark cancels its node jobs at once, and this attempt hears of its
+                # own cancel only at its next lease renewal: without this, it would record them as a result.
+                raise JobCancelled(str(ctx.job_id))
             return by_node
         if time.monotonic() > deadline:
             ctx.cancel_children([row.id for row in by_node.values() if row.state not in FINAL],
