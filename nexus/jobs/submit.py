@@ -14,6 +14,7 @@ import uuid
 from datetime import datetime
 from typing import Any, Iterable
 
+import redis
 from celery import Celery
 from pydantic import ValidationError
 from sqlalchemy import Engine
@@ -119,7 +120,7 @@ def _pydantic_errors(exc: ValidationError) -> list[dict[str, Any]]:
 
 
 class Submitter:
-    def __init__(self, settings: Settings, engine: Engine, celery: Celery, broker=None):
+    def __init__(self, settings: Settings, engine: Engine, celery: Celery, broker: redis.Redis | None = None):
         self.settings = settings
         self.engine = engine
         self.writes = autocommit(engine)  # the insert is one statement: its own transaction

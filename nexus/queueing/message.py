@@ -15,6 +15,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
+import redis
 from celery import Celery
 from kombu.serialization import dumps as serialize
 from kombu.utils.json import dumps as json_dumps
@@ -55,7 +56,7 @@ class JobMessage:
                               retry=False, **message.properties)
 
 
-def publish_all(celery: Celery, messages: Iterable[JobMessage], broker=None) -> None:
+def publish_all(celery: Celery, messages: Iterable[JobMessage], broker: redis.Redis | None = None) -> None:
     """Publish many, pipelined: kombu's publish batch turns thousands of LPUSHes into a few
     round trips on Redis (and is a no-op elsewhere). With `broker` (a redis client of the
     broker's Redis), the envelopes go out on it instead, in one pipeline (`redis_envelope`)."""
