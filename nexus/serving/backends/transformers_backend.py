@@ -270,9 +270,10 @@ class TransformersBackend(InferenceBackend):
             try:
                 if joining:
                     running = self._admit(batch, running, joining)
+                    self._writes.after_step()  # the joining rows' first text, before the next step
                 if running:
                     running = self._step(batch, running)
-                self._writes.after_step()
+                    self._writes.after_step()
             except BaseException as error:  # the engine must survive any step; each waiter gets the error
                 failed = EngineFailed(f"the engine failed a step: {type(error).__name__}: {error}")
                 failed.__cause__ = error
