@@ -1,8 +1,8 @@
 """Where a /v1 stream's time to first token goes, hop by hop, on a real API and worker.
 
-    python bench/ttft_breakdown.py [--requests 30] [--max-tokens 4]
+    python bench/ttft_breakdown.py [--requests 30] [--max-tokens 4] [--in-flight 1]
 
-Streams one request at a time through the real gunicorn API to a real worker
+Streams one request at a time (or `--in-flight` at once) through the real gunicorn API to a real worker
 serving the tiny model, and splits each request's time to first token with
 three clocks of the same machine: the job row's `created_at` (the submitting
 transaction's start, after auth, the stream slot, admission and parsing) and
@@ -21,6 +21,7 @@ import statistics
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -66,10 +67,10 @@ class FirstWrites:
         self._client.close()
 
 
-def stream_once(session: requests.Session, url: str, max_tokens: int) -> tuple[float, float]:
+def stream_once(session: requests.Session, url: str, max_tokens: int, prompt: str = PROMPT) -> tuple[float, float]:
     started = time.time()
     response = session.post(url + "/v1/completions", stream=True, timeout=60, json={
-        "model": MODEL, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "stream": True})
+        "model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True})
     response.raise_for_status()
     first = None
     for line in response.iter_lines():
@@ -100,6 +101,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=30)
     parser.add_argument("--max-tokens", type=int, default=4)
+    parser.add_argument("--in-flight", type=int, default=1, help="streams at once (each its own prompt)")
     args = parser.parse_args()
     with bench_cluster(inference_admission_wait_seconds=60) as (settings, folder):
         from nexus.serving.tiny import make_tiny_model
@@ -114,13 +116,26 @@ def main() -> None:
         writes = FirstWrites(settings.redis_url)
         try:
             wait_for(lambda: liveness.live_instances(services.redis, MODEL), what="the model serving")
-            session = requests.Session()
-            session.headers["Authorization"] = f"Bearer {settings.admin_token}"
-            client = [stream_once(session, url, args.max_tokens) for _ in range(args.requests)]
+            sessions = threading.local()
+
+            def one(index: int) -> tuple[float, float]:
+                if not hasattr(sessions, "session"):
+                    sessions.session = requests.Session()
+                    sessions.session.headers["Authorization"] = f"Bearer {settings.admin_token}"
+                prompt = PROMPT if args.in_flight == 1 else f"{PROMPT} ({index})"
+                return stream_once(sessions.session, url, args.max_tokens, prompt)
+
+            with ThreadPoolExecutor(args.in_flight) as pool:
+                client = list(pool.map(one, range(args.requests)))
             time.sleep(0.5)  # the monitor's last lines
             with services.engine.connect() as conn:
                 rows = conn.execute(text("SELECT id, created_at, started_at FROM jobs WHERE type = 'completion' "
                                          "ORDER BY created_at")).all()
+                by_prompt = dict(conn.execute(text("SELECT payload->'body'->>'prompt', id FROM jobs "
+                                                   "WHERE type = 'completion'")).all())
+            if args.in_flight > 1:  # the requests' rows, in the order of `client`
+                order = {row.id: row for row in rows}
+                rows = [order[by_prompt[f"{PROMPT} ({i})"]] for i in range(args.requests)]
             bare = bare_ttft(model_dir, args.max_tokens, args.requests)
         finally:
             writes.close()
@@ -130,7 +145,7 @@ def main() -> None:
     for (sent, first), row in list(zip(client, rows))[args.requests // 5:]:  # the first fifth warms up
         created, claimed, xadd = row.created_at.timestamp(), row.started_at.timestamp(), writes.times[str(row.id)]
         spans.append((created - sent, claimed - created, xadd - claimed, first - xadd, first - sent))
-    print(f"{len(spans)} streams, one at a time, max_tokens {args.max_tokens}; p50 per hop:")
+    print(f"{len(spans)} streams, {args.in_flight} in flight, max_tokens {args.max_tokens}; p50 per hop:")
     for index, hop in enumerate(HOPS):
         print(f"  {hop:<52} {statistics.median(s[index] for s in spans) * 1000:7.1f} ms")
     print(f"  {'bare engine TTFT (same prompt, in process)':<52} {bare:7.1f} ms")

@@ -11,7 +11,7 @@ from sqlalchemy import Engine
 
 from nexus.config import Settings
 from nexus.db.engine import autocommit, get_engine
-from nexus.queueing.celery_app import make_celery
+from nexus.queueing.celery_app import PUBLISH_GIVE_UP_SECONDS, make_celery
 from nexus.storage import ObjectStore, make_object_store
 
 
@@ -72,4 +72,17 @@ class Services:
     def submitter(self):
         from nexus.jobs.submit import Submitter
 
-        return Submitter(self.settings, self.engine, self.celery)
+        return Submitter(self.settings, self.engine, self.celery, self.broker)
+
+    @cached_property
+    def broker(self) -> redis.Redis | None:
+        """A client of the broker's Redis for publishing job messages without kombu's producer
+        (nexus.queueing.message.redis_envelope), which gives up on an unreachable broker as soon as
+        kombu's publisher did (PUBLISH_GIVE_UP_SECONDS); None when the broker is not Redis."""
+        url = self.celery.conf.broker_url or ""
+        if not url.startswith(("redis://", "rediss://", "unix://")):
+            return None
+        wait = PUBLISH_GIVE_UP_SECONDS / 2
+        return redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(
+            url, max_connections=self.settings.api_worker_connections + REDIS_POOL_MARGIN, timeout=wait,
+            socket_timeout=wait, socket_connect_timeout=wait))

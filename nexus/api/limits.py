@@ -29,11 +29,13 @@ log = logging.getLogger(__name__)
 
 # Blueprints that agents call (registration, heartbeats, GPU placement, cluster state).
 NODE_BLUEPRINTS = frozenset({"nodes", "gpu", "cluster", "health"})
+# Views that count the token's rate themselves, in the one round trip of their gate (nexus.api.v1_gate).
+SELF_COUNTED_ENDPOINTS = frozenset({"openai.completions", "openai.chat_completions", "openai.embeddings"})
 RETRY_AFTER_SECONDS = 1  # a slot frees when any of the caller's own requests ends
 SLOT_MARGIN_SECONDS = 10  # a slot outlives its request by this much, then expires on its own
 
 # KEYS[1] the token's set; ARGV: now, expiry of the new slot, limit, slot id. 1 = taken, 0 = full.
-_ACQUIRE = """
+ACQUIRE_SCRIPT = """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then return 0 end
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[4])
@@ -49,20 +51,24 @@ class Slots:
         self.redis = redis
         self.kind = kind  # nexus.api.refusals.LONG_POLL or STREAM
         self.refusals = refusals  # a refused token's next such requests are answered before Flask
-        self._acquire = redis.register_script(_ACQUIRE)
+        self._acquire = redis.register_script(ACQUIRE_SCRIPT)
 
-    def _key(self, principal: Principal) -> str:
+    def key(self, principal: Principal) -> str:
         return f"nexus:slots:{self.kind}:{principal.token_id}"
 
     def acquire(self, principal: Principal, limit: int, hold_seconds: float, what: str) -> str:
         """A slot id to release, or ApiError 429 when the token holds `limit` already."""
         slot, now = uuid.uuid4().hex, time.time()
-        if not self._acquire(keys=[self._key(principal)], args=[now, now + hold_seconds + SLOT_MARGIN_SECONDS,
-                                                                   limit, slot]):
-            self._refuse_here(RETRY_AFTER_SECONDS)
-            raise ApiError(429, f"at most {limit} concurrent {what} per token; retry when one ends",
-                           {"limit": limit}, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+        if not self._acquire(keys=[self.key(principal)], args=[now, now + hold_seconds + SLOT_MARGIN_SECONDS,
+                                                                  limit, slot]):
+            raise self.refused(limit, what)
         return slot
+
+    def refused(self, limit: int, what: str) -> ApiError:
+        """The 429 for a token that holds all its slots; this process answers its next such requests itself."""
+        self._refuse_here(RETRY_AFTER_SECONDS)
+        return ApiError(429, f"at most {limit} concurrent {what} per token; retry when one ends",
+                        {"limit": limit}, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
 
     def _refuse_here(self, retry_after: int) -> None:
         """This process answers the token's next requests for such a slot itself until Retry-After."""
@@ -72,7 +78,7 @@ class Slots:
 
     def release(self, principal: Principal, slot: str) -> None:
         try:
-            self.redis.zrem(self._key(principal), slot)
+            self.redis.zrem(self.key(principal), slot)
         except Exception as exc:  # it expires on its own
             log.warning("could not release a %s slot: %s", self.kind, exc)
 
@@ -157,5 +163,11 @@ def _token_key() -> str:
 
 
 def _exempt() -> bool:
+    """Flask-Limiter's own check skips these requests (the views of SELF_COUNTED_ENDPOINTS count themselves)."""
+    return rate_exempt() or request.endpoint in SELF_COUNTED_ENDPOINTS
+
+
+def rate_exempt() -> bool:
+    """Requests the token's rate never counts: anonymous ones, workers', the node routes."""
     principal: Principal | None = g.get("principal")
     return principal is None or principal.role is Role.WORKER or request.blueprint in NODE_BLUEPRINTS

@@ -13,6 +13,7 @@ pydantic models of nexus.inference.openai_schema, in the OpenAPI document too.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -25,6 +26,7 @@ from sqlalchemy import text
 
 from nexus.api.limits import rate_limit_headers, slots
 from nexus.api.security import caller, services
+from nexus.api.v1_gate import Outcome, gate
 from nexus.auth import Role
 from nexus.models import catalog
 from nexus.models.admission import NoInstance, Slot
@@ -33,11 +35,11 @@ from nexus.inference.openai_shapes import (ApiCall, AuthenticationError, Context
                                            ModelBusyError, ModelCard, ModelNotFoundError, ModelUnavailableError,
                                            OpenAIError, SSE_DONE, build_chunk, build_embeddings, build_models_list,
                                            build_response, build_usage_chunk, new_response_id, parse_body, sse_event)
-from nexus.inference.streams import GenerationFailed, read_batches, stream_key
+from nexus.inference.streams import GenerationFailed, hub_for, read_batches, stream_key
 from nexus.inference.types import EmbeddingResult, GenerationRequest, GenerationResult, StreamDelta, Usage
 from nexus.serving.backends import CAPABILITIES
 from nexus.jobs import lifecycle
-from nexus.jobs.submit import PayloadTooLarge
+from nexus.jobs.submit import PayloadTooLarge, build_spec
 
 log = logging.getLogger(__name__)
 
@@ -125,27 +127,45 @@ def embeddings():
 
 
 def _serve(endpoint: Endpoint):
-    _require_submitter()
-    _hold_stream_slot()
-    body = request.get_json(silent=True)
-    if body is None:
-        raise OpenAIError("the request body must be JSON (Content-Type: application/json)", code="invalid_json")
-    call = parse_body(endpoint, body)
-    _check_servable(call)
-    slot = _admit(call)
+    # Refusals keep their order: the rate, the role, the token's stream slots, then the body and the model.
+    # Only a request that gets past them all takes its slots, in the gate's one round trip.
     try:
-        job_id = _submit(endpoint, body, call)
-        batches = read_batches(services().redis, job_id, _idle_check(job_id, time.monotonic()))
+        _require_submitter()
+    except OpenAIError:
+        gate().count_rate()
+        raise
+    try:
+        body = request.get_json(silent=True)
+        if body is None:
+            raise OpenAIError("the request body must be JSON (Content-Type: application/json)", code="invalid_json")
+        call = parse_body(endpoint, body)
+        _check_servable(call)
+    except Exception:
+        gate().count_rate(caller(), services().settings.max_streams_per_token)
+        raise
+    job_id = uuid.uuid4()
+    hub = hub_for(services().redis)
+    subscription = hub.subscribe(job_id, wake=False)  # the gate wakes the hub, before the job exists
+    try:
+        slot = _enter(call)
+    except BaseException:
+        hub.unsubscribe(subscription)
+        raise
+    try:
+        _submit(endpoint, body, call, job_id)
+        batches = read_batches(services().redis, job_id, _idle_check(str(job_id), time.monotonic()),
+                               subscription=subscription)
         if not call.stream:
-            return _complete(call, job_id, batches, slot)
+            return _complete(call, str(job_id), batches, slot)
         first = next(batches)  # an error before the first token is still a proper HTTP error
     except BaseException:
+        hub.unsubscribe(subscription)
         slot.release()
         raise
     if isinstance(first[0], GenerationFailed):
-        _forget(job_id, slot)
+        _forget(str(job_id), slot)
         raise first[0].error
-    return Response(stream_with_context(_sse(call, job_id, _chain(first, batches), slot)),
+    return Response(stream_with_context(_sse(call, str(job_id), _chain(first, batches), slot)),
                     mimetype="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
@@ -154,33 +174,35 @@ def _chain(first, rest):
     yield from rest
 
 
-def _admit(call: ApiCall) -> Slot:
-    """A serving slot of the model, waiting for one up to the admission bound, else 429."""
-    settings = services().settings
-    try:
-        slot = services().admission.acquire(call.model, uuid.uuid4().hex,
-                                            hold_seconds=settings.inference_request_timeout_seconds + 30,
-                                            wait_seconds=settings.inference_admission_wait_seconds)
+def _enter(call: ApiCall) -> Slot:
+    """The token's rate, one of its stream slots (held until the response is closed: the last event of
+    a stream, the client going away, or an error answered instead) and a serving slot of the model,
+    waiting for one up to the admission bound, else 429: one round trip when there is room
+    (nexus.api.v1_gate)."""
+    principal, settings, admission = caller(), services().settings, services().admission
+    hold = settings.inference_request_timeout_seconds
+    entry = gate().enter(principal, call.model, settings.max_streams_per_token, hold, hold + 30,
+                         hub_for(services().redis).wake_key, time.time())
+    stream_slots = slots("stream")
+
+    @after_this_request
+    def release_when_closed(response):
+        response.call_on_close(lambda: stream_slots.release(principal, entry.stream_slot))
+        return response
+
+    if entry.outcome is Outcome.NO_INSTANCE:
+        raise _no_instance(call.model)
+    if entry.outcome is Outcome.ADMITTED:
+        return Slot(admission, call.model, entry.request_id)
+    try:  # every instance is full: wait for a slot as before
+        slot = admission.acquire(call.model, entry.request_id, hold_seconds=hold + 30,
+                                 wait_seconds=settings.inference_admission_wait_seconds)
     except NoInstance:
         raise _no_instance(call.model) from None
     if slot is None:
         raise ModelBusyError(f"every instance of model '{call.model}' is busy and none came free within "
                              f"{settings.inference_admission_wait_seconds:g} s; retry later")
     return slot
-
-
-def _hold_stream_slot() -> None:
-    """One of the token's /v1 slots, held until the response is closed: the last event of a stream,
-    the client going away, or an error answered instead."""
-    principal, settings = caller(), services().settings
-    stream_slots = slots("stream")
-    slot = stream_slots.acquire(principal, settings.max_streams_per_token, settings.inference_request_timeout_seconds,
-                                "/v1 completions")
-
-    @after_this_request
-    def release_when_closed(response):
-        response.call_on_close(lambda: stream_slots.release(principal, slot))
-        return response
 
 
 _specs: dict[str, tuple[float, object]] = {}  # model name -> (read at, its catalog entry or None)
@@ -221,13 +243,15 @@ def _no_instance(model: str) -> ModelUnavailableError:
                                  f"POST /api/v1/models/{model}/instances", param="model")
 
 
-def _submit(endpoint: Endpoint, body: dict, call: ApiCall) -> str:
+def _submit(endpoint: Endpoint, body: dict, call: ApiCall, job_id: uuid.UUID) -> None:
+    """The request's job, under the id its stream was subscribed with."""
     job = {"type": "completion", "payload": {"endpoint": endpoint.value, "body": body},
            "requirements": {"model": call.model},
            # A retry after tokens went out would repeat them; a lost request fails and the client retries.
            "max_attempts": 1, "priority": 7}
-    [(row, _)] = services().submitter.submit_many([job], tenant=caller().tenant, allow_internal=True)
-    return str(row.id)
+    submitter = services().submitter
+    spec = build_spec(job, submitter.settings, caller().tenant, allow_internal=True)
+    submitter.submit_specs([dataclasses.replace(spec, id=job_id)])
 
 
 def _idle_check(job_id: str, started: float):

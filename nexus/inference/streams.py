@@ -32,6 +32,7 @@ from nexus.inference.types import (Choice, EmbeddingResult, FinishReason, Genera
 log = logging.getLogger(__name__)
 
 STREAM_KEY = "nexus:gen:{job_id}"
+WAKE_TTL_SECONDS = 60  # a hub's wake stream outlives its last subscription by this much
 
 
 def stream_key(job_id) -> str:
@@ -46,16 +47,19 @@ class GenerationFailed:
 
 
 class EventWriter:
-    """One job's events. Deltas after the first are buffered and written by the process's flusher
-    every `interval_ms` (all pending jobs in one pipeline); the first delta and the final event go
-    out at once, the final one after whatever was buffered. interval_ms 0: every delta at once."""
+    """One job's events. The first delta and the final event go out at once, the final one after
+    whatever was buffered; the text between is buffered and written once per `interval_ms`, all
+    pending jobs of the process in one pipeline, by whoever drives the writes: the engine loop
+    between its steps (`StepFlusher`) when the backend feeds the writer itself, else the process's
+    flusher thread. interval_ms 0: every delta at once."""
 
     def __init__(self, client: redis.Redis, job_id, ttl_seconds: int, interval_ms: float = 0) -> None:
         self._redis, self._key, self._ttl = client, stream_key(job_id), ttl_seconds
-        self._interval = interval_ms / 1000
+        self.interval = interval_ms / 1000
         self._lock = threading.Lock()  # the flusher writes this buffer too: entries stay in order
         self._pending: list[list] = []  # [index, text, finish] per choice, merged while consecutive
         self._started = False
+        self._ttl_set_at: float | None = None  # when the key's expiry was last set (time.monotonic)
 
     def _add(self, event: dict) -> None:
         pipe = self._redis.pipeline(transaction=False)
@@ -64,15 +68,27 @@ class EventWriter:
 
     def _queue(self, pipe, event: dict) -> None:
         pipe.xadd(self._key, {"e": json.dumps(event, separators=(",", ":"))})
-        pipe.expire(self._key, self._ttl)
+        # The expiry is set with the first entry and renewed at half its life, not with every entry:
+        # an EXPIRE per entry was half the commands of a busy worker's pipelines.
+        now = time.monotonic()
+        if self._ttl_set_at is None or now - self._ttl_set_at > self._ttl / 2:
+            pipe.expire(self._key, self._ttl)
+            self._ttl_set_at = now
 
     def delta(self, delta: StreamDelta) -> None:
+        """From the thread that reads the backend's stream: written at once or by the flusher thread."""
+        if self.buffer(delta):
+            self.flush()
+        else:
+            _flusher_for(self._redis, self.interval).watch(self)
+
+    def buffer(self, delta: StreamDelta) -> bool:
+        """Add the delta to what waits to be written; True when it is due at once (the request's first
+        text: time to first token, or no interval)."""
         entry = _delta_entry(delta)
         with self._lock:
-            if not self._started or not self._interval:  # the first text goes out at once: time to first token
-                self._started = True
-                self._add({"t": "deltas", "d": [entry]})
-                return
+            due = not self._started or not self.interval
+            self._started = True
             last = self._pending[-1] if self._pending else None
             if last is not None and last[0] == delta.index and last[2] is None and _mergeable(last, entry):
                 last[1] += delta.text
@@ -81,7 +97,13 @@ class EventWriter:
                     last[3] = merge_logprobs(last[3], entry[3])
             else:
                 self._pending.append(entry)
-        _flusher_for(self._redis, self._interval).watch(self)
+        return due
+
+    def flush(self) -> None:
+        with self._lock:
+            pipe = self._redis.pipeline(transaction=False)
+            if self.flush_into(pipe):
+                pipe.execute()
 
     def flush_into(self, pipe) -> bool:
         """Queue the buffered deltas on `pipe` (the caller holds `self._lock`); False when none."""
@@ -111,6 +133,60 @@ class EventWriter:
 
     def error(self, error: OpenAIError) -> None:
         self._final({"t": "error", "status": error.status, "body": error.body()})
+
+
+def write_pending(writers) -> None:
+    """Write what each writer buffered: one pipeline per Redis client for all of them."""
+    by_client: dict[int, tuple[redis.Redis, list[EventWriter]]] = {}
+    for writer in writers:
+        by_client.setdefault(id(writer._redis), (writer._redis, []))[1].append(writer)
+    for client, group in by_client.values():
+        locks = [w._lock for w in group]
+        for lock in locks:  # request threads only ever hold their own writer's lock: no cycle
+            lock.acquire()
+        try:
+            pipe = client.pipeline(transaction=False)
+            if any([w.flush_into(pipe) for w in group]):
+                pipe.execute()
+        except Exception as exc:  # Redis away: those requests fail on their own final write
+            log.warning("could not write buffered stream text: %s", exc)
+        finally:
+            for lock in locks:
+                lock.release()
+
+
+class StepFlusher:
+    """The writes of an engine loop that feeds EventWriters itself (nexus.serving.backends.transformers_backend).
+
+    The loop buffers each request's text as it decodes and calls `after_step()` between steps,
+    which writes, in one pipeline: at once when some request has its first text (time to first
+    token), else once per interval. A flusher thread did this before, and woke to take the GIL
+    from the engine in the middle of its steps; here the writes happen where the engine would
+    wait anyway, and no request thread wakes per token. Used by the loop's thread only."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[EventWriter, None] = {}  # insertion-ordered set
+        self._due = False
+        self._interval = 0.0
+        self._last = 0.0
+
+    def add(self, writer: EventWriter, delta: StreamDelta) -> None:
+        if writer.buffer(delta):
+            self._due = True
+        if not self._waiting:
+            self._interval = writer.interval
+        elif writer.interval < self._interval:
+            self._interval = writer.interval
+        self._waiting[writer] = None
+
+    def after_step(self) -> None:
+        if not self._waiting:
+            return
+        now = time.monotonic()
+        if not self._due and now - self._last < self._interval:
+            return
+        writers, self._waiting, self._due, self._last = self._waiting, {}, False, now
+        write_pending(writers)
 
 
 def _delta_entry(delta: StreamDelta) -> list:
@@ -170,18 +246,7 @@ class _Flusher:
                 self._flush(writers)
 
     def _flush(self, writers: set[EventWriter]) -> None:
-        locks = [w._lock for w in writers]
-        for lock in locks:  # request threads only ever hold their own writer's lock: no cycle
-            lock.acquire()
-        try:
-            pipe = self._redis.pipeline(transaction=False)
-            if any([w.flush_into(pipe) for w in writers]):
-                pipe.execute()
-        except Exception as exc:  # Redis away: those requests fail on their own final write
-            log.warning("could not write buffered stream text: %s", exc)
-        finally:
-            for lock in locks:
-                lock.release()
+        write_pending(writers)
 
 
 _flushers: dict[tuple[int, float], _Flusher] = {}
@@ -261,18 +326,29 @@ class StreamHub:
         self._lock = threading.Lock()
         self._reading = False  # the loop runs
 
-    def subscribe(self, job_id) -> "_Subscription":
+    @property
+    def wake_key(self) -> str:
+        """The stream whose new entry makes the loop read again, now with every subscription."""
+        return self._wake_key
+
+    def subscribe(self, job_id, wake: bool = True) -> "_Subscription":
+        """Read the job's stream from its start. `wake=False`: the caller appends to `wake_key` itself
+        (the /v1 gate does, in the round trip that admits the request, before the job exists)."""
         subscription = _Subscription(stream_key(job_id))
         with self._lock:
             self._subscriptions[subscription.key] = subscription
             if not self._reading:
                 self._reading = True
                 threading.Thread(target=self._run, name="nexus-stream-hub", daemon=True).start()
+        if wake:
+            self.wake()
+        return subscription
+
+    def wake(self) -> None:
         pipe = self._client.pipeline(transaction=False)
         pipe.xadd(self._wake_key, {"w": 1}, maxlen=1)
-        pipe.expire(self._wake_key, 60)
+        pipe.expire(self._wake_key, WAKE_TTL_SECONDS)
         pipe.execute()
-        return subscription
 
     def unsubscribe(self, subscription: "_Subscription") -> None:
         with self._lock:
@@ -323,12 +399,15 @@ def hub_for(client: redis.Redis) -> StreamHub:
         return hub
 
 
-def read_batches(client: redis.Redis, job_id, idle_check, block_ms: int = 1000) -> Iterator[list[Event]]:
+def read_batches(client: redis.Redis, job_id, idle_check, block_ms: int = 1000,
+                 subscription: "_Subscription | None" = None) -> Iterator[list[Event]]:
     """What arrived since the last read, deltas merged per choice, until a final event (usage,
     result or error). While nothing arrives, `idle_check(seconds_idle)` runs every `block_ms`;
-    it raises to give up (job failed, timeout). Reads through the process's StreamHub."""
+    it raises to give up (job failed, timeout). Reads through the process's StreamHub, with
+    `subscription` when the caller subscribed already (hub_for(client).subscribe)."""
     hub = hub_for(client)
-    subscription = hub.subscribe(job_id)
+    if subscription is None:
+        subscription = hub.subscribe(job_id)
     idle_since = time.monotonic()
     try:
         while True:

@@ -14,6 +14,7 @@ import uuid
 from datetime import datetime
 from typing import Any, Iterable
 
+import redis
 from celery import Celery
 from pydantic import ValidationError
 from sqlalchemy import Engine
@@ -119,11 +120,12 @@ def _pydantic_errors(exc: ValidationError) -> list[dict[str, Any]]:
 
 
 class Submitter:
-    def __init__(self, settings: Settings, engine: Engine, celery: Celery):
+    def __init__(self, settings: Settings, engine: Engine, celery: Celery, broker: redis.Redis | None = None):
         self.settings = settings
         self.engine = engine
         self.writes = autocommit(engine)  # the insert is one statement: its own transaction
         self.celery = celery
+        self.broker = broker  # a redis client of the broker: messages go out as plain LPUSHes (publish_all)
 
     def submit_many(
         self, raws: list[dict[str, Any]], tenant: str, parent_id: uuid.UUID | None = None, allow_internal: bool = False
@@ -204,7 +206,8 @@ class Submitter:
         """One message per job: its id, the attempt it is meant for (the first) and the commit LSN."""
         specs = list(specs)
         if specs:
-            publish_all(self.celery, [JobMessage(str(s.id), 1, s.queue, s.priority, read_after_lsn) for s in specs])
+            publish_all(self.celery, [JobMessage(str(s.id), 1, s.queue, s.priority, read_after_lsn) for s in specs],
+                        self.broker)
 
 
 def _check_unique_keys(specs: list[JobSpec]) -> None:

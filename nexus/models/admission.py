@@ -30,7 +30,7 @@ INFLIGHT_KEY = "nexus:inflight:{model}"
 POLL_SECONDS = (0.005, 0.5)  # first and longest wait between tries when no release wakes us
 
 # KEYS: serving zset, slots hash, in-flight zset. ARGV: now, request id, lapse time, default slots.
-_TAKE = """
+TAKE_SCRIPT = """
 local live = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], '+inf')
 local capacity = 0
 for _, id in ipairs(live) do
@@ -63,9 +63,14 @@ class Slot:
 class Admission:
     def __init__(self, client: redis.Redis, default_slots: int = 16) -> None:
         self._redis, self._default = client, default_slots
-        self._take = client.register_script(_TAKE)
+        self._take = client.register_script(TAKE_SCRIPT)
         self._conditions: dict[str, threading.Condition] = {}  # per model; greenlet-friendly under gevent
         self._lock = threading.Lock()
+
+    @property
+    def default_slots(self) -> int:
+        """The slots of an instance that announced none."""
+        return self._default
 
     def _released(self, model: str) -> threading.Condition:
         with self._lock:

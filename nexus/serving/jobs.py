@@ -17,7 +17,7 @@ from typing import Any
 from nexus.serving import host as serving
 from nexus.inference.openai_shapes import ApiCall, Endpoint, OpenAIError, parse_body
 from nexus.inference.streams import EventWriter
-from nexus.inference.types import EmbeddingRequest, StreamDelta, Usage
+from nexus.inference.types import EmbeddingRequest
 from nexus.jobs.context import JobContext
 from nexus.jobs.failures import FailureKind
 from nexus.jobs.registry import JobType
@@ -67,28 +67,16 @@ def run_completion(ctx: JobContext, payload: dict) -> dict:
             events.embeddings(embedded)
             return {"usage": {"prompt_tokens": embedded.prompt_tokens}, "inputs": len(embedded.vectors)}
         if call.stream:
-            return _stream(ctx, backend.stream(call.request), events)
+            usage = backend.stream_into(call.request, events, ctx.check_cancelled)
+            if usage is not None:
+                events.usage(usage)
+            return {"usage": usage.as_dict() if usage else None}
         result = backend.generate(call.request)
     except OpenAIError as exc:
         events.error(exc)
         raise RequestRejected(exc) from None
     events.result(result)
     return {"usage": result.usage.as_dict(), "choices": len(result.choices)}
-
-
-def _stream(ctx: JobContext, stream, events: EventWriter) -> dict:
-    usage = None
-    try:
-        for event in stream:
-            if isinstance(event, Usage):
-                usage = event
-                events.usage(event)
-            elif isinstance(event, StreamDelta):
-                events.delta(event)
-                ctx.check_cancelled()  # the client went away: stop generating
-    finally:
-        stream.close()
-    return {"usage": usage.as_dict() if usage else None}
 
 
 # Internal: the /v1 routes create it and relay its stream; submitted directly, nobody would read it.

@@ -217,3 +217,80 @@ def test_request_rate_per_token_is_429_with_retry_after(api, services):
 def _token_id(services, name: str) -> uuid.UUID:
     with services.engine.connect() as conn:
         return conn.execute(text("SELECT id FROM api_tokens WHERE name = :n"), {"n": name}).scalar_one()
+
+
+# --- /v1: one round trip before the job row (nexus.api.v1_gate) ------------------------------------
+class _RoundTrips:
+    """Counts this thread's Redis round trips (a command, a script, a pipeline) until the job insert,
+    which it stops with a 413 so that nothing waits for a worker."""
+
+    def __init__(self, monkeypatch):
+        import threading
+
+        import redis as redis_module
+
+        from nexus.jobs.submit import PayloadTooLarge, Submitter
+
+        self.before_insert: list[int] = []
+        self.count, thread = 0, threading.get_ident()
+        command, pipeline = redis_module.Redis.execute_command, redis_module.client.Pipeline.execute
+
+        def counted(original):
+            def call(*args, **kwargs):
+                if threading.get_ident() == thread:
+                    self.count += 1
+                return original(*args, **kwargs)
+            return call
+
+        def stop(_submitter, _specs):
+            self.before_insert.append(self.count)
+            raise PayloadTooLarge("stopped at the insert by the test")
+
+        monkeypatch.setattr(redis_module.Redis, "execute_command", counted(command))
+        monkeypatch.setattr(redis_module.client.Pipeline, "execute", counted(pipeline))
+        monkeypatch.setattr(Submitter, "submit_specs", stop)
+
+
+def _serving_model(services, name: str) -> None:
+    from nexus.models import catalog, liveness
+    from nexus.models.catalog import ModelSpec
+
+    with services.engine.begin() as conn:
+        catalog.insert_model(conn, ModelSpec(name, "/models/" + name), replace=True)
+    liveness.announce(services.redis, name, str(uuid.uuid4()), 60, slots=4)
+
+
+def _completion(client, headers, model: str):
+    return client.post("/v1/completions", headers=headers, json={"model": model, "prompt": "hi", "max_tokens": 2})
+
+
+def test_a_v1_request_makes_one_redis_round_trip_before_its_job_row(api, services, monkeypatch):
+    _, client = limited(services)
+    alice = auth(token(api, "alice"))
+    _serving_model(services, "gate-one-trip")
+    trips = _RoundTrips(monkeypatch)
+    for _ in range(2):  # the first loads the scripts into Redis
+        trips.count = 0
+        answered = _completion(client, alice, "gate-one-trip")
+        assert answered.status_code == 413, answered.json
+        answered.close()
+    # The rate, a stream slot, a serving slot and the stream hub's wake-up: one script, where they were
+    # three round trips and a fourth after the insert.
+    assert trips.before_insert[-1] == 1
+    assert services.redis.zcard("nexus:inflight:gate-one-trip") == 0  # both slots given back with the answer
+    assert services.redis.zcard(f"nexus:slots:stream:{_token_id(services, 'alice')}") == 0
+
+
+def test_v1_requests_count_against_the_tokens_one_rate_whatever_they_answer(api, services, monkeypatch):
+    _, client = limited(services, rate_limit="3/minute")
+    alice = auth(token(api, "alice"))
+    _serving_model(services, "gate-rate")
+    _RoundTrips(monkeypatch)
+    bad_body = client.post("/v1/completions", headers=alice, json={"model": "gate-rate", "prompt": []})
+    assert bad_body.status_code == 400  # refused before the gate: counted all the same
+    assert _completion(client, alice, "gate-rate").status_code == 413  # counted by the gate's script
+    assert client.get("/api/v1/jobs", headers=alice).status_code == 200  # the third of the shared budget
+    assert client.get("/api/v1/jobs", headers=alice).status_code == 429
+    refused = client.post("/v1/completions", headers=alice, json={"model": "gate-rate", "prompt": "x"})
+    assert refused.status_code == 429 and refused.json["error"]["type"] == "rate_limit_error"
+    assert 0 < int(refused.headers["Retry-After"]) <= 60

@@ -96,7 +96,7 @@ class _Recorder:
         self.events.append(json.loads(fields["e"]))
 
     def expire(self, key, ttl):
-        pass
+        self.expires = getattr(self, "expires", 0) + 1
 
     def execute(self):
         pass
@@ -312,3 +312,34 @@ def test_responses_match_their_documented_models():
     assert build_embeddings(b64, vectors)["data"][1]["embedding"] == "AACAPwAAAAA="
     models = schema.OpenAIModelList.model_validate(build_models_list([ModelCard("tiny", 1_700_000_000, 512)]))
     assert models.data[0].max_model_len == 512 and models.data[0].created == 1_700_000_000
+
+
+def test_a_stream_expiry_is_set_once_not_with_every_entry():
+    recorder = _Recorder()
+    writer = EventWriter(recorder, "job", 600, interval_ms=0)
+    for token in ["a", "b", "c", "d"]:
+        writer.delta(StreamDelta(0, token))
+    writer.usage(Usage(1, 4))
+    assert len(recorder.events) == 5 and recorder.expires == 1  # an EXPIRE per entry doubled the commands
+
+
+def test_a_step_flusher_writes_first_text_at_once_and_the_rest_per_interval_in_one_pipeline():
+    from nexus.inference.streams import StepFlusher
+
+    recorder, flusher = _Recorder(), StepFlusher()
+    first, second = EventWriter(recorder, "one", 60, interval_ms=10_000), EventWriter(recorder, "two", 60, 10_000)
+    flusher.add(first, StreamDelta(0, "He"))
+    assert recorder.events == []  # nothing is written in the middle of a step
+    flusher.after_step()
+    assert recorder.events == [{"t": "deltas", "d": [[0, "He", None]]}]  # the first text, at the step's end
+    flusher.add(first, StreamDelta(0, "llo"))
+    flusher.after_step()
+    assert len(recorder.events) == 1  # not due before the interval
+    flusher.add(second, StreamDelta(0, "Hi"))  # another request's first text: due, with what waits
+    flusher.after_step()
+    assert recorder.events[1:] == [{"t": "deltas", "d": [[0, "llo", None]]}, {"t": "deltas", "d": [[0, "Hi", None]]}]
+    flusher.add(first, StreamDelta(0, "!", FinishReason.STOP))
+    first.usage(Usage(1, 3))  # the request's final write takes what was buffered, in order
+    assert recorder.events[3:] == [{"t": "deltas", "d": [[0, "!", "stop"]]}, {"t": "usage", "p": 1, "c": 3}]
+    flusher.after_step()
+    assert len(recorder.events) == 5

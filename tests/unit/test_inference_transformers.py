@@ -242,3 +242,62 @@ def test_fields_the_backend_cannot_honour_are_refused_by_name(backend):
             backend.generate(call.generation)
         assert caught.value.param == param and caught.value.status == 400
         assert caught.value.code == "unsupported_parameter" and "transformers" in caught.value.message
+
+
+class _ThreadRecorder:
+    """Stands in for Redis: records each stream entry and the thread that wrote it."""
+
+    def __init__(self):
+        import threading
+
+        self.entries, self._threading = [], threading
+
+    def pipeline(self, transaction=False):
+        return self
+
+    def xadd(self, key, fields):
+        self.entries.append((self._threading.current_thread().name, json.loads(fields["e"])))
+
+    def expire(self, key, ttl):
+        pass
+
+    def execute(self):
+        pass
+
+
+def test_streaming_into_a_writer_is_done_by_the_engine_between_steps_and_adds_up_to_the_answer(backend):
+    from nexus.inference.streams import EventWriter, decode_event
+
+    request = greedy("A job is a row", 24, n=2)
+    whole = backend.generate(request)
+    recorder, cancels = _ThreadRecorder(), []
+    writer = EventWriter(recorder, "job", 60, interval_ms=10_000)  # nothing but the first text before the end
+    usage = backend.stream_into(request, writer, lambda: cancels.append(1))
+    writer.usage(usage)
+    events = [e for _, entry in recorder.entries for e in decode_event(entry)]
+    texts = {i: "".join(e.text for e in events if isinstance(e, StreamDelta) and e.index == i) for i in (0, 1)}
+    assert texts == {c.index: c.text for c in whole.choices} and usage == whole.usage
+    assert events[-1] == whole.usage
+    # The first text went out from the engine's thread at the end of its step; the request's own thread
+    # wrote only the end (what was buffered, then usage): it was not woken per token.
+    # Both choices' first token, written after the prefill, not after the decode step that follows it.
+    assert recorder.entries[0][0] == "nexus-transformers"
+    assert [(i, len(d)) for i, d, _ in recorder.entries[0][1]["d"]] == [(0, len(events[0].text)), (1, len(events[1].text))]
+    assert [thread for thread, _ in recorder.entries[1:]] == ["MainThread"] * (len(recorder.entries) - 1)
+    assert len(recorder.entries) == 3
+
+
+def test_a_cancel_seen_while_waiting_stops_the_rows(backend):
+    from nexus.inference.streams import EventWriter
+
+    class Cancelled(Exception):
+        pass
+
+    def cancel():
+        raise Cancelled
+
+    writer = EventWriter(_ThreadRecorder(), "job", 60, interval_ms=10_000)
+    with pytest.raises(Cancelled):
+        no_end = tuple((token, -100.0) for token in backend._eos_ids)  # long enough to be waited on
+        backend.stream_into(greedy("Hello", 400, logit_bias=no_end), writer, cancel)
+    assert backend.generate(greedy("Hello", 4)).usage.completion_tokens >= 1  # the engine goes on serving

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from nexus.inference.capabilities import PASS_THROUGH, Capabilities
 from nexus.inference.openai_shapes import UnsupportedParameterError
+from nexus.inference.streams import EventWriter
 from nexus.inference.types import (Choice, EmbeddingRequest, EmbeddingResult, FinishReason, GenerationRequest,
                                    GenerationResult, StreamDelta, Usage, merge_logprobs)
 from nexus.jobs.failures import FailureKind
@@ -35,6 +36,25 @@ class InferenceBackend(ABC):
     def stream(self, request: GenerationRequest) -> Iterator[StreamDelta | Usage]:
         """Text deltas as they are produced (each choice's last one has its finish
         reason), then exactly one Usage."""
+
+    def stream_into(self, request: GenerationRequest, writer: EventWriter,
+                    check_cancelled: Callable[[], None]) -> Usage | None:
+        """Stream the request's deltas into `writer` and return its usage; `check_cancelled` raises
+        to stop. This thread hands each delta on; a backend with its own engine loop in this
+        process feeds the writer from that loop instead (transformers)."""
+        stream, usage = self.stream(request), None
+        try:
+            for event in stream:
+                if isinstance(event, Usage):
+                    usage = event
+                elif isinstance(event, StreamDelta):
+                    writer.delta(event)
+                    check_cancelled()  # the client went away: stop generating
+        finally:
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()
+        return usage
 
     def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
         """One vector per input. Backends that serve no embeddings keep this refusal."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,11 +24,13 @@ from nexus.serving.decoding import (IncrementalDecoder, LogprobsBuilder, StopTra
 from nexus.serving.kv_batch import RunningBatch, mergeable
 from nexus.inference.capabilities import IN_PROCESS
 from nexus.inference.openai_shapes import ContextLengthExceededError, InvalidRequestError, float32_bytes
+from nexus.inference.streams import EventWriter, StepFlusher
 from nexus.inference.types import (EmbeddingRequest, EmbeddingResult, FinishReason, GenerationRequest,
                                    GenerationResult, SamplingParams, StreamDelta, Usage)
 
 _ROW_DONE = object()
 _CLOSE = object()
+CANCEL_CHECK_SECONDS = 0.25  # how often a request thread that waits on the engine checks for a cancel
 
 
 @dataclass(eq=False)
@@ -50,6 +52,9 @@ class _Row:
     next_input: int = 0  # the token fed at the next step
     streaming: bool = True  # False: one event at the end, not a wake-up of the waiting thread per token
     held: list[str] = field(default_factory=list)  # text not handed out yet when not streaming
+    # The request's EventWriter, fed by the engine itself (stream_into): no wake-up of the request's
+    # thread per token, and the engine loop writes between steps (nexus.inference.streams.StepFlusher).
+    sink: Callable[[StreamDelta], None] | None = None
 
     def __post_init__(self) -> None:
         self.tracker = StopTracker(self.params.stop)
@@ -60,7 +65,9 @@ class _Row:
         return bool(p.presence_penalty or p.frequency_penalty or p.logit_bias)
 
     def emit(self, text: str) -> None:
-        if self.streaming:
+        if self.sink is not None:
+            self.sink(StreamDelta(self.index, text, logprobs=self.logprobs.take() if self.logprobs else None))
+        elif self.streaming:
             self.events.put(StreamDelta(self.index, text, logprobs=self.logprobs.take() if self.logprobs else None))
         else:
             self.held.append(text)
@@ -71,8 +78,12 @@ class _Row:
 
     def finish(self, text: str, reason: FinishReason) -> None:
         self.finished = True
-        self.events.put(StreamDelta(self.index, "".join(self.held) + text, reason,
-                                    logprobs=self.logprobs.take() if self.logprobs else None))
+        delta = StreamDelta(self.index, "".join(self.held) + text, reason,
+                            logprobs=self.logprobs.take() if self.logprobs else None)
+        if self.sink is not None:
+            self.sink(delta)
+        else:
+            self.events.put(delta)
         self.events.put((_ROW_DONE, len(self.generated)))
 
 
@@ -102,6 +113,7 @@ class TransformersBackend(InferenceBackend):
         self._closing = False
         self._mergeable = True  # until a model's cache says otherwise
         self._token_texts: dict[int, str] = {}  # each token's own text, for logprobs
+        self._writes = StepFlusher()  # the stream writes of stream_into's requests, between steps
         self._engine = threading.Thread(target=self._engine_loop, name="nexus-transformers", daemon=True)
         self._engine.start()
 
@@ -111,14 +123,39 @@ class TransformersBackend(InferenceBackend):
         return collect_stream(self.stream(request, streaming=False))
 
     def stream(self, request: GenerationRequest, streaming: bool = True) -> Iterator[StreamDelta | Usage]:
+        rows, prompt_tokens = self._submit(request, streaming)
+        return self._events(rows, prompt_tokens)
+
+    def stream_into(self, request: GenerationRequest, writer: EventWriter,
+                    check_cancelled: Callable[[], None]) -> Usage:
+        """The engine buffers the text into `writer` itself and writes it between its steps; this
+        thread only waits for the rows to finish (checking for a cancel meanwhile)."""
+        rows, prompt_tokens = self._submit(request, True, sink=lambda delta: self._writes.add(writer, delta))
+        events, pending, completion_tokens = rows[0].events, len(rows), 0
+        try:
+            while pending:
+                try:
+                    event = events.get(timeout=CANCEL_CHECK_SECONDS)
+                except queue.Empty:
+                    check_cancelled()
+                    continue
+                if isinstance(event, BaseException):
+                    raise event
+                pending -= 1  # only a row's end comes through the queue
+                completion_tokens += event[1]
+            return Usage(prompt_tokens, completion_tokens)
+        finally:
+            rows[0].cancelled.set()  # a request that stops waiting frees its rows at the next step
+
+    def _submit(self, request: GenerationRequest, streaming: bool, sink=None) -> tuple[list[_Row], int]:
         self.capabilities.check(request)
         prompts = self._encode(request)
-        rows = self._rows(request, prompts, streaming)
+        rows = self._rows(request, prompts, streaming, sink)
         if self._closing:
             raise RuntimeError("the backend is closed")
         for row in rows:
             self._incoming.put(row)
-        return self._events(rows, sum(len(ids) for ids in prompts))
+        return rows, sum(len(ids) for ids in prompts)
 
     def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
         """Mean-pooled, L2-normalised last hidden states, one forward pass for all inputs.
@@ -174,7 +211,8 @@ class TransformersBackend(InferenceBackend):
                                              f"{param}[{index}] has {len(ids)}", param=param)
         return ids
 
-    def _rows(self, request: GenerationRequest, prompts: list[list[int]], streaming: bool) -> list[_Row]:
+    def _rows(self, request: GenerationRequest, prompts: list[list[int]], streaming: bool,
+              sink: Callable[[StreamDelta], None] | None = None) -> list[_Row]:
         import torch
 
         params = request.params
@@ -192,7 +230,7 @@ class TransformersBackend(InferenceBackend):
                 if params.logprobs is not None:
                     logprobs = LogprobsBuilder(self._token_text, params.logprobs, chat=request.is_chat)
                 rows.append(_Row(index, prompt_ids, max_new, params, generator, events, cancelled,
-                                 IncrementalDecoder(self._decode), logprobs, streaming=streaming))
+                                 IncrementalDecoder(self._decode), logprobs, streaming=streaming, sink=sink))
         return rows
 
     def _max_new_tokens(self, prompt_len: int, max_tokens: int | None) -> int:
@@ -232,8 +270,10 @@ class TransformersBackend(InferenceBackend):
             try:
                 if joining:
                     running = self._admit(batch, running, joining)
+                    self._writes.after_step()  # the joining rows' first text, before the next step
                 if running:
                     running = self._step(batch, running)
+                    self._writes.after_step()
             except BaseException as error:  # the engine must survive any step; each waiter gets the error
                 failed = EngineFailed(f"the engine failed a step: {type(error).__name__}: {error}")
                 failed.__cause__ = error
