@@ -86,10 +86,14 @@ def test_flower_shows_the_cluster_in_a_browser(dev_cluster):
 
 def _rows(browser, table_id: str, ready, timeout: float = 60) -> list[str]:
     """The text of each body row of the table once `ready(rows)` holds (pages fill tables by script)."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
 
     def rows():
-        found = [r.text for r in browser.find_elements(By.CSS_SELECTOR, f"#{table_id} tbody tr")]
+        try:
+            found = [r.text for r in browser.find_elements(By.CSS_SELECTOR, f"#{table_id} tbody tr")]
+        except StaleElementReferenceException:  # Flower redrew the table between finding a row and reading it
+            return None
         return found if found and ready(found) else None
 
     return wait_for(rows, timeout=timeout, interval=0.5, what=f"rows in #{table_id}")
