@@ -17,7 +17,8 @@ Each pass:
      is adopted. (The very first pass on a new deployment finds no epoch either and
      re-publishes once.)
    - a queue holds fewer messages (its priority lists plus those workers hold
-     unacknowledged: prefetched, or delayed by a countdown) than it has waiting jobs
+     unacknowledged for a waiting job: prefetched, or delayed by a countdown; not
+     a running job's, acknowledged only at its end) than it has waiting jobs
      older than the grace, in two passes running: the queue is read to find which
      jobs have no message, and those are re-published, oldest first, no more than
      the shortfall. This recovers a crashed publisher (row, no message), a lost
@@ -36,11 +37,12 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import Counter
 from typing import Any, Callable, Sequence
 
 import redis
 from celery import Celery
-from sqlalchemy import Engine, TextClause, text
+from sqlalchemy import Connection, Engine, TextClause, text
 
 from nexus.jobs import fairshare
 from nexus.jobs.retention import retention_pass
@@ -110,6 +112,11 @@ _OLD_WAITING_OF_QUEUE = text(
     f"""SELECT id, attempt FROM jobs
         WHERE {_WAITING} AND queue = :queue AND published_at < now() - make_interval(secs => :grace)
         ORDER BY published_at"""
+)
+
+_OLD_WAITING_AMONG = text(
+    f"""SELECT id, attempt, queue FROM jobs
+        WHERE id = ANY(CAST(:ids AS uuid[])) AND {_WAITING} AND published_at < now() - make_interval(secs => :grace)"""
 )
 
 _REPUBLISH = text(
@@ -198,13 +205,14 @@ class Reconciler:
         # as a message without a waiting row (harmless), not as a waiting row without a message.
         queues = self._queues_with_waiting_jobs()
         depths = {queue: broker.queue_depth(self.redis, queue) for queue in queues}
-        held = broker.held_by_queue(self.redis)
+        held = broker.held_jobs(self.redis)
         with self.engine.connect() as conn:
             waiting: dict[str, int] = dict(conn.execute(_OLD_WAITING_BY_QUEUE, {"grace": GRACE_SECONDS}).all())
+            held_waiting = self._held_for_waiting_jobs(conn, held)
         short: dict[str, int] = {}
         total = 0
         for queue, jobs in waiting.items():
-            missing = jobs - depths.get(queue, 0) - held[queue]
+            missing = jobs - depths.get(queue, 0) - held_waiting[queue]
             if missing <= 0:
                 continue
             confirmed = min(missing, self._short.get(queue, 0))
@@ -212,6 +220,19 @@ class Reconciler:
             short[queue] = missing - confirmed
         self._short = short
         return total
+
+    @staticmethod
+    def _held_for_waiting_jobs(conn: Connection, held: dict[str, set[tuple[str, int]]]) -> Counter[str]:
+        """Per queue, the held messages that stand for one of the waiting jobs counted: a message a worker
+        holds for a job it runs (acknowledged only at the end) is no waiting job's. Counting those too
+        let a busy queue's running jobs mask lost messages for as long as the queue stayed busy (a retry
+        whose message a frozen worker's pending fetch took waited out the whole load)."""
+        pairs = {pair for jobs in held.values() for pair in jobs}
+        if not pairs:
+            return Counter()
+        rows = conn.execute(_OLD_WAITING_AMONG, {"ids": sorted({job_id for job_id, _ in pairs}),
+                                                  "grace": GRACE_SECONDS}).all()
+        return Counter(r.queue for r in rows if (str(r.id), r.attempt + 1) in held.get(r.queue, set()))
 
     def _queues_with_waiting_jobs(self) -> list[str]:
         with self.engine.connect() as conn:

@@ -75,6 +75,15 @@ def held_by_queue(client: redis.Redis) -> Counter[str]:
     return Counter(routing_key for _message, routing_key in held_messages(client))
 
 
+def held_jobs(client: redis.Redis) -> dict[str, set[tuple[str, int]]]:
+    """(job id, attempt) of each `run_job` message live workers hold, by the queue it came from."""
+    found: dict[str, set[tuple[str, int]]] = {}
+    for message, routing_key in held_messages(client):
+        if job := _job_of(message):
+            found.setdefault(routing_key, set()).add(job)
+    return found
+
+
 def _eta(message: dict[str, Any]) -> float:
     """When a countdown/ETA message is due (0 for one without)."""
     eta = message.get("headers", {}).get("eta")

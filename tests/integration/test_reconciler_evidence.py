@@ -98,6 +98,31 @@ def test_messages_held_by_workers_count_as_present(services):
         assert messages(services) == len(jobs)
 
 
+def test_messages_held_for_running_jobs_do_not_mask_a_lost_one(services):
+    """With late acknowledgement a worker holds a running job's message until the job ends: it stands for
+    no waiting job, so a busy queue must not count it against a waiting job's lost message."""
+    reconciler = reconciler_for(services)
+    jobs = backlog(services, 10)
+    with services.celery.connection_for_read() as conn:
+        channel = conn.default_channel
+        held = [channel.basic_get(QUEUE, no_ack=False) for _ in range(5)]  # as workers running them hold them
+        assert all(held)
+        running = [broker._job_of(json.loads(services.redis.hget(broker.UNACKED_KEY, tag))[0])[0]
+                   for tag in services.redis.hkeys(broker.UNACKED_KEY)]
+        with services.engine.begin() as db:  # what their claims did
+            db.execute(text("UPDATE jobs SET state = 'running', attempt = attempt + 1, node = 'busy', "
+                            "started_at = now(), lease_expires_at = now() + interval '60 seconds' "
+                            "WHERE id = ANY(CAST(:ids AS uuid[]))"), {"ids": running})
+        key = next(k for k in broker.priority_keys(QUEUE) if services.redis.llen(k))
+        raw = services.redis.lindex(key, 0)
+        assert services.redis.lrem(key, 1, raw) == 1  # one waiting job's message lost
+        lost = broker._job_of(json.loads(raw))[0]
+        assert lost not in running
+        assert passes(reconciler, 2) == 1
+        waiting = set(jobs) - set(running)
+        assert {job for job, _ in broker.job_messages(services.redis, QUEUE)} >= waiting
+
+
 def test_messages_held_by_a_killed_worker_are_republished(services):
     """A SIGKILLed worker's prefetch stays in the `unacked` hash until the visibility timeout (hours);
     a live worker starts what it holds at once, so a message held past the freshness bound is lost."""
