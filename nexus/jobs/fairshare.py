@@ -27,9 +27,11 @@ publishing marks the row first, inside the transaction that sends the message.
 from __future__ import annotations
 
 import logging
+import math
 
 from celery import Celery
 from sqlalchemy import Connection, Engine, text
+from sqlalchemy.exc import OperationalError
 
 from nexus.config import Settings
 from nexus.db.functions import DefinerFunction
@@ -72,6 +74,8 @@ def has_ready(alias: str, tenant: str, queue: str) -> str:
            f"AND {ready(alias)})"
 
 
+LOCK_NOT_AVAILABLE = "55P03"  # SQLSTATE of a lock wait that reached lock_timeout
+RECONCILER_LOCK_WAIT_SECONDS = 1.0  # a refill holds the lock for milliseconds; longer is a stuck holder
 BATCH = 500  # jobs one refill publishes at most (the whole room when there is no share)
 
 # One function for the worker that frees a place (the worker role may touch no table: nexus.db.functions)
@@ -122,18 +126,35 @@ _HELD_PAIRS = text(f"""
 """)
 
 
-def refill(engine: Engine, celery: Celery, settings: Settings, tenant: str, queue: str) -> int:
+def refill(engine: Engine, celery: Celery, settings: Settings, tenant: str, queue: str,
+           lock_wait_seconds: float | None = None) -> int:
     """Publish the tenant's next ready jobs on the queue, as many as its share has room for; how many.
 
     The messages go out inside the transaction that marks the rows: if the broker refuses, the rows
     stay held and the next refill tries again. A worker that gets a message first waits on the row
-    lock and then sees the committed row."""
+    lock and then sees the committed row. `lock_wait_seconds`: wait at most this long for the tenant's
+    refill lock, then raise RefillBusy (None: as long as it takes)."""
     with engine.begin() as conn:
-        rows = REFILL.execute(conn, {"tenant": tenant, "queue": queue,
-                                     "share": settings.max_broker_messages_per_tenant, "batch": BATCH})
+        if lock_wait_seconds is not None:
+            conn.execute(text("SELECT set_config('lock_timeout', :ms, true)"),
+                         {"ms": f"{math.ceil(lock_wait_seconds * 1000)}ms"})
+        try:
+            rows = REFILL.execute(conn, {"tenant": tenant, "queue": queue,
+                                         "share": settings.max_broker_messages_per_tenant, "batch": BATCH})
+        except OperationalError as exc:
+            if getattr(exc.orig, "pgcode", None) == LOCK_NOT_AVAILABLE:
+                raise RefillBusy(tenant, queue) from exc
+            raise
         if rows:
             publish_all(celery, [JobMessage(str(r["id"]), r["attempt"] + 1, r["queue"], r["priority"]) for r in rows])
     return len(rows)
+
+
+class RefillBusy(Exception):
+    """Another session held the tenant's refill lock past the wait (a refill runs; or its holder froze)."""
+
+    def __init__(self, tenant: str, queue: str):
+        super().__init__(f"the refill lock of tenant {tenant!r} on queue {queue!r} is held elsewhere")
 
 
 def held_pairs(conn: Connection) -> list[tuple[str, str]]:
@@ -141,12 +162,19 @@ def held_pairs(conn: Connection) -> list[tuple[str, str]]:
 
 
 def refill_all(engine: Engine, celery: Celery, settings: Settings) -> int:
-    """The reconciler's pass: refill every tenant and queue that has held jobs; how many were published."""
+    """The reconciler's pass: refill every tenant and queue that has held jobs; how many were published.
+
+    A pair whose lock is held elsewhere waits for the next pass: a session that froze holding it (its
+    worker stopped between lock and commit, until PostgreSQL ends it: nexus.jobs.worker_role) stalled
+    the whole pass, lease expiry included, for as long as it stayed frozen."""
     with engine.connect() as conn:
         pairs = held_pairs(conn)
     total = 0
     for tenant, queue in pairs:
-        while (n := refill(engine, celery, settings, tenant, queue)) == BATCH:  # no share: drain the due ones
+        try:
+            while (n := refill(engine, celery, settings, tenant, queue, RECONCILER_LOCK_WAIT_SECONDS)) == BATCH:
+                total += n  # no share: drain the due ones
             total += n
-        total += n
+        except RefillBusy as busy:
+            log.info("%s; it is refilled next pass", busy)
     return total

@@ -21,12 +21,14 @@ What the role may do:
 from __future__ import annotations
 
 import logging
+import math
 
 from sqlalchemy import Connection, Engine, text
 
 from nexus.config import Settings, worker_role_name
 from nexus.db.functions import MAX_CHILDREN_MARK, DefinerFunction
 from nexus.jobs import digest, fairshare, lifecycle, placement, queries
+from nexus.queueing.celery_app import PUBLISH_GIVE_UP_SECONDS
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,7 @@ def install_worker_role(engine: Engine, settings: Settings, more: tuple[DefinerF
     with engine.begin() as conn:
         conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _LOCK_ID})
         _ensure_role(conn, role, settings.worker_database_password)
+        _bound_idle_transactions(conn, role, idle_transaction_limit_ms(settings))
         _grant(conn, role, database)
         for function in functions:
             conn.exec_driver_sql(function.create_sql(role, marks).replace("%", "%%"))  # psycopg2 formats it
@@ -67,6 +70,23 @@ def _ensure_role(conn: Connection, role: str, password: str) -> None:
         conn.exec_driver_sql(f"ALTER ROLE {quoted} {attributes} PASSWORD %(password)s", {"password": password})
     else:  # dev and tests on trust authentication
         conn.exec_driver_sql(f"ALTER ROLE {quoted} {attributes} PASSWORD NULL")
+
+
+def idle_transaction_limit_ms(settings: Settings) -> int:
+    """How long a worker's session may sit in an open transaction, idle, before PostgreSQL ends it.
+
+    A worker frozen (SIGSTOP, swapped out) or cut off between two statements of one transaction keeps
+    its locks for as long as its connection stays open: row locks that the reconciler's lease expiry
+    skips (so the frozen attempt's lease never expired), and a tenant's refill lock that every other
+    claim of that tenant, and the reconciler, waited on. Its lease is gone after `job_lease_seconds`
+    anyway, so its transactions end then too. Never shorter than a publish inside a refill
+    transaction may take while the broker is away (PUBLISH_GIVE_UP_SECONDS)."""
+    return math.ceil(1000 * max(settings.job_lease_seconds, 2 * PUBLISH_GIVE_UP_SECONDS))
+
+
+def _bound_idle_transactions(conn: Connection, role: str, limit_ms: int) -> None:
+    # A role setting applies to every new session of the role, whatever its client asks for first.
+    conn.exec_driver_sql(f'ALTER ROLE "{role}" SET idle_in_transaction_session_timeout = {int(limit_ms)}')
 
 
 def _grant(conn: Connection, role: str, database: str) -> None:

@@ -3,12 +3,16 @@ and nothing is lost or duplicated while jobs wait as held rows."""
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import create_engine, text
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.pool import NullPool
 
-from nexus.jobs import fairshare, lifecycle
+from nexus.jobs import fairshare, lifecycle, worker_role
 from nexus.jobs.reconciler import Reconciler
 from nexus.queueing import broker
 from nexus.services import Services
@@ -126,3 +130,67 @@ def test_v1_requests_are_not_held_behind_their_tenants_share(services):
             for _ in range(SHARE * 3)]
     ids = [str(row.id) for row, _ in services.submitter.submit_many(raws, tenant="a", allow_internal=True)]
     assert {(job, 1) for job in ids} <= messages(services, "model.tiny")  # the session's own /v1 tests share it
+
+
+def _frozen_refill(services: Services, tenant: str, queue: str = UNCONSUMED):
+    """A worker's session stopped inside a refill transaction, holding the tenant's refill lock (what a
+    worker SIGSTOPped between the lock and its commit leaves behind). Returns (engine, connection)."""
+    engine = create_engine(services.settings.worker_database_url, poolclass=NullPool)
+    conn = engine.connect()
+    conn.begin()
+    fairshare.REFILL.execute(conn, {"tenant": tenant, "queue": queue, "share": SHARE, "batch": 1})
+    return engine, conn
+
+
+def _session_open(services: Services, pid: int) -> bool:
+    with services.engine.connect() as conn:
+        return conn.execute(text("SELECT count(*) FROM pg_stat_activity WHERE pid = :pid"), {"pid": pid}).scalar() > 0
+
+
+def test_a_frozen_workers_refill_lock_stalls_neither_the_reconciler_nor_its_lease_expiry(services):
+    """The pass skips a pair whose refill lock another session holds and goes on: here the lease of a
+    running job (of another tenant) still expires while the frozen refill holds tenant a's lock."""
+    backlog = submit(services, "a", SHARE + 3)  # three held
+    running = submit(services, "b", 1)[0]
+    with services.engine.begin() as conn:
+        assert lifecycle.claim(conn, running, 1, "frozen-node", 0.05)
+    time.sleep(0.2)  # its lease is over
+    engine, frozen = _frozen_refill(services, "a")
+    try:
+        reconciler = Reconciler(services.settings, services.engine, services.celery, services.redis)
+        passes: list[dict[str, int]] = []
+        thread = threading.Thread(target=lambda: passes.append(reconciler.run_once()), daemon=True)
+        thread.start()
+        # Well inside the idle-transaction limit PostgreSQL puts on the worker's sessions (4 s here).
+        thread.join(timeout=3)
+        assert passes, "the reconciler's pass waited on the frozen session's refill lock"
+        assert passes[0]["leases_expired"] == 1
+        assert passes[0]["retries_published"] == 1  # b's expired attempt: b's pair was not locked
+        assert len(published_rows(services, "a")) == SHARE  # a's held jobs wait for the lock's next pass
+    finally:
+        frozen.close()
+        engine.dispose()
+    assert {job for job, _ in published_rows(services, "a")} <= set(backlog)
+
+
+def test_postgresql_ends_a_worker_session_left_idle_in_a_transaction(services):
+    """Past the limit (the job lease, at least twice a publish's give-up) the frozen session is ended,
+    its lock freed, and the tenant's held jobs go out again."""
+    limit = worker_role.idle_transaction_limit_ms(services.settings) / 1000
+    submit(services, "a", SHARE)
+    engine, frozen = _frozen_refill(services, "a")
+    try:
+        pid = frozen.connection.dbapi_connection.get_backend_pid()
+        assert frozen.exec_driver_sql("SHOW idle_in_transaction_session_timeout").scalar() == f"{int(limit)}s"
+        wait_for(lambda: not _session_open(services, pid), timeout=limit + 10, what="the idle session ended")
+        with pytest.raises(OperationalError):
+            frozen.exec_driver_sql("SELECT 1")
+    finally:
+        frozen.close()
+        engine.dispose()
+    submit(services, "a", 2)  # past the share: held until a refill has room
+    with services.engine.begin() as conn:  # two of the published ones claimed elsewhere: room for two
+        for job, _ in sorted(published_rows(services, "a"))[:2]:
+            lifecycle.claim(conn, job, 1, "elsewhere", 30.0)
+    assert fairshare.refill(services.engine, services.celery, services.settings, "a", UNCONSUMED,
+                            lock_wait_seconds=1.0) == 2
