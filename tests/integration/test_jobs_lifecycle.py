@@ -178,3 +178,23 @@ def test_inputs_uploaded_through_the_api_are_tenant_scoped(api, services):
     stolen = api.post("/api/v1/jobs", json={"type": "sleep", "input_key": key}, headers=auth(bob["token"]))
     assert stolen.status_code in (400, 403)
     assert api.post("/api/v1/inputs", data=b"", headers=auth(alice["token"])).status_code == 400
+
+
+def test_a_large_batch_is_planned_for_its_size_not_with_the_plan_cached_for_single_submissions(services):
+    """After five runs PostgreSQL may keep a generic plan for a prepared statement; the one it kept after
+    single submissions took 52 s for a bulk of 10,000 that a plan of its own did in 3 s (bench/dispatch.py)."""
+    from nexus.jobs.submit import build_spec
+
+    def specs(n: int):
+        return [build_spec({"type": "noop", "requirements": {"tier": "gpu_peer"}}, services.settings, "plans")
+                for _ in range(n)]
+
+    with services.engine.connect() as conn:
+        for _ in range(6):
+            lifecycle.insert_jobs(conn, specs(1), share=4)
+        assert len(lifecycle.insert_jobs(conn, specs(lifecycle.LARGE_BATCH + 1), share=4)) == lifecycle.LARGE_BATCH + 1
+        plans = {r.name: (r.generic_plans, r.custom_plans) for r in conn.execute(
+            text("SELECT name, generic_plans, custom_plans FROM pg_prepared_statements"))}
+        conn.commit()
+    generic, custom = plans["nexus_insert_many_jobs"]
+    assert (generic, custom) == (0, 1)
