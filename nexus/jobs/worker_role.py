@@ -77,8 +77,8 @@ def idle_transaction_limit_ms(settings: Settings) -> int:
 
     A worker frozen (SIGSTOP, swapped out) or cut off between two statements of one transaction keeps
     its locks for as long as its connection stays open: row locks that the reconciler's lease expiry
-    skips (so the frozen attempt's lease never expired), and a tenant's refill lock that every other
-    claim of that tenant, and the reconciler, waited on. Its lease is gone after `job_lease_seconds`
+    skips (so the frozen attempt's lease never expired), and a tenant's refill lock that the other
+    workers' refills of that tenant, and the reconciler, waited on. Its lease is gone after `job_lease_seconds`
     anyway, so its transactions end then too. Never shorter than a publish inside a refill
     transaction may take while the broker is away (PUBLISH_GIVE_UP_SECONDS)."""
     return math.ceil(1000 * max(settings.job_lease_seconds, 2 * PUBLISH_GIVE_UP_SECONDS))
@@ -86,7 +86,7 @@ def idle_transaction_limit_ms(settings: Settings) -> int:
 
 def _bound_idle_transactions(conn: Connection, role: str, limit_ms: int) -> None:
     # A role setting applies to every new session of the role, whatever its client asks for first.
-    conn.exec_driver_sql(f'ALTER ROLE "{role}" SET idle_in_transaction_session_timeout = {int(limit_ms)}')
+    conn.exec_driver_sql(f'ALTER ROLE "{role}" SET idle_in_transaction_session_timeout = {limit_ms}')
 
 
 def _grant(conn: Connection, role: str, database: str) -> None:
