@@ -6,7 +6,8 @@ Streams one request at a time (or `--in-flight` at once) through the real gunico
 serving the tiny model, and splits each request's time to first token with
 three clocks of the same machine: the job row's `created_at` (the submitting
 transaction's start, after auth, the stream slot, admission and parsing) and
-`started_at` (the worker's claim), the moment Redis executed the first `XADD` to
+`started_at` (the worker's claim), the moments Redis executed the `LPUSH` of the job's
+message and the first `XADD` to
 the request's stream (from a `MONITOR` connection, which costs Redis a little on
 every command: both sides of the comparison pay it), and the client's first SSE
 data line. The bare engine's TTFT for the same prompt (TransformersBackend in
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 import statistics
 import sys
 import threading
@@ -41,15 +43,19 @@ from tests.support import start_api, start_worker, wait_for  # noqa: E402
 MODEL = "tiny"
 PROMPT = "Hello there"
 STREAM_PREFIX = STREAM_KEY.split("{")[0]
-HOPS = ("client -> job row (auth, slots, admission, insert)", "row -> worker claim (commit, publish, delivery)",
+JOB_IN_ENVELOPE = re.compile(r"argsrepr[^0-9a-f]+([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})")
+HOPS = ("client -> job row (auth, slots, admission, insert)", "row -> message (commit, publish)",
+        "message -> worker claim (delivery, Celery, claim)",
         "claim -> first XADD (handler, engine's first step)", "first XADD -> client (relay, SSE)", "total TTFT")
 
 
 class FirstWrites:
-    """Redis's own time of the first XADD to each generation stream, read from MONITOR."""
+    """Redis's own time of the first XADD to each generation stream, and of the LPUSH of each job's
+    message (its envelope's `argsrepr` names the job), read from MONITOR."""
 
     def __init__(self, url: str) -> None:
         self.times: dict[str, float] = {}
+        self.pushes: dict[str, float] = {}
         self._client = redis.Redis.from_url(url)
         self._monitor = self._client.monitor().__enter__()
         threading.Thread(target=self._listen, daemon=True).start()
@@ -60,6 +66,8 @@ class FirstWrites:
                 words = command["command"].split()
                 if words[:1] == ["XADD"] and words[1].startswith(STREAM_PREFIX):
                     self.times.setdefault(words[1][len(STREAM_PREFIX):], command["time"])
+                elif words[:1] == ["LPUSH"] and (job := JOB_IN_ENVELOPE.search(command["command"])):
+                    self.pushes.setdefault(job.group(1), command["time"])
 
     def close(self) -> None:
         with contextlib.suppress(redis.ConnectionError):
@@ -144,7 +152,8 @@ def main() -> None:
     spans = []
     for (sent, first), row in list(zip(client, rows))[args.requests // 5:]:  # the first fifth warms up
         created, claimed, xadd = row.created_at.timestamp(), row.started_at.timestamp(), writes.times[str(row.id)]
-        spans.append((created - sent, claimed - created, xadd - claimed, first - xadd, first - sent))
+        pushed = writes.pushes[str(row.id)]
+        spans.append((created - sent, pushed - created, claimed - pushed, xadd - claimed, first - xadd, first - sent))
     print(f"{len(spans)} streams, {args.in_flight} in flight, max_tokens {args.max_tokens}; p50 per hop:")
     for index, hop in enumerate(HOPS):
         print(f"  {hop:<52} {statistics.median(s[index] for s in spans) * 1000:7.1f} ms")
