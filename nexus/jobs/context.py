@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Engine
 
 from nexus.config import Settings
+from nexus.jobs import children as child_writes  # not `children`: JobContext.children is a method
 from nexus.jobs import lifecycle, queries
 from nexus.jobs.fanout import check_fan_out
 from nexus.jobs.records import Job, Lease
@@ -142,9 +143,9 @@ class JobContext:
     def cancel_children(self, child_ids: list[uuid.UUID], by: str) -> int:
         """Cancel these children of this job: waiting ones at once, running ones at their next check."""
         with self.engine.begin() as conn:
-            return lifecycle.cancel_children(conn, self.lease, child_ids, by)
+            return child_writes.cancel_children(conn, self.lease, child_ids, by)
 
     def retry_child(self, child_id: uuid.UUID) -> bool:
         """Give a failed or cancelled child one more attempt."""
         with self.engine.begin() as conn:
-            return lifecycle.retry_child(conn, self.lease, child_id)
+            return child_writes.retry_child(conn, self.lease, child_id)

@@ -3,30 +3,28 @@
 A transition and its event row are written by the same statement, so the event
 log can never disagree with the job. Claims, completions and failures are
 guarded by the attempt number (the fencing token): a worker that lost its
-lease cannot overwrite a newer attempt.
+lease cannot overwrite a newer attempt. A running job's writes about its children
+(submit, withdraw, retry, cancel) are nexus.jobs.children's, which builds on this module.
 """
 
 from __future__ import annotations
 
 import json
 import random
-import re
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Callable, Mapping, TypeVar
 
 from sqlalchemy import Connection, Engine, RowMapping, bindparam, text
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.types import Uuid
 
-from nexus.db.functions import MAX_CHILDREN_MARK, WORKER_ROLE_MARK, DefinerFunction
+from nexus.db.functions import WORKER_ROLE_MARK, DefinerFunction
 from nexus.db.prepared import Prepared
 from nexus.jobs import fairshare
 from nexus.jobs.failures import FailureKind
-from nexus.jobs.fanout import TooManyChildren
-from nexus.jobs.records import Claimed, Job, Lease, Outcome, project, returning, select_list
+from nexus.jobs.records import Claimed, Job, Outcome, project, returning, select_list
 from nexus.queueing.routing import MASTER_QUEUE_PREFIX
 from nexus.jobs.states import ACTIVE_STATES, CLAIMABLE_STATES, RETRYABLE_BY_HAND, JobState, sql_in
 
@@ -78,7 +76,6 @@ def _fields(record: type) -> list[str]:
     from dataclasses import fields
 
     return [f.name for f in fields(record)]
-
 
 
 # Each new job is published (published_attempt 1) while its tenant's share of the queue has room,
@@ -164,103 +161,6 @@ def insert_jobs(conn: Connection, specs: list[JobSpec], share: int = 0) -> dict[
     return {row["id"]: Inserted(row["created_at"], row["published"]) for row in statement.execute(conn, params)}
 
 
-# --- a running job's children, submitted by its worker under the parent's lease -----------------------
-# The tenant and the parent come from the parent's row, never from the caller; a child never outranks
-# its parent, and a worker puts none on the master's queues (the verifier would run it with the master's
-# credentials). An idempotent repeat answers with the parent's existing child of that key.
-TOO_MANY_CHILDREN_SQLSTATE = "NXC01"  # raised by nexus_w_submit_children past the fan-out limit
-
-_INSERT_CHILDREN = DefinerFunction("nexus_w_submit_children", {
-    "id": "uuid", "attempt": "int", "lease_token": "uuid", "ids": "uuid[]", "types": "text[]",
-    "payloads": "jsonb[]", "input_keys": "text[]", "requirements": "jsonb[]", "queues": "text[]",
-    "priorities": "smallint[]", "max_attempts": "int[]", "idem_keys": "text[]"},
-    {"id": "jobs.id%TYPE", "created_at": "jobs.created_at%TYPE", "idempotency_key": "jobs.idempotency_key%TYPE",
-     "created": "boolean"}, f"""
-    WITH parent AS (SELECT p.id, p.tenant, p.priority FROM jobs p WHERE {holds_lease("p")}),
-    ins AS (
-    INSERT INTO jobs (id, type, payload, input_key, requirements, queue, priority, max_attempts, tenant,
-                      idempotency_key, parent_id, published_at)
-    SELECT t.cid, t.ctype, t.cpayload, t.cinput, t.creq, t.cqueue, LEAST(t.cprio, parent.priority), t.cmax,
-           parent.tenant, t.ckey, parent.id, now()
-    FROM parent, unnest(:ids, :types, :payloads, :input_keys, :requirements, :queues, :priorities,
-                        :max_attempts, :idem_keys) AS t(cid, ctype, cpayload, cinput, creq, cqueue, cprio, cmax, ckey)
-    WHERE t.cqueue NOT LIKE '{MASTER_QUEUE_PREFIX}%' OR session_user <> '{WORKER_ROLE_MARK}'
-    ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-    RETURNING id, created_at, idempotency_key
-    ),
-    ev AS (
-        INSERT INTO job_events (job_id, from_state, to_state, attempt, message)
-        SELECT id, NULL, 'queued', 0, 'submitted' FROM ins
-    )
-    SELECT id, created_at, idempotency_key, true FROM ins
-    UNION ALL
-    SELECT e.id, e.created_at, e.idempotency_key, false FROM jobs e, parent
-    WHERE e.parent_id = parent.id AND e.tenant = parent.tenant AND e.idempotency_key = ANY(:idem_keys)""",
-    # The fan-out limit, enforced where children are made: the children this job already has (but those
-    # these keys repeat, a retried parent's) and these may not pass NEXUS_MAX_CHILDREN_PER_JOB, which the
-    # master writes into the function (MAX_CHILDREN_MARK). JobContext checks it first, for a clear message.
-    first=f"""
-    IF (SELECT count(*) FROM jobs c WHERE c.parent_id = _id
-          AND (c.idempotency_key IS NULL OR c.idempotency_key <> ALL(array_remove(_idem_keys, NULL))))
-       + cardinality(_ids) > {MAX_CHILDREN_MARK} THEN
-        RAISE EXCEPTION 'this job would create more than {MAX_CHILDREN_MARK} child jobs'
-            USING ERRCODE = '{TOO_MANY_CHILDREN_SQLSTATE}';
-    END IF""")
-
-
-@dataclass(frozen=True)
-class ChildRow:
-    id: uuid.UUID
-    created_at: Any
-    created: bool  # False: an idempotent repeat, `id` is the existing child
-
-
-def insert_children(conn: Connection, lease: Lease, specs: list[JobSpec]) -> dict[uuid.UUID, ChildRow]:
-    """Insert a running job's children (and their events) in one statement: {spec id: row}; a spec missing
-    from the answer was not inserted (the parent's lease is gone, or its key names another job's child).
-    TooManyChildren when they would pass the master's NEXUS_MAX_CHILDREN_PER_JOB (nothing inserted)."""
-    if not specs:
-        return {}
-    try:
-        rows = _insert_children(conn, lease, specs)
-    except DBAPIError as exc:
-        if getattr(exc.orig, "pgcode", None) == TOO_MANY_CHILDREN_SQLSTATE:
-            message = str(exc.orig).splitlines()[0]
-            limit = int(re.search(r"more than (\d+)", message).group(1))  # type: ignore[union-attr]
-            raise TooManyChildren(f"{message} (NEXUS_MAX_CHILDREN_PER_JOB)", len(specs), limit) from None
-        raise
-    by_id = {row["id"]: row for row in rows if row["created"]}
-    by_key = {row["idempotency_key"]: row for row in rows if not row["created"]}
-    out: dict[uuid.UUID, ChildRow] = {}
-    for spec in specs:
-        row = by_id.get(spec.id) or (by_key.get(spec.idempotency_key) if spec.idempotency_key else None)
-        if row is not None:
-            out[spec.id] = ChildRow(row["id"], row["created_at"], bool(row["created"]))
-    return out
-
-
-def _insert_children(conn: Connection, lease: Lease, specs: list[JobSpec]) -> list[RowMapping]:
-    return _INSERT_CHILDREN.execute(conn, {
-        "id": lease.job_id, "attempt": lease.attempt, "lease_token": lease.token,
-        "ids": [s.id for s in specs], "types": [s.type for s in specs],
-        "payloads": [json.dumps(s.payload) for s in specs], "input_keys": [s.input_key for s in specs],
-        "requirements": [json.dumps(s.requirements) for s in specs], "queues": [s.queue for s in specs],
-        "priorities": [s.priority for s in specs], "max_attempts": [s.max_attempts for s in specs],
-        "idem_keys": [s.idempotency_key for s in specs]})
-
-
-_DELETE_UNSTARTED_CHILDREN = DefinerFunction(
-    "nexus_w_delete_unstarted_children", {"id": "uuid", "attempt": "int", "lease_token": "uuid", "ids": "uuid[]"},
-    None, f"""DELETE FROM jobs c USING jobs p WHERE {holds_lease("p")} AND c.parent_id = p.id
-              AND c.id = ANY(:ids) AND c.state = '{JobState.QUEUED.value}' AND c.attempt = 0""")
-
-
-def delete_unstarted_children(conn: Connection, lease: Lease, ids: list[uuid.UUID]) -> None:
-    """Undo children whose messages could not be published."""
-    _DELETE_UNSTARTED_CHILDREN.execute(conn, {"id": lease.job_id, "attempt": lease.attempt,
-                                              "lease_token": lease.token, "ids": ids})
-
-
 def delete_unstarted(conn: Connection, ids: list[uuid.UUID]) -> None:
     """Undo a submission whose messages could not be published (nothing half-written)."""
     conn.execute(
@@ -271,7 +171,7 @@ def delete_unstarted(conn: Connection, ids: list[uuid.UUID]) -> None:
     )
 
 
-def _transition_sql(to_state: str | None, where: str, sets: str, returning: str) -> str:
+def transition_sql(to_state: str | None, where: str, sets: str, returning: str) -> str:
     """UPDATE one job under `where` and log the event, in one statement.
 
     `to_state` None keeps the state (the SET clause decides it). The row is
@@ -298,7 +198,9 @@ def _transition_sql(to_state: str | None, where: str, sets: str, returning: str)
     """
 
 
-def _one(conn: Connection, statement: str | Prepared | DefinerFunction, params: dict[str, Any]) -> RowMapping | None:
+def run_transition(conn: Connection, statement: str | Prepared | DefinerFunction,
+                   params: dict[str, Any]) -> RowMapping | None:
+    """Run a statement of transition_sql (the event columns default to NULL): the row it wrote, or None."""
     params.setdefault("event_node", None)
     params.setdefault("event_message", None)
     params.setdefault("event_failure_kind", None)
@@ -312,7 +214,7 @@ def _outcome(row: Mapping[Any, Any] | None) -> Outcome | None:
     return project(Outcome, row) if row is not None else None
 
 
-_EVENT_PARAMS = {"event_node": "text", "event_message": "text", "event_failure_kind": "text"}
+EVENT_PARAMS = {"event_node": "text", "event_message": "text", "event_failure_kind": "text"}
 
 
 # The claim commits asynchronously (no WAL flush wait, ~0.35 ms saved per job). Safe because of
@@ -323,8 +225,8 @@ _EVENT_PARAMS = {"event_node": "text", "event_message": "text", "event_failure_k
 # of the attempt (renewal, progress, children, outcome) must show it. The worker role may not claim
 # a job of the master's queues (a proof's verification: nexus.jobs.registry.JobType.runs_on_master).
 CLAIM = DefinerFunction("nexus_w_claim", {"id": "uuid", "attempt": "int", "node": "text", "lease": "float8",
-                                          "share": "int", **_EVENT_PARAMS},
-                        transition_returns(_fields(Claimed)), _transition_sql(
+                                          "share": "int", **EVENT_PARAMS},
+                        transition_returns(_fields(Claimed)), transition_sql(
     JobState.RUNNING.value,
     where=f"""{sql_in("j.state", CLAIMABLE_STATES)} AND j.attempt = :attempt - 1
               AND j.attempt < j.max_attempts AND NOT j.cancel_requested
@@ -346,8 +248,8 @@ def claim(conn: Connection, job_id: uuid.UUID | str, attempt: int, node: str, le
           share: int = 0) -> Claimed | None:
     """Take the job for `attempt`, or None: the message is stale or a duplicate and must be dropped.
     `share`: Settings.max_broker_messages_per_tenant, for the answer's `refill`."""
-    row = _one(conn, CLAIM, {"id": job_id, "attempt": attempt, "node": node, "lease": lease_seconds,
-                             "share": share, "event_node": node})
+    row = run_transition(conn, CLAIM, {"id": job_id, "attempt": attempt, "node": node, "lease": lease_seconds,
+                                       "share": share, "event_node": node})
     return project(Claimed, row) if row is not None else None
 
 
@@ -380,8 +282,8 @@ _OUTCOME_COLUMNS = returning(Outcome)  # what the runner and notices use
 
 _OUTCOME_RETURNS = transition_returns(_fields(Outcome)[:-1])  # run_seconds comes with every transition
 _COMPLETE = DefinerFunction("nexus_w_complete", {"id": "uuid", "attempt": "int", "lease_token": "uuid",
-                                                 "result": "jsonb", "output_key": "text", **_EVENT_PARAMS},
-                            _OUTCOME_RETURNS, _transition_sql(
+                                                 "result": "jsonb", "output_key": "text", **EVENT_PARAMS},
+                            _OUTCOME_RETURNS, transition_sql(
     JobState.SUCCEEDED.value,
     where=_FENCED,
     sets="result = :result, output_key = :output_key, finished_at = now(), lease_expires_at = NULL",
@@ -392,7 +294,7 @@ _COMPLETE = DefinerFunction("nexus_w_complete", {"id": "uuid", "attempt": "int",
 def complete(conn: Connection, job_id: uuid.UUID | str, attempt: int, node: str, result: Any,
              output_key: str | None, lease_token: uuid.UUID | None = None) -> Outcome | None:
     """Record success once; None if this attempt was fenced off (a newer attempt owns the job)."""
-    return _outcome(_one(
+    return _outcome(run_transition(
         conn,
         _COMPLETE,
         {"id": job_id, "attempt": attempt, "lease_token": lease_token, "result": _json(result),
@@ -401,8 +303,8 @@ def complete(conn: Connection, job_id: uuid.UUID | str, attempt: int, node: str,
 
 
 _FAIL = DefinerFunction("nexus_w_fail", {"id": "uuid", "attempt": "int", "lease_token": "uuid", "node": "text",
-                                         "error": "text", "retry": "boolean", "backoff": "float8", **_EVENT_PARAMS},
-                         _OUTCOME_RETURNS, _transition_sql(
+                                         "error": "text", "retry": "boolean", "backoff": "float8", **EVENT_PARAMS},
+                         _OUTCOME_RETURNS, transition_sql(
     None,
     where=_FENCED,
     sets="""state = CASE WHEN :retry AND j.attempt < j.max_attempts AND NOT j.cancel_requested
@@ -422,7 +324,7 @@ def fail(conn: Connection, job_id: uuid.UUID | str, attempt: int, node: str, err
 
     `kind` goes on the event: only an infrastructure failure counts against `node` (nexus.jobs.failures).
     """
-    return _outcome(_one(
+    return _outcome(run_transition(
         conn,
         _FAIL,
         {"id": job_id, "attempt": attempt, "lease_token": lease_token, "node": node, "error": error[:8000],
@@ -433,19 +335,20 @@ def fail(conn: Connection, job_id: uuid.UUID | str, attempt: int, node: str, err
 
 
 _CANCEL_RUNNING = DefinerFunction(
-    "nexus_w_cancelled", {"id": "uuid", "attempt": "int", "lease_token": "uuid", **_EVENT_PARAMS}, _OUTCOME_RETURNS,
-    _transition_sql(JobState.CANCELLED.value, where=_FENCED, sets="finished_at = now(), lease_expires_at = NULL",
+    "nexus_w_cancelled", {"id": "uuid", "attempt": "int", "lease_token": "uuid", **EVENT_PARAMS}, _OUTCOME_RETURNS,
+    transition_sql(JobState.CANCELLED.value, where=_FENCED, sets="finished_at = now(), lease_expires_at = NULL",
                     returning=_OUTCOME_COLUMNS))
 
 
 def mark_cancelled(conn: Connection, job_id: uuid.UUID | str, attempt: int, node: str,
                    lease_token: uuid.UUID | None = None) -> Outcome | None:
     """A running attempt saw the cancel flag and stopped."""
-    return _outcome(_one(conn, _CANCEL_RUNNING, {"id": job_id, "attempt": attempt, "lease_token": lease_token,
-                                                 "event_node": node, "event_message": "cancelled while running"}))
+    return _outcome(run_transition(conn, _CANCEL_RUNNING, {"id": job_id, "attempt": attempt,
+                                                           "lease_token": lease_token, "event_node": node,
+                                                           "event_message": "cancelled while running"}))
 
 
-_CANCEL_WAITING = _transition_sql(
+_CANCEL_WAITING = transition_sql(
     JobState.CANCELLED.value,
     where=sql_in("j.state", CLAIMABLE_STATES),  # waiting: no attempt runs, so it ends at once
     sets="finished_at = now(), cancel_requested = true",
@@ -459,13 +362,13 @@ _ACTIVE_CHILDREN = text(f"SELECT id FROM jobs WHERE parent_id = :id AND {sql_in(
 
 def request_cancel(conn: Connection, job_id: uuid.UUID | str, by: str | None = None) -> None:
     """Cancel at once if waiting; otherwise raise the flag the running attempt checks. Children follow."""
-    _one(conn, _CANCEL_WAITING, {"id": job_id, "event_message": f"cancelled by {by or 'request'}"})
+    run_transition(conn, _CANCEL_WAITING, {"id": job_id, "event_message": f"cancelled by {by or 'request'}"})
     conn.execute(_REQUEST_CANCEL, {"id": job_id})
     for (child_id,) in conn.execute(_ACTIVE_CHILDREN, {"id": job_id}).all():
         request_cancel(conn, child_id, by=f"parent {job_id}")
 
 
-_MANUAL_RETRY = _transition_sql(
+_MANUAL_RETRY = transition_sql(
     JobState.RETRYING.value,
     where=sql_in("j.state", RETRYABLE_BY_HAND),
     sets="""max_attempts = GREATEST(j.max_attempts, j.attempt + 1), cancel_requested = false,
@@ -476,28 +379,8 @@ _MANUAL_RETRY = _transition_sql(
 
 def manual_retry(conn: Connection, job_id: uuid.UUID | str, by: str | None = None) -> Job | None:
     """Give a failed or cancelled job one more attempt (the job as it now is); the reconciler publishes it."""
-    row = _one(conn, _MANUAL_RETRY, {"id": job_id, "event_message": f"retry requested by {by or 'request'}"})
+    row = run_transition(conn, _MANUAL_RETRY, {"id": job_id, "event_message": f"retry requested by {by or 'request'}"})
     return Job.from_mapping(row) if row is not None else None
-
-
-_RETRY_CHILD = DefinerFunction(
-    "nexus_w_retry_child", {"id": "uuid", "parent_id": "uuid", "parent_attempt": "int", "lease_token": "uuid",
-                            **_EVENT_PARAMS},
-    transition_returns(["id", "state", "attempt"]), _transition_sql(
-        JobState.RETRYING.value,
-        where=sql_in("j.state", RETRYABLE_BY_HAND) + " AND j.parent_id = :parent_id AND EXISTS (SELECT 1 FROM jobs p "
-              "WHERE " + holds_lease("p", ":parent_id", ":parent_attempt") + ")",
-        sets="""max_attempts = GREATEST(j.max_attempts, j.attempt + 1), cancel_requested = false,
-                not_before = now(), finished_at = NULL, published_attempt = j.attempt, error = NULL""",
-        returning="j.id, j.state, j.attempt"))
-
-
-def retry_child(conn: Connection, lease: Lease, child_id: uuid.UUID) -> bool:
-    """A running parent gives its failed or cancelled child one more attempt (a retried proof's segments)."""
-    row = _one(conn, _RETRY_CHILD, {"id": child_id, "parent_id": lease.job_id, "parent_attempt": lease.attempt,
-                                    "lease_token": lease.token,
-                                    "event_message": f"retry requested by parent {lease.job_id} attempt {lease.attempt}"})
-    return row is not None
 
 
 _PROGRESS = DefinerFunction("nexus_w_progress", {"id": "uuid", "attempt": "int", "lease_token": "uuid",
@@ -524,35 +407,6 @@ def run_in_transaction(engine: Engine, fn: Callable[..., Result], *args: Any, **
         return fn(conn, *args, **kwargs)
 
 
-# Every write a worker makes, as the functions its database role may call (nexus.jobs.worker_role).
-# A running parent stops children it no longer waits for (a benchmark's node past its timeout): a
-# waiting child is cancelled at once, a running one is asked to stop (the flag its attempt checks).
-_CANCEL_CHILDREN = DefinerFunction(
-    "nexus_w_cancel_children", {"id": "uuid", "attempt": "int", "lease_token": "uuid", "ids": "uuid[]",
-                                "message": "text"},
-    {"id": "jobs.id%TYPE"}, f"""
-    WITH parent AS (SELECT p.id FROM jobs p WHERE {holds_lease("p")}),
-    upd AS (
-        UPDATE jobs c SET cancel_requested = true, updated_at = now(),
-            state = CASE WHEN c.state IN ('queued', 'retrying') THEN 'cancelled' ELSE c.state END,
-            finished_at = CASE WHEN c.state IN ('queued', 'retrying') THEN now() ELSE c.finished_at END
-        FROM parent, (SELECT id, state AS before FROM jobs WHERE id = ANY(:ids) FOR UPDATE) old
-        WHERE c.id = old.id AND c.parent_id = parent.id AND {sql_in("c.state", ACTIVE_STATES)}
-        RETURNING c.id, old.before, c.state, c.attempt
-    ),
-    ev AS (
-        INSERT INTO job_events (job_id, from_state, to_state, attempt, message)
-        SELECT id, before, state, attempt, :message FROM upd WHERE state <> before
-    )
-    SELECT id FROM upd""")
-
-
-def cancel_children(conn: Connection, lease: Lease, ids: list[uuid.UUID], by: str) -> int:
-    """Cancel these children of the running attempt (waiting ones at once, running ones by the flag)."""
-    return len(_CANCEL_CHILDREN.execute(conn, {"id": lease.job_id, "attempt": lease.attempt,
-                                               "lease_token": lease.token, "ids": ids,
-                                               "message": f"cancelled by {by}"}))
-
-
-WORKER_WRITES = (CLAIM, RENEW, _PROGRESS, _COMPLETE, _FAIL, _CANCEL_RUNNING, _INSERT_CHILDREN, _CANCEL_CHILDREN,
-                 _DELETE_UNSTARTED_CHILDREN, _RETRY_CHILD)
+# Every write a worker makes about its own attempt, as the functions its database role may call
+# (nexus.jobs.worker_role); its writes about its children are nexus.jobs.children.WORKER_WRITES.
+WORKER_WRITES = (CLAIM, RENEW, _PROGRESS, _COMPLETE, _FAIL, _CANCEL_RUNNING)

@@ -22,6 +22,7 @@ from sqlalchemy import Engine
 from nexus.config import Settings
 from nexus.db.engine import autocommit
 from nexus.jobs import lifecycle, queries
+from nexus.jobs.children import delete_unstarted_children, insert_children
 from nexus.jobs.fanout import TooManyChildren, check_fan_out
 from nexus.jobs.lifecycle import JobSpec
 from nexus.jobs.records import Job, Lease
@@ -159,7 +160,7 @@ class Submitter:
                 raise
         _check_unique_keys(specs)
         with self.writes.connect() as conn:
-            rows = lifecycle.insert_children(conn, parent, specs)
+            rows = insert_children(conn, parent, specs)
             new_specs = [s for s in specs if s.id in rows and rows[s.id].created]
             lsn = commit_lsn(conn) if any(get_job_type(s.type).reads_standby for s in new_specs) else None
         if len(rows) < len(specs):
@@ -169,7 +170,7 @@ class Submitter:
             self.publish(new_specs, lsn)
         except Exception as exc:
             with self.engine.begin() as conn:
-                lifecycle.delete_unstarted_children(conn, parent, [s.id for s in new_specs])
+                delete_unstarted_children(conn, parent, [s.id for s in new_specs])
             raise PublishError(f"broker unavailable: {exc}") from exc
         return [rows[s.id].id for s in specs]
 

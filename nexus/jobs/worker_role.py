@@ -27,13 +27,15 @@ from sqlalchemy import Connection, Engine, text
 
 from nexus.config import Settings, worker_role_name
 from nexus.db.functions import MAX_CHILDREN_MARK, DefinerFunction
-from nexus.jobs import digest, fairshare, lifecycle, placement, queries
+from nexus.jobs import children, digest, fairshare, lifecycle, placement, queries
 from nexus.queueing.celery_app import PUBLISH_GIVE_UP_SECONDS
 
 log = logging.getLogger(__name__)
 
+# The job writes are joined here, where they are consumed: children imports lifecycle, never the reverse.
 WORKER_FUNCTIONS: tuple[DefinerFunction, ...] = (
-    *lifecycle.WORKER_WRITES, *queries.WORKER_READS, placement.RETRY_CONTEXT, digest.JOB_SPEC, fairshare.REFILL)
+    *lifecycle.WORKER_WRITES, *children.WORKER_WRITES, *queries.WORKER_READS, placement.RETRY_CONTEXT, digest.JOB_SPEC,
+    fairshare.REFILL)
 
 # A serving worker reads the catalog (nexus.serving.host); its instance rows it writes through functions.
 _TABLE_GRANTS = ("GRANT SELECT ON models TO {role}",)

@@ -18,7 +18,7 @@ from sqlalchemy.exc import DBAPIError, ProgrammingError
 
 from nexus.auth import hash_token
 from nexus.config import MASTER_ONLY_SECRETS
-from nexus.jobs import lifecycle, queries
+from nexus.jobs import children, lifecycle, queries
 from nexus.jobs.records import Lease
 from tests.support import wait_for
 
@@ -136,11 +136,11 @@ def test_children_belong_to_the_parents_tenant_and_lease(intruder, services):
     with services.engine.begin() as conn:
         assert lifecycle.claim(conn, parent, 1, "honest-node", 60) is not None
     with intruder.connect() as conn:
-        assert lifecycle.insert_children(conn, Lease(parent, 1, uuid.uuid4()), [spec]) == {}
+        assert children.insert_children(conn, Lease(parent, 1, uuid.uuid4()), [spec]) == {}
     mine = submit(services, {"type": "noop", "requirements": {"tier": "gpu_peer"}}, tenant="victim")
     with intruder.connect() as conn:
         claimed = lifecycle.claim(conn, mine, 1, "intruder", 60)
-        [row] = lifecycle.insert_children(conn, Lease(mine, 1, claimed.lease_token), [spec]).values()
+        [row] = children.insert_children(conn, Lease(mine, 1, claimed.lease_token), [spec]).values()
     with services.engine.connect() as conn:
         child = conn.execute(text("SELECT tenant, parent_id FROM jobs WHERE id = :id"), {"id": row.id}).one()
     assert tuple(child) == ("victim", mine)  # the tenant the caller named is not the one it got
@@ -148,7 +148,7 @@ def test_children_belong_to_the_parents_tenant_and_lease(intruder, services):
     to_master = build_spec({"type": "noop"}, services.settings, tenant="victim", parent_id=mine)
     to_master = dataclasses.replace(to_master, queue="master.proof_verify")
     with intruder.connect() as conn:
-        assert lifecycle.insert_children(conn, Lease(mine, 1, claimed.lease_token), [to_master]) == {}
+        assert children.insert_children(conn, Lease(mine, 1, claimed.lease_token), [to_master]) == {}
 
 
 def test_a_worker_cannot_take_or_record_a_proofs_verification(intruder, services):
@@ -365,11 +365,11 @@ def test_a_worker_cannot_pass_the_child_limit_through_its_own_lease(intruder, se
                         parent_id=parent) for _ in range(limit + 1)]
     with intruder.connect() as conn:
         with pytest.raises(TooManyChildren):
-            lifecycle.insert_children(conn, Lease(parent, 1, lease.lease_token), specs)
+            children.insert_children(conn, Lease(parent, 1, lease.lease_token), specs)
     with intruder.connect() as conn:  # up to the limit, in two calls: the second sees the first's
-        assert len(lifecycle.insert_children(conn, Lease(parent, 1, lease.lease_token), specs[:limit - 1])) == limit - 1
+        assert len(children.insert_children(conn, Lease(parent, 1, lease.lease_token), specs[:limit - 1])) == limit - 1
         with pytest.raises(TooManyChildren):
-            lifecycle.insert_children(conn, Lease(parent, 1, lease.lease_token), specs[limit - 1:])
+            children.insert_children(conn, Lease(parent, 1, lease.lease_token), specs[limit - 1:])
     with services.engine.connect() as conn:
         count = conn.execute(text("SELECT count(*) FROM jobs WHERE parent_id = :id"), {"id": parent}).scalar_one()
     assert count == limit - 1
