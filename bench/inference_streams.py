@@ -144,14 +144,17 @@ def idle_streams(count: int, seconds: float, gap: float) -> None:
             threads = [threading.Thread(target=one, daemon=True) for _ in range(count)]
             for t in threads:
                 t.start()
-            health, health_failures, rss_peak = [], [], 0
+            health, health_failures, rss_peak, slowest = [], [], 0, (0.0, "")
             while time.monotonic() - started < seconds + 60 and (finished[0] + len(errors)) < count:
                 t0 = time.perf_counter()
                 try:
-                    status = requests.get(url + "/healthz", timeout=10).status_code
+                    probe = requests.get(url + "/healthz", timeout=10)
+                    status = probe.status_code
                 except requests.RequestException as exc:
-                    status = repr(exc)[:200]
+                    status, probe = repr(exc)[:200], None
                 health.append(time.perf_counter() - t0)
+                if probe is not None and health[-1] > slowest[0]:
+                    slowest = (health[-1], _dependency_times(probe))
                 if status != 200:
                     health_failures.append(status)
                 answered[0] = _open_streams(Services(settings), model)
@@ -174,6 +177,16 @@ def idle_streams(count: int, seconds: float, gap: float) -> None:
         print(f"  API CPU {cpu:.1f} s over {elapsed:.0f} s ({cpu / elapsed * 100:.0f}% of a core)")
         print(f"  /healthz meanwhile: p50 {percentile(health, 50) * 1000:.0f} ms, max {max(health) * 1000:.0f} ms "
               f"({len(health)} probes, {len(health_failures)} not 200)", *health_failures[:1])
+        print(f"  the slowest /healthz's own checks: {slowest[1]}")
+
+
+def _dependency_times(probe) -> str:
+    """What /healthz measured of each dependency itself: the rest of its time was the API's queue."""
+    try:
+        report = probe.json()["dependencies"]
+    except (ValueError, KeyError):
+        return "(no report)"
+    return ", ".join(f"{name} {check.get('latency_ms', 'failed')} ms" for name, check in report.items())
 
 
 def _open_streams(services, model: str) -> int:

@@ -136,6 +136,9 @@ class Settings(BaseSettings):
     max_broker_messages_per_tenant: int = Field(4, ge=0)
     # Open connections one API process holds (gevent greenlets: streams, long-polls, plain requests).
     api_worker_connections: int = Field(4096, ge=16, le=100_000)
+    # /v1 requests one API process takes in at once, up to their job's publish (nexus/api/intake.py);
+    # the others wait their turn. Enough to keep a core busy while some wait on Redis or PostgreSQL.
+    api_intake_turns: int = Field(16, ge=1, le=10_000)
     # An API process remembers a token it resolved this long (by its hash), so thousands of requests
     # opened at once do not each queue for a database connection to look it up. A revocation through
     # this process takes effect at once; through another, within this TTL. 0: look up every request.

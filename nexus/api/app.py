@@ -9,6 +9,7 @@ from flask import request
 
 import nexus
 from nexus.api.errors import ApiError, install_error_handlers
+from nexus.api.intake import IntakeTurns
 from nexus.api.limits import Slots, install_rate_limit, install_refusal_gate
 from nexus.api.models import ModelNameConverter
 from nexus.api.refusals import LONG_POLL, STREAM
@@ -35,6 +36,9 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.before_request(refuse_json_that_is_not_an_object)
     app.extensions["nexus_token_cache"] = TokenCache(
         settings.auth_cache_seconds if auth_cache_seconds is None else auth_cache_seconds)
+    # Behind the refusal gate: a refused token's requests take no turn.
+    app.wsgi_app = IntakeTurns(app.wsgi_app, settings.api_intake_turns,  # type: ignore[method-assign]
+                               settings.inference_admission_wait_seconds)
     refusals = install_refusal_gate(app)  # before everything: a token refused a moment ago is answered at once
     install_rate_limit(app, settings)  # after authentication: it counts per token
     redis = app.extensions["nexus"].redis

@@ -24,6 +24,7 @@ from flask import Response, after_this_request, jsonify, request, stream_with_co
 from flask_limiter.errors import RateLimitExceeded
 from sqlalchemy import text
 
+from nexus.api.intake import release_turn
 from nexus.api.limits import rate_limit_headers, slots
 from nexus.api.security import caller, services
 from nexus.api.v1_gate import Outcome, gate
@@ -153,6 +154,7 @@ def _serve(endpoint: Endpoint):
         raise
     try:
         _submit(endpoint, body, call, job_id)
+        release_turn(request.environ)  # what is left is waiting for the model (nexus.api.intake)
         batches = read_batches(services().redis, job_id, _idle_check(str(job_id), time.monotonic()),
                                subscription=subscription)
         if not call.stream:
@@ -194,6 +196,7 @@ def _enter(call: ApiCall) -> Slot:
         raise _no_instance(call.model)
     if entry.outcome is Outcome.ADMITTED:
         return Slot(admission, call.model, entry.request_id)
+    release_turn(request.environ)  # not while it waits for a slot: requests for other models come in
     try:  # every instance is full: wait for a slot as before
         slot = admission.acquire(call.model, entry.request_id, hold_seconds=hold + 30,
                                  wait_seconds=settings.inference_admission_wait_seconds)
@@ -205,22 +208,55 @@ def _enter(call: ApiCall) -> Slot:
     return slot
 
 
-_specs: dict[str, tuple[float, object]] = {}  # model name -> (read at, its catalog entry or None)
+class _CatalogCache:
+    """Each model's catalog entry, reused for Settings.inference_catalog_cache_seconds, read by one
+    request at a time: when an entry expires, the request that refreshes it reads the database and
+    the others meanwhile answer from the entry it replaces. Every request read it itself before, so
+    each expiry in a crowd of thousands sent a checkout per request to the pool at once (the pool
+    ran dry for 30 s and /healthz's own database check waited behind them)."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[float, object]] = {}  # model name -> (read at, entry or None)
+        self._reading: dict[str, threading.Lock] = {}
+        self._lock = threading.Lock()
+
+    def get(self, name: str, ttl: float, read):
+        if ttl <= 0:
+            return read(name)
+        cached = self._entries.get(name)
+        if cached is not None and time.monotonic() - cached[0] < ttl:
+            return cached[1]
+        with self._lock:
+            if len(self._entries) > 10_000:  # names are the caller's input: bounded
+                self._entries.clear()
+                self._reading.clear()
+            reading = self._reading.setdefault(name, threading.Lock())
+        if cached is not None and not reading.acquire(blocking=False):
+            return cached[1]  # another request is refreshing it
+        if cached is None:
+            reading.acquire()  # nothing to answer from: wait for the read in progress, if any
+        try:
+            fresh = self._entries.get(name)
+            if fresh is not None and time.monotonic() - fresh[0] < ttl:
+                return fresh[1]
+            spec = read(name)
+            self._entries[name] = (time.monotonic(), spec)
+            return spec
+        finally:
+            reading.release()
+
+
+_catalog_cache = _CatalogCache()
+
+
+def _read_model(name: str):
+    with services().statements.connect() as conn:
+        return catalog.get_model(conn, name)
 
 
 def _model_spec(name: str):
-    """The model's catalog entry, reused for Settings.inference_catalog_cache_seconds."""
-    ttl = services().settings.inference_catalog_cache_seconds
-    cached = _specs.get(name)
-    if ttl > 0 and cached is not None and time.monotonic() - cached[0] < ttl:
-        return cached[1]
-    with services().statements.connect() as conn:
-        spec = catalog.get_model(conn, name)
-    if ttl > 0:
-        if len(_specs) > 10_000:  # names are the caller's input: bounded
-            _specs.clear()
-        _specs[name] = (time.monotonic(), spec)
-    return spec
+    """The model's catalog entry (nexus.api.openai._CatalogCache)."""
+    return _catalog_cache.get(name, services().settings.inference_catalog_cache_seconds, _read_model)
 
 
 def _check_servable(call: ApiCall) -> None:

@@ -225,6 +225,59 @@ def test_requests_beyond_the_free_slots_wait_and_are_all_answered(sdk, services)
         slot.release()
 
 
+@pytest.fixture(scope="module")
+def one_turn_api(settings, session_dir):
+    """A second API process that takes in one /v1 request at a time (nexus.api.intake)."""
+    from nexus.localservers import free_port
+    from tests.support import start_api
+
+    process, url = start_api(settings.model_copy(update={"api_port": free_port(), "node_api_port": 0,
+                                                         "api_intake_turns": 1}),
+                             session_dir, name="api-one-turn")
+    yield url
+    process.stop()
+
+
+def test_one_intake_turn_still_serves_streams_at_once(sdk, one_turn_api, live_api):
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = openai.OpenAI(base_url=one_turn_api + "/v1", api_key=live_api[1], max_retries=0, timeout=60)
+
+    def one(_):
+        started, first, texts = time.monotonic(), None, []
+        for chunk in client.completions.create(model=TINY, prompt="The quick brown fox", max_tokens=64,
+                                               temperature=0, stream=True):
+            first = first or time.monotonic()
+            texts += [c.text for c in chunk.choices]
+        return started, first, time.monotonic(), "".join(texts)
+
+    with ThreadPoolExecutor(3) as pool:
+        streams = list(pool.map(one, range(3)))
+    # One turn, three streams at once: each one's first text came before any of them ended. A turn held
+    # for a stream's life would have served them one by one.
+    assert max(first for _, first, _, _ in streams) < min(end for _, _, end, _ in streams)
+    assert len({text for *_, text in streams}) == 1
+
+
+def test_a_request_waiting_for_a_serving_slot_does_not_hold_the_intake(sdk, services, one_turn_api, live_api):
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = openai.OpenAI(base_url=one_turn_api + "/v1", api_key=live_api[1], max_retries=0, timeout=60)
+    taken = _take_all_but(services, TINY, keep_free=0)
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(lambda: client.completions.create(model=TINY, prompt="Hello", max_tokens=4,
+                                                                temperature=0).choices[0].text)
+        time.sleep(1.5)  # it is past the gate and waits for a slot (it would hold the only turn otherwise)
+        started = time.monotonic()
+        with pytest.raises(openai.NotFoundError):  # taken in while the other waits: its own answer, at once
+            client.completions.create(model="no-such-model", prompt="Hello", max_tokens=4)
+        assert time.monotonic() - started < 5
+        taken.pop().release()
+        assert waiting.result(timeout=30)
+    for slot in taken:
+        slot.release()
+
+
 def test_models_say_when_they_were_declared_and_their_context(sdk):
     model = sdk.models.retrieve(TINY)
     assert abs(model.created - time.time()) < 3600 and model.owned_by == "nexus"
