@@ -21,7 +21,7 @@ requests per level): the bare backend's stream() in this process versus streamin
 `--idle-streams N` holds N streams open through one API process against an
 OpenAI-compatible upstream that sends a token every --idle-gap seconds (two
 serving workers relay it), and reports the API's memory and CPU, the streams
-answered, and /healthz latency meanwhile.
+answered, /healthz latency and 20 nodes' heartbeat latency (every 1 s) meanwhile.
 Bare and Nexus runs alternate, path by path, and each keeps its best of
 `--rounds`, so load from elsewhere on the machine does not favour one side.
 """

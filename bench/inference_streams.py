@@ -99,9 +99,15 @@ def report_sweep(results: dict[int, tuple[dict, dict]]) -> None:
 
 # --- idle streams ------------------------------------------------------------------------------
 
+JOIN_TOKEN = "nxj_bench-join-token"
+BEATING_NODES = 20
+
+
 def idle_streams(count: int, seconds: float, gap: float) -> None:
     import psutil
     import requests
+
+    from bench.heartbeat import beat_for, register_all
 
     from bench.common import bench_cluster
     from nexus.localservers import free_port
@@ -114,7 +120,7 @@ def idle_streams(count: int, seconds: float, gap: float) -> None:
     # One token opens all the streams: its per-token /v1 slots must not be what is measured.
     with bench_cluster(inference_admission_wait_seconds=120, inference_request_timeout_seconds=seconds + 120,
                        inference_stream_interval_ms=50, max_streams_per_token=count + 16,
-                       ) as (settings, folder):
+                       join_token=JOIN_TOKEN) as (settings, folder):
         upstream = _start_upstream(upstream_port, gap, seconds)
         with Services(settings).engine.begin() as conn:
             catalog.insert_model(conn, ModelSpec(model, "", BackendKind.OPENAI,
@@ -139,6 +145,12 @@ def idle_streams(count: int, seconds: float, gap: float) -> None:
                     with lock:
                         errors.append(repr(exc)[:200])
 
+            # Nodes beating every second on the node API meanwhile: what the crowd costs the cluster's liveness.
+            beats: list = []
+            beater = threading.Thread(target=lambda: beats.append(beat_for(register_all(settings, BEATING_NODES),
+                                                                              settings, 1.0, seconds + 20)),
+                                      daemon=True)
+            beater.start()
             threading.stack_size(256 * 1024)
             started = time.monotonic()
             threads = [threading.Thread(target=one, daemon=True) for _ in range(count)]
@@ -162,6 +174,7 @@ def idle_streams(count: int, seconds: float, gap: float) -> None:
                 time.sleep(0.5)
             elapsed = time.monotonic() - started
             cpu = sum(sum(p.cpu_times()[:2]) for p in api_procs) - cpu_before
+            beater.join(seconds + 60)
         finally:
             for worker in workers:
                 worker.stop()
@@ -178,6 +191,11 @@ def idle_streams(count: int, seconds: float, gap: float) -> None:
         print(f"  /healthz meanwhile: p50 {percentile(health, 50) * 1000:.0f} ms, max {max(health) * 1000:.0f} ms "
               f"({len(health)} probes, {len(health_failures)} not 200)", *health_failures[:1])
         print(f"  the slowest /healthz's own checks: {slowest[1]}")
+        if beats:
+            latencies, _, beat_errors, _ = beats[0]
+            print(f"  heartbeats meanwhile ({BEATING_NODES} nodes, every 1 s): p50 {percentile(latencies, 50) * 1000:.1f} ms, "
+                  f"p99 {percentile(latencies, 99) * 1000:.1f} ms, max {max(latencies) * 1000:.0f} ms "
+                  f"({len(latencies)} beats, {len(beat_errors)} not 200)")
 
 
 def _dependency_times(probe) -> str:
