@@ -83,12 +83,11 @@ class EventWriter:
             _flusher_for(self._redis, self.interval).watch(self)
 
     def buffer(self, delta: StreamDelta) -> bool:
-        """Add the delta to what waits to be written; True when it is due at once: the request's first
-        text (time to first token), a choice's last (the end of the answer must not wait up to an
-        interval for the request's thread to wake and write the usage), or no interval."""
+        """Add the delta to what waits to be written; True when it is due at once (the request's first
+        text: time to first token, or no interval)."""
         entry = _delta_entry(delta)
         with self._lock:
-            due = not self._started or not self.interval or delta.finish_reason is not None
+            due = not self._started or not self.interval
             self._started = True
             last = self._pending[-1] if self._pending else None
             if last is not None and last[0] == delta.index and last[2] is None and _mergeable(last, entry):

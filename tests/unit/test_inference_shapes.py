@@ -343,20 +343,3 @@ def test_a_step_flusher_writes_first_text_at_once_and_the_rest_per_interval_in_o
     assert recorder.events[3:] == [{"t": "deltas", "d": [[0, "!", "stop"]]}, {"t": "usage", "p": 1, "c": 3}]
     flusher.after_step()
     assert len(recorder.events) == 5
-
-
-def test_a_step_flusher_writes_a_choices_last_text_at_the_end_of_its_step():
-    """The end of an answer goes out with the step that produced it, not up to an interval later
-    or when the request's thread wakes to write the usage."""
-    from nexus.inference.streams import StepFlusher
-
-    recorder, flusher = _Recorder(), StepFlusher()
-    writer = EventWriter(recorder, "one", 60, interval_ms=10_000)
-    flusher.add(writer, StreamDelta(0, "He"))
-    flusher.after_step()
-    flusher.add(writer, StreamDelta(0, "llo"))
-    flusher.after_step()
-    assert len(recorder.events) == 1  # the middle waits for the interval
-    flusher.add(writer, StreamDelta(0, "!", FinishReason.STOP))
-    flusher.after_step()
-    assert recorder.events[1:] == [{"t": "deltas", "d": [[0, "llo!", "stop"]]}]
