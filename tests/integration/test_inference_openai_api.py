@@ -177,18 +177,22 @@ def _take_all_but(services, model: str, keep_free: int) -> list:
     return taken
 
 
-@pytest.fixture(scope="module")
-def impatient_api(settings, session_dir):
-    """A second API process on the same cluster whose requests wait at most 1 s for a serving slot."""
+def _second_api(settings, session_dir, name: str, **changes):
+    """Another API process on the same cluster with `changes` to its settings; yields its URL."""
     from nexus.localservers import free_port
     from tests.support import start_api
 
     # node_api_port 0: the session's master already serves the node API; a second bind would fail and stop this one
-    process, url = start_api(settings.model_copy(update={"api_port": free_port(), "node_api_port": 0,
-                                                         "inference_admission_wait_seconds": 1.0}),
-                             session_dir, name="api-impatient")
+    process, url = start_api(settings.model_copy(update={"api_port": free_port(), "node_api_port": 0, **changes}),
+                             session_dir, name=name)
     yield url
     process.stop()
+
+
+@pytest.fixture(scope="module")
+def impatient_api(settings, session_dir):
+    """A second API process whose requests wait at most 1 s for a serving slot."""
+    yield from _second_api(settings, session_dir, "api-impatient", inference_admission_wait_seconds=1.0)
 
 
 def test_every_instance_full_means_429_after_the_admission_bound(sdk, services, impatient_api, live_api):
@@ -228,14 +232,7 @@ def test_requests_beyond_the_free_slots_wait_and_are_all_answered(sdk, services)
 @pytest.fixture(scope="module")
 def one_turn_api(settings, session_dir):
     """A second API process that takes in one /v1 request at a time (nexus.api.intake)."""
-    from nexus.localservers import free_port
-    from tests.support import start_api
-
-    process, url = start_api(settings.model_copy(update={"api_port": free_port(), "node_api_port": 0,
-                                                         "api_intake_turns": 1}),
-                             session_dir, name="api-one-turn")
-    yield url
-    process.stop()
+    yield from _second_api(settings, session_dir, "api-one-turn", api_intake_turns=1)
 
 
 def test_one_intake_turn_still_serves_streams_at_once(sdk, one_turn_api, live_api):
