@@ -16,10 +16,10 @@ app returns. Waiting for a turn is bounded by Settings.inference_admission_wait_
 
 from __future__ import annotations
 
-import json
 import threading
 from typing import Any, Callable, Iterable
 
+from nexus.api.refusals import too_many_requests
 from nexus.inference.openai_shapes import ModelBusyError
 
 TURN_KEY = "nexus.intake_turn"  # in the WSGI environ: gives the request's turn back (idempotent)
@@ -67,7 +67,4 @@ def release_turn(environ: dict[str, Any]) -> None:
 def _busy(start_response: Callable[..., Any], waited: float) -> list[bytes]:
     error = ModelBusyError(f"this API process is taking in more requests than it can; none got a turn within "
                            f"{waited:g} s; retry shortly")
-    data = json.dumps(error.body()).encode()
-    start_response("429 TOO MANY REQUESTS", [("Content-Type", "application/json"),
-                                             ("Content-Length", str(len(data))), ("Retry-After", "1")])
-    return [data]
+    return too_many_requests(start_response, error.body(), retry_after=1)

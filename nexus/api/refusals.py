@@ -134,8 +134,13 @@ class RefusalGate:
             body = OpenAIError(message, status=429, type="rate_limit_error", code="rate_limit_exceeded").body()
         else:
             body = error_body(429, message, {"retry_after": retry_after, "refused_for": kind})
-        data = json.dumps(body).encode()
-        start_response("429 TOO MANY REQUESTS", [("Content-Type", "application/json"),
-                                                 ("Content-Length", str(len(data))),
-                                                 ("Retry-After", str(retry_after))])
-        return [data]
+        return too_many_requests(start_response, body, retry_after)
+
+
+def too_many_requests(start_response: Callable[..., Any], body: dict, retry_after: int) -> list[bytes]:
+    """A 429 answered at the WSGI layer, before Flask: the JSON body and its Retry-After."""
+    data = json.dumps(body).encode()
+    start_response("429 TOO MANY REQUESTS", [("Content-Type", "application/json"),
+                                             ("Content-Length", str(len(data))),
+                                             ("Retry-After", str(retry_after))])
+    return [data]
