@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import multiprocessing
 import sys
 import threading
 import time
@@ -107,8 +108,6 @@ def idle_streams(count: int, seconds: float, gap: float) -> None:
     import psutil
     import requests
 
-    from bench.heartbeat import beat_for, register_all
-
     from bench.common import bench_cluster
     from nexus.localservers import free_port
     from nexus.models import catalog, liveness
@@ -146,11 +145,15 @@ def idle_streams(count: int, seconds: float, gap: float) -> None:
                         errors.append(repr(exc)[:200])
 
             # Nodes beating every second on the node API meanwhile: what the crowd costs the cluster's liveness.
-            beats: list = []
-            beater = threading.Thread(target=lambda: beats.append(beat_for(register_all(settings, BEATING_NODES),
-                                                                              settings, 1.0, seconds + 20)),
-                                      daemon=True)
+            # From a process of their own, as a node's agent would: among this process's 2,000 client
+            # threads a beat's own thread waited for the GIL (p50 25 ms; 4-8 ms from its own process).
+            # Registered before the streams open, so the opening burst is among what they measure; they
+            # beat for about as long as the streams take (seconds + 14-16 s here).
+            spawn = multiprocessing.get_context("spawn")
+            beats = spawn.Queue()
+            beater = spawn.Process(target=_beat_meanwhile, args=(settings, seconds + 15, beats), daemon=True)
             beater.start()
+            assert beats.get(timeout=60) == "registered"
             threading.stack_size(256 * 1024)
             started = time.monotonic()
             threads = [threading.Thread(target=one, daemon=True) for _ in range(count)]
@@ -174,7 +177,8 @@ def idle_streams(count: int, seconds: float, gap: float) -> None:
                 time.sleep(0.5)
             elapsed = time.monotonic() - started
             cpu = sum(sum(p.cpu_times()[:2]) for p in api_procs) - cpu_before
-            beater.join(seconds + 60)
+            beat_result = beats.get(timeout=seconds + 60)
+            beater.join(10)
         finally:
             for worker in workers:
                 worker.stop()
@@ -191,11 +195,22 @@ def idle_streams(count: int, seconds: float, gap: float) -> None:
         print(f"  /healthz meanwhile: p50 {percentile(health, 50) * 1000:.0f} ms, max {max(health) * 1000:.0f} ms "
               f"({len(health)} probes, {len(health_failures)} not 200)", *health_failures[:1])
         print(f"  the slowest /healthz's own checks: {slowest[1]}")
-        if beats:
-            latencies, _, beat_errors, _ = beats[0]
+        if beat_result:
+            latencies, beat_errors = beat_result
             print(f"  heartbeats meanwhile ({BEATING_NODES} nodes, every 1 s): p50 {percentile(latencies, 50) * 1000:.1f} ms, "
                   f"p99 {percentile(latencies, 99) * 1000:.1f} ms, max {max(latencies) * 1000:.0f} ms "
                   f"({len(latencies)} beats, {len(beat_errors)} not 200)")
+
+
+def _beat_meanwhile(settings, seconds: float, results) -> None:
+    """BEATING_NODES nodes register ("registered" on `results`), then beat every second for `seconds`;
+    then (latencies, errors) on `results`."""
+    from bench.heartbeat import beat_for, register_all
+
+    nodes = register_all(settings, BEATING_NODES)
+    results.put("registered")
+    latencies, _, errors, _ = beat_for(nodes, settings, 1.0, seconds)
+    results.put((latencies, errors))
 
 
 def _dependency_times(probe) -> str:

@@ -116,6 +116,9 @@ class Settings(BaseSettings):
     # traffic cannot starve them. 0: no separate listener (agents share the user API).
     node_api_port: int = Field(8001, ge=0, le=65535)
     node_api_url: str = ""  # how agents reach the node API; empty: derived as public_api_url is, else api_url
+    # The user API's nice value: when the master's CPUs are saturated (a tenant's burst of requests), the
+    # node API's heartbeats and the reconciler, at nice 0, get about three times its share (nexus.master).
+    api_nice: int = Field(5, ge=0, le=19)
     admin_token: str = "nexus-dev-admin-token"  # bootstrap admin, created at master start
     join_token: str = "nexus-dev-join-token"  # workers present it to register
     # Limits (README "Limits"): what one request, one job and one token may ask of the master.

@@ -98,9 +98,13 @@ def api_servers(settings: Settings, workers: int, node_api: bool = True) -> list
     need"). Cost: one more process (~60 MB), which `--node-api-in-process` saves by serving the
     node API from the watching process instead (node_api_threads), still apart from user requests.
     """
-    servers = [user_api_argv(settings, workers)]
+    # Each through orphan_guard: SIGTERM if this process dies. The user API at settings.api_nice: when a
+    # tenant's burst saturates the CPUs, the node API and the watcher get about three times its share
+    # (docs/ARCHITECTURE.md, "Liveness from the work", says what that did and did not bound).
+    guard = [sys.executable, "-m", "nexus.agent.orphan_guard"]
+    servers = [[*guard, "--nice", str(settings.api_nice), *user_api_argv(settings, workers)]]
     if settings.node_api_port and node_api:
-        servers.append(node_api_argv(settings))
+        servers.append([*guard, *node_api_argv(settings)])
     return servers
 
 
@@ -179,10 +183,8 @@ def serve_api(settings: Settings, workers: int, reconciler: bool = False, flower
 
     Either server gone, or a companion thread, is the master gone: the exit lets the container's
     restart policy (or `nexus dev`'s supervisor) start all again, rather than running half a master.
-    Each server gets SIGTERM if this process dies (orphan_guard).
     """
-    children = [subprocess.Popen([sys.executable, "-m", "nexus.agent.orphan_guard", *argv])
-                for argv in api_servers(settings, workers, node_api=not node_api_in_process)]
+    children = [subprocess.Popen(argv) for argv in api_servers(settings, workers, node_api=not node_api_in_process)]
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

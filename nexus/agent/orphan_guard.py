@@ -9,6 +9,12 @@ and a restarted agent would start a second set beside them. Linux's parent-death
 signal survives exec, so the worker gets SIGTERM (Celery's warm shutdown: it
 finishes the running job) the moment its agent is gone. Elsewhere the command
 just runs.
+
+    python -m nexus.agent.orphan_guard --nice 5 gunicorn …
+
+runs it at that nice value (inherited by everything it forks and every thread
+it starts; on Linux a nice value is per thread, so it is set before there is
+more than one).
 """
 
 from __future__ import annotations
@@ -31,8 +37,11 @@ def ask_for_parent_death_signal(signum: int = signal.SIGTERM) -> bool:
 
 
 def main(argv: list[str]) -> None:
+    if argv[:1] == ["--nice"] and len(argv) > 1:
+        os.nice(int(argv[1]))
+        argv = argv[2:]
     if not argv:
-        sys.exit("usage: python -m nexus.agent.orphan_guard COMMAND [ARGS...]")
+        sys.exit("usage: python -m nexus.agent.orphan_guard [--nice N] COMMAND [ARGS...]")
     parent = os.getppid()
     ask_for_parent_death_signal()
     if os.getppid() != parent:

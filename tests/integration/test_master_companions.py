@@ -32,6 +32,12 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
+def _nice_of_threads(pid: int) -> set[int]:
+    """The nice values of a process's threads (on Linux each thread has its own)."""
+    return {int(stat.read_text().rsplit(")", 1)[1].split()[16])
+            for stat in Path(f"/proc/{pid}/task").glob("*/stat")}
+
+
 def _cmdline(pid: int) -> str:
     return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
 
@@ -56,6 +62,12 @@ def test_the_reconciler_works_on_while_the_user_api_is_stalled(settings, service
         # The whole user API stalls (its arbiter and its worker, frozen).
         stalled = [pid for pid in children if "nexus.api.green" in _cmdline(pid)]
         assert len(stalled) == 2, [_cmdline(p) for p in children]
+        # Under a CPU-saturating burst the user API yields to the watcher (reconciler, node API): every
+        # thread of its arbiter and worker runs settings.api_nice above the watcher's threads.
+        base = os.getpriority(os.PRIO_PROCESS, master.process.pid)
+        assert _nice_of_threads(master.process.pid) == {base}
+        for pid in stalled:
+            assert _nice_of_threads(pid) == {min(19, base + settings.api_nice)}, _cmdline(pid)
         for pid in stalled:
             os.kill(pid, signal.SIGSTOP)
         with pytest.raises(requests.RequestException):
