@@ -17,6 +17,7 @@ from sqlalchemy import text
 
 from nexus.jobs.notify import DURATION_BUCKETS, DURATION_KEY
 from nexus.jobs.reconciler import queue_depth
+from nexus.models import catalog
 from nexus.jobs.states import CLAIMABLE_STATES, JobState, sql_in
 from nexus.queueing.tiers import TIER_ORDER
 
@@ -52,6 +53,20 @@ class NexusCollector:
         yield depth
 
         yield from self._durations(sorted(seen_types))
+        yield self._model_requests()
+
+    def _model_requests(self):
+        """Each model's /v1 requests by slot state (as vLLM's num_requests_running / _waiting), and its slots."""
+        family = GaugeMetricFamily("nexus_model_requests", "A model's /v1 requests holding a serving slot "
+                                   "(in_flight), waiting for one (waiting), and its live slots (capacity)",
+                                   labels=["model", "state"])
+        with self.services.statements.connect() as conn:
+            names = [spec.name for spec in catalog.list_models(conn)]
+        for name in names:
+            load = self.services.admission.load(name)
+            for state in ("capacity", "in_flight", "waiting"):
+                family.add_metric([name, state], getattr(load, state))
+        return family
 
     def _durations(self, job_types):
         family = HistogramMetricFamily("nexus_job_duration_seconds", "Run time of succeeded jobs", labels=["type"])

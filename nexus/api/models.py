@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from dataclasses import asdict
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
@@ -82,6 +83,12 @@ class InstanceView(BaseModel):
     live: bool | None = Field(None, description="announced itself in the last seconds (can take requests)")
 
 
+class LoadView(BaseModel):
+    capacity: int = Field(description="requests its live instances run at once (their max_concurrent)")
+    in_flight: int = Field(description="requests holding a serving slot now")
+    waiting: int = Field(description="requests waiting for a slot (each gets 429 after the admission bound)")
+
+
 class ModelView(BaseModel):
     name: str
     source: str
@@ -91,6 +98,7 @@ class ModelView(BaseModel):
     min_tier: Tier
     max_model_len: int | None
     live_instances: int
+    requests: LoadView = Field(description="its /v1 requests now, over every API process")
     instances: list[InstanceView]
 
 
@@ -117,7 +125,7 @@ def _spec(name: str) -> ModelSpec:
 
 def _model_view(spec: ModelSpec, instances: list[dict]) -> dict:
     live = set(liveness.live_instances(services().redis, spec.name))
-    return {**spec.view(), "live_instances": len(live),
+    return {**spec.view(), "live_instances": len(live), "requests": asdict(services().admission.load(spec.name)),
             "instances": [catalog.instance_view(i, str(i["id"]) in live) for i in instances]}
 
 

@@ -135,11 +135,12 @@ def stop_cmd(name, instance_id) -> None:
 
 
 def _models_table(nexus: NexusClient) -> None:
-    table = Table("model", "backend", "source", "vram MB", "instances", "serving")
+    table = Table("model", "backend", "source", "vram MB", "instances", "serving", "requests / slots", "waiting")
     for model in nexus.request("GET", "/api/v1/models")["models"]:
         states = ", ".join(f"{i['state']}" for i in model["instances"]) or "-"
+        load = model["requests"]
         table.add_row(model["name"], model["backend"], model["source"], str(model["vram_mb"]), states,
-                      str(model["live_instances"]))
+                      str(model["live_instances"]), f"{load['in_flight']} / {load['capacity']}", str(load["waiting"]))
     console.print(table)
 
 

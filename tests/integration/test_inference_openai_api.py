@@ -210,6 +210,30 @@ def test_every_instance_full_means_429_after_the_admission_bound(sdk, services, 
         slot.release()
 
 
+def test_the_model_view_and_metrics_count_the_requests_waiting_for_a_slot(sdk, services, live_api):
+    from concurrent.futures import ThreadPoolExecutor
+
+    import requests
+
+    url, token = live_api
+    headers = {"Authorization": f"Bearer {token}"}
+    taken = _take_all_but(services, TINY, keep_free=0)
+    with ThreadPoolExecutor(2) as pool:
+        waiting = [pool.submit(sdk.completions.create, model=TINY, prompt="Hello", max_tokens=4, temperature=0)
+                   for _ in range(2)]
+        view = wait_for(lambda: (v := requests.get(f"{url}/api/v1/models/{TINY}", headers=headers,
+                                                   timeout=10).json())["requests"]["waiting"] == 2 and v,
+                        timeout=15, what="two requests counted as waiting")
+        assert view["requests"]["in_flight"] == view["requests"]["capacity"] == len(taken)
+        metrics = requests.get(f"{url}/metrics", headers=headers, timeout=10).text
+        assert f'nexus_model_requests{{model="{TINY}",state="waiting"}} 2.0' in metrics
+        for slot in taken:
+            slot.release()
+        assert all(w.result(timeout=30).choices[0].text is not None for w in waiting)
+    wait_for(lambda: requests.get(f"{url}/api/v1/models/{TINY}", headers=headers, timeout=10).json()["requests"]
+             == {"capacity": len(taken), "in_flight": 0, "waiting": 0}, timeout=10, what="the slots given back")
+
+
 def test_requests_beyond_the_free_slots_wait_and_are_all_answered(sdk, services):
     from concurrent.futures import ThreadPoolExecutor
 
