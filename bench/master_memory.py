@@ -11,7 +11,10 @@ verifier, the agent and its worker, and the servers are listed apart.
 
 RSS counts pages shared between processes (a forked gunicorn worker and its arbiter, the
 interpreter's libraries) once in each; PSS splits each shared page between its sharers, so the
-sum of PSS is what the processes take together; USS is each process's own pages.
+sum of PSS is what the processes take together; USS is each process's own pages. "Resident
+together" counts each physical page that any counted process has resident once (the union, read
+from /proc/PID/pagemap; as root only, since the kernel hides page frame numbers from others): what
+a memory cgroup holding just these processes would be charged for them.
 
 `--source` runs another checkout's `nexus` (e.g. main, for a before/after on one machine).
 """
@@ -23,6 +26,7 @@ import json
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -30,6 +34,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+PAGE = os.sysconf("SC_PAGE_SIZE")
+PFN_MASK = (1 << 55) - 1  # bits 0-54 of a pagemap entry
 COUNTED = ("master", "reconciler", "flower")  # `nexus <command>` children whose trees are counted
 
 
@@ -113,6 +119,25 @@ def measure(launcher: int) -> list[Memory]:
     return rows
 
 
+def resident_together(pids: list[int]) -> float | None:
+    """MiB of distinct physical pages resident in any of `pids`; None where page frames are hidden."""
+    frames: set[int] = set()
+    for pid in pids:
+        with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/pagemap", "rb") as pagemap:
+            for line in maps:
+                start, end = (int(x, 16) for x in line.split()[0].split("-"))
+                if start >= 1 << 47:  # [vsyscall]: not readable through pagemap
+                    continue
+                pagemap.seek(start // PAGE * 8)
+                entries = pagemap.read((end - start) // PAGE * 8)
+                for (entry,) in struct.iter_unpack("<Q", entries):
+                    if entry >> 63:  # present
+                        frames.add(entry & PFN_MASK)
+    if frames <= {0}:
+        return None
+    return len(frames) * PAGE / 2**20
+
+
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
@@ -134,6 +159,10 @@ def report(rows: list[Memory]) -> dict[str, float]:
     total = {k: sum(getattr(r, k) for r in mine) / mib for k in ("rss", "pss", "uss")}
     print(f"{'TOTAL API + reconciler + Flower':34} {len(mine):7} {total['rss']:8.1f} {total['pss']:8.1f} "
           f"{total['uss']:8.1f}")
+    together = resident_together([r.pid for r in mine])
+    if together is not None:
+        total["together"] = together
+        print(f"{'resident together (each page once)':34} {len(mine):7} {together:8.1f}")
     return total
 
 
