@@ -42,14 +42,21 @@ INFLIGHT_KEY = "nexus:inflight:{model}"
 WAITING_KEY = "nexus:waiting:{model}"  # request id -> when its wait lapses
 POLL_SECONDS = (0.005, 0.5)  # first and longest wait between tries when no release wakes us
 
-# KEYS: serving zset, slots hash, in-flight zset. ARGV: now, request id, lapse time, default slots.
-TAKE_SCRIPT = """
+
+def _capacity_lua(default_slots: str) -> str:
+    """Lua that sums the slots of the model's live instances into `capacity` (KEYS[1] the serving zset,
+    KEYS[2] the slots hash, ARGV[1] now; `default_slots` the argument for an instance that announced none)."""
+    return f"""
 local live = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], '+inf')
 local capacity = 0
 for _, id in ipairs(live) do
-  capacity = capacity + (tonumber(redis.call('HGET', KEYS[2], id)) or tonumber(ARGV[4]))
+  capacity = capacity + (tonumber(redis.call('HGET', KEYS[2], id)) or tonumber({default_slots}))
 end
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[1])
+"""
+
+
+# KEYS: serving zset, slots hash, in-flight zset. ARGV: now, request id, lapse time, default slots.
+TAKE_SCRIPT = _capacity_lua("ARGV[4]") + """redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[1])
 if redis.call('ZCARD', KEYS[3]) < capacity then
   redis.call('ZADD', KEYS[3], ARGV[3], ARGV[2])
   redis.call('EXPIRE', KEYS[3], math.ceil(ARGV[3] - ARGV[1]) + 60)
@@ -58,15 +65,10 @@ end
 return capacity == 0 and -1 or 0
 """
 
-# The same capacity count, with the slots in use and the requests waiting. KEYS: serving zset, slots hash,
-# in-flight zset, waiting zset. ARGV: now, default slots.
-LOAD_SCRIPT = """
-local live = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], '+inf')
-local capacity = 0
-for _, id in ipairs(live) do
-  capacity = capacity + (tonumber(redis.call('HGET', KEYS[2], id)) or tonumber(ARGV[2]))
-end
-return {capacity, redis.call('ZCOUNT', KEYS[3], ARGV[1], '+inf'), redis.call('ZCOUNT', KEYS[4], ARGV[1], '+inf')}
+# The capacity, with the slots in use and the requests waiting. KEYS: serving zset, slots hash, in-flight
+# zset, waiting zset. ARGV: now, default slots.
+LOAD_SCRIPT = _capacity_lua("ARGV[2]") + """return {capacity, redis.call('ZCOUNT', KEYS[3], ARGV[1], '+inf'),
+        redis.call('ZCOUNT', KEYS[4], ARGV[1], '+inf')}
 """
 
 
