@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 import requests
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from nexus.cli.jobs import _fail, client, emit_json, json_option
 from nexus.client import NexusClient, NexusError
@@ -135,12 +135,14 @@ def stop_cmd(name, instance_id) -> None:
 
 
 def _models_table(nexus: NexusClient) -> None:
-    table = Table("model", "backend", "source", "vram MB", "instances", "serving", "requests / slots", "waiting")
+    table = Table("model", Column("backend", no_wrap=True), Column("source", overflow="fold"), "vram MB",
+                  "instances", "serving", "requests")
     for model in nexus.request("GET", "/api/v1/models")["models"]:
         states = ", ".join(f"{i['state']}" for i in model["instances"]) or "-"
-        load = model["requests"]
+        load = model["requests"]  # in flight / slots, and those waiting for one
+        requests = f"{load['in_flight']}/{load['capacity']}" + (f" +{load['waiting']} waiting" if load["waiting"] else "")
         table.add_row(model["name"], model["backend"], model["source"], str(model["vram_mb"]), states,
-                      str(model["live_instances"]), f"{load['in_flight']} / {load['capacity']}", str(load["waiting"]))
+                      str(model["live_instances"]), requests)
     console.print(table)
 
 
