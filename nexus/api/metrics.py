@@ -17,8 +17,8 @@ from sqlalchemy import text
 
 from nexus.jobs.notify import DURATION_BUCKETS, DURATION_KEY
 from nexus.jobs.reconciler import queue_depth
-from nexus.models import catalog
 from nexus.jobs.states import CLAIMABLE_STATES, JobState, sql_in
+from nexus.models import catalog
 from nexus.queueing.tiers import TIER_ORDER
 
 
@@ -39,6 +39,7 @@ class NexusCollector:
             rows = conn.execute(JOB_COUNTS).all()
             queues = {r[0] for r in conn.execute(text(
                 f"SELECT DISTINCT queue FROM jobs WHERE {sql_in('state', CLAIMABLE_STATES)}"))}
+            models = [spec.name for spec in catalog.list_models(conn)]
         jobs = GaugeMetricFamily("nexus_jobs", "Jobs by state and type", labels=["state", "type"])
         seen_types = {t for _, t, _ in rows} or {"noop"}
         counts = {(s, t): n for s, t, n in rows}
@@ -53,16 +54,14 @@ class NexusCollector:
         yield depth
 
         yield from self._durations(sorted(seen_types))
-        yield self._model_requests()
+        yield self._model_requests(models)
 
-    def _model_requests(self):
+    def _model_requests(self, models: list[str]):
         """Each model's /v1 requests by slot state (as vLLM's num_requests_running / _waiting), and its slots."""
         family = GaugeMetricFamily("nexus_model_requests", "A model's /v1 requests holding a serving slot "
                                    "(in_flight), waiting for one (waiting), and its live slots (capacity)",
                                    labels=["model", "state"])
-        with self.services.statements.connect() as conn:
-            names = [spec.name for spec in catalog.list_models(conn)]
-        for name in names:
+        for name in models:
             load = self.services.admission.load(name)
             for state in ("capacity", "in_flight", "waiting"):
                 family.add_metric([name, state], getattr(load, state))

@@ -151,9 +151,6 @@ class Admission:
             if line:
                 line[0].set()  # the first waiter of this process takes the slot; the others keep waiting
 
-    def in_flight(self, model: str) -> int:
-        return int(self._redis.zcount(INFLIGHT_KEY.format(model=model), time.time(), "+inf"))
-
     def load(self, model: str) -> ModelLoad:
         keys = [SERVING_KEY.format(model=model), SLOTS_KEY.format(model=model), INFLIGHT_KEY.format(model=model),
                 WAITING_KEY.format(model=model)]

@@ -248,7 +248,7 @@ def test_requests_beyond_the_free_slots_wait_and_are_all_answered(sdk, services)
         answers = list(pool.map(one, range(8)))  # 8 requests, 2 slots: 6 wait their turn, none is dropped
     assert answers == [expected] * 8
     # Every finished request gives its slot back, once its response is closed (just after the client has it).
-    wait_for(lambda: services.admission.in_flight(TINY) == len(taken), timeout=10, what="every slot given back")
+    wait_for(lambda: services.admission.load(TINY).in_flight == len(taken), timeout=10, what="every slot given back")
     for slot in taken:
         slot.release()
 
