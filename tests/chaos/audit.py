@@ -6,6 +6,7 @@ import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
+from nexus.queueing import broker
 from tests.chaos.cluster import ChaosCluster
 from tests.chaos.stream import JobStream
 
@@ -44,11 +45,28 @@ def wait_all_final(cluster: ChaosCluster, tenant: str, expected: int, timeout: f
         if sum(counts.values()) >= expected and all(state in FINAL for state in counts):
             return round(time.monotonic() - began, 2)
         if time.monotonic() > deadline:
-            stuck = cluster.query("SELECT id, state, attempt, node, not_before, lease_expires_at FROM jobs "
-                                  "WHERE tenant = :t AND state NOT IN ('succeeded','failed','cancelled') LIMIT 10",
-                                  {"t": tenant})
-            raise AssertionError(f"jobs not final after {timeout} s: {counts}; e.g. {stuck}")
+            raise AssertionError(f"jobs not final after {timeout} s: {counts}; {stragglers(cluster, tenant)}")
         time.sleep(0.25)
+
+
+def stragglers(cluster: ChaosCluster, tenant: str) -> str:
+    """The jobs not final, each with where its message is (queue list, held by a worker, or nowhere) and its
+    events: what a failure of wait_all_final needs to tell a lost message from a job nobody published."""
+    rows = cluster.query("SELECT id, state, attempt, published_attempt, published_at, not_before, node, queue, "
+                         "cancel_requested, updated_at, now() AS db_now FROM jobs "
+                         "WHERE tenant = :t AND state NOT IN ('succeeded','failed','cancelled') LIMIT 10", {"t": tenant})
+    client = cluster.services.redis
+    held = broker.held_jobs(client)
+    lines = []
+    for row in rows:
+        pair = (str(row["id"]), row["attempt"] + 1)
+        where = [place for place, present in (("queue", pair in broker.job_messages(client, row["queue"])),
+                                              ("held", pair in held.get(row["queue"], set()))) if present]
+        events = cluster.query("SELECT at, from_state, to_state, attempt, node, message FROM job_events "
+                               "WHERE job_id = :id ORDER BY id", {"id": row["id"]})
+        lines.append(f"{dict(row)} message: {where or 'none'}; depth {broker.queue_depth(client, row['queue'])}; "
+                     f"events {[tuple(e.values()) for e in events]}")
+    return "\n".join(lines)
 
 
 def audit(cluster: ChaosCluster, stream: JobStream, fault: str, settle_s: float, recovery_s: dict) -> Report:
