@@ -66,7 +66,17 @@ def stragglers(cluster: ChaosCluster, tenant: str) -> str:
                                "WHERE job_id = :id ORDER BY id", {"id": row["id"]})
         lines.append(f"{dict(row)} message: {where or 'none'}; depth {broker.queue_depth(client, row['queue'])}; "
                      f"events {[tuple(e.values()) for e in events]}")
+        lines += _log_lines(cluster, str(row["id"]))
+    failed_passes = [line for line in cluster.reconciler.log_text().splitlines() if "reconcile pass failed" in line]
+    lines.append(f"reconciler: {len(failed_passes)} failed passes, the last: {failed_passes[-3:]}")
     return "\n".join(lines)
+
+
+def _log_lines(cluster: ChaosCluster, job_id: str, most: int = 8) -> list[str]:
+    """The last lines of the cluster's logs that name the job (declines, republishes, claims)."""
+    found = [f"  {path.stem}: {line[:300]}" for path in sorted(cluster.logs.glob("**/*.log"))
+             for line in path.read_text(errors="replace").splitlines() if job_id in line]
+    return found[-most:]
 
 
 def audit(cluster: ChaosCluster, stream: JobStream, fault: str, settle_s: float, recovery_s: dict) -> Report:
