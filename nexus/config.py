@@ -225,7 +225,7 @@ class Settings(BaseSettings):
     proof_parent_helps: bool = True  # a waiting proof job proves its own queued segments (see nexus/proofs/jobs.py)
     # A retried job waits this long for a node where it has not failed yet before running again where it did.
     node_avoid_failed_seconds: float = Field(120.0, ge=0)
-    declined_job_delay_seconds: float = Field(1.0, ge=0)  # a declined message comes back after this
+    declined_job_delay_seconds: float = Field(1.0, ge=0)  # a declined message comes back within this (random)
 
     # --- local read replicas on a worker node (docs/ARCHITECTURE.md, "Replicas for lag-tolerant reads") ---------
     # Empty: no replica, every read goes to the master. Writes always go to the master.

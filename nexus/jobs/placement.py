@@ -8,11 +8,23 @@ job's queue, and the job has not waited longer than
 `node_avoid_failed_seconds` (better a repeat on the same node than no run).
 A declined message is published again after a short delay; Redis serves the
 worker that has waited longest first, so an idle eligible node takes it.
+
+The delay is drawn at random, never fixed. The declining worker received the
+delayed message the delay before it comes back, and its consumer blocked on
+the queue again at once, so after a fixed delay it has waited exactly that
+long. An idle worker blocks anew every `brpop_timeout` (kombu: 1 s), so it has
+waited less than that. With the delay at 1 s the declining worker was the
+longest waiter nearly every time: in a chaos run one retry came back to the
+node that had failed it 102 times in a row, for 100 s, while two other nodes
+sat idle. A delay drawn from (d/10, d) with d <= brpop_timeout gives an idle
+node the message with a probability of at least 1 - delay/brpop_timeout on
+each return (tests/integration/test_agent_liveness.py shows both).
 """
 
 from __future__ import annotations
 
 import logging
+import random
 
 from celery import Celery
 from sqlalchemy import Engine
@@ -47,7 +59,8 @@ def decline_retry(engine: Engine, celery: Celery, settings: Settings, job_id: st
     row = rows[0] if rows else None
     if row is None or not row["within_window"] or may_claim(node, row["failed_nodes"], row["eligible"]):
         return False
+    delay = settings.declined_job_delay_seconds
     JobMessage(job_id, attempt, row["queue"], row["priority"]).publish(
-        celery, countdown=settings.declined_job_delay_seconds)
+        celery, countdown=random.uniform(delay / 10, delay))  # not fixed: see the module's doc
     log.info("job %s attempt %s already failed on %s; left for another node", job_id, attempt, node)
     return True

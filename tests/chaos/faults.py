@@ -7,6 +7,7 @@ import uuid
 
 from tests.chaos.cluster import ChaosCluster
 from tests.chaos.stream import JobStream
+from tests.support import wait_for
 
 
 def new_tenant(fault: str) -> str:
@@ -37,6 +38,15 @@ def wait_running_on(cluster: ChaosCluster, node: str, tenant: str, timeout: floa
         if ids or time.monotonic() > deadline:
             return ids
         time.sleep(0.05)
+
+
+def busiest_worker(cluster: ChaosCluster, tenant: str, timeout: float = 10) -> str:
+    """The plain worker running the most of the tenant's jobs, waiting (bounded) until one runs any."""
+    def busiest() -> str | None:
+        running = {name: len(cluster.running_on(name, tenant)) for name in cluster.worker_names}
+        name = max(running, key=running.__getitem__)
+        return name if running[name] else None
+    return wait_for(busiest, timeout=timeout, interval=0.05, what="a worker running the stream's jobs")
 
 
 def seconds_until_final(cluster: ChaosCluster, job_ids: list, since: float, timeout: float = 60) -> float | None:

@@ -17,7 +17,7 @@ from nexus.jobs.reconciler import queue_depth
 from nexus.queueing import broker
 from tests.chaos.audit import audit, wait_all_final
 from tests.chaos.cluster import TIER
-from tests.chaos.faults import (claims_after, fault_points, new_tenant, seconds_until_final, summary,
+from tests.chaos.faults import (busiest_worker, claims_after, fault_points, new_tenant, seconds_until_final, summary,
                                 wait_running_on, wait_submitted)
 from tests.chaos.stream import JobStream, canary_latency, plan_jobs
 from tests.support import wait_for
@@ -113,7 +113,9 @@ def test_api_and_reconciler_killed(cluster, profile, report):
     orphans_done: list[float] = []
 
     def inject(tenant):
-        victim = cluster.worker_names[-1]
+        # Whichever worker runs jobs now: with the API down no job is submitted, and a worker chosen in
+        # advance could have finished its last one by then (the test then had nothing to check).
+        victim = busiest_worker(cluster, tenant)
         cluster.api.kill()
         cluster.reconciler.kill()
         orphans = wait_running_on(cluster, victim, tenant, timeout=5)

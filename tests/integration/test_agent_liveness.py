@@ -15,7 +15,7 @@ from nexus.jobs.failures import FailureKind
 from nexus.jobs.reconciler import Reconciler, queue_depth
 from tests.agent_support import beat, registered
 from tests.conftest import auth
-from tests.support import wait_for
+from tests.support import start_worker, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -280,3 +280,33 @@ def test_the_worker_runtime_declines_then_runs_where_it_may(api, services):
     time.sleep(services.settings.retry_backoff_max_seconds)  # the retry's backoff
     assert runner("other").execute(retry_id, 2) == "succeeded"
     assert job(services, retry_id)["node"] == "other"
+
+
+def test_a_declined_retry_reaches_the_idle_node_beside_the_one_that_declines_it(api, services, reconciler,
+                                                                                 live_api, tmp_path):
+    """Real workers on one queue: `a` failed the job and declines each return of its retry; `b`, idle, must get it.
+
+    Redis hands a pushed message to the consumer that has waited longest. The declining worker's consumer
+    blocked again when it received the delayed message, so it had waited exactly the delay when the
+    declined message came back. With the delay equal to kombu's BRPOP timeout (1 s), it was the longest
+    waiter every time: in a chaos run one retry went back to its failed node 102 times in a row for 100 s
+    while two other nodes sat idle."""
+    nodes = {name: registered(api, name, "rtx4070") for name in ("decline-a", "decline-b")}
+    for node in nodes.values():
+        beat(api, node, "rtx4070")
+    queue_args = ["--queues", "gpu_infra", "-c", "2", "-P", "threads"]
+    workers = [start_worker(services.settings, tmp_path, "decline-a", queue_args)]
+    try:
+        job_id = submit(services, tier="gpu_infra", payload={"fail_attempts": 1}, max_attempts=3)
+        wait_for(lambda: f"job {job_id} attempt 2: declined" in workers[0].log_text(), timeout=30,
+                 what="decline-a declining the retry it failed")
+        for node in nodes.values():
+            beat(api, node, "rtx4070")
+        workers.append(start_worker(services.settings, tmp_path, "decline-b", queue_args))
+        wait_for(lambda: job(services, job_id)["state"] == "succeeded", timeout=20, interval=0.2,
+                 what="the retry run by the idle node")
+        declines = workers[0].log_text().count(f"job {job_id} attempt 2: declined")
+        assert job(services, job_id)["node"] == "decline-b", f"decline-a declined it {declines} times, then ran it"
+    finally:
+        for worker in workers:
+            worker.stop(10)
