@@ -25,6 +25,7 @@ from nexus.benchmarks.cells import Cell, failed_cell, to_csv
 from nexus.benchmarks.measure import PeakMemory, measure_cell, sized_prompt
 from nexus.benchmarks.sweep import Sweep, SweepInvalid
 from nexus.jobs.context import JobCancelled, JobContext
+from nexus.jobs.notify import ChildNotices
 from nexus.jobs.records import Job
 from nexus.jobs.registry import JobType
 from nexus.models.catalog import BackendKind, ModelSpec
@@ -129,6 +130,12 @@ def _wait_for_nodes(ctx: JobContext, names: list[str], sweep: Sweep, timeout: fl
     """Each node's job once all are final (or past the timeout: those still waiting are cancelled)."""
     deadline = time.monotonic() + timeout
     total = len(names) * sweep.cells_per_node
+    with ctx.child_notices() as notices:
+        return _wait_for_node_jobs(ctx, notices, names, sweep, deadline, total)
+
+
+def _wait_for_node_jobs(ctx: JobContext, notices: ChildNotices, names: list[str], sweep: Sweep, deadline: float,
+                        total: int) -> dict[str, Job]:
     while True:
         # Children's keys are "<parent id>:node-<name>" (JobContext.submit_children prefixes the parent).
         by_node = {row.idempotency_key.split(":node-", 1)[1]: row for row in ctx.children()
@@ -146,7 +153,8 @@ def _wait_for_nodes(ctx: JobContext, names: list[str], sweep: Sweep, timeout: fl
                                 by=f"benchmark {ctx.job_id}: node timeout")
             return {name: row for name, row in by_node.items() if row.state in FINAL}
         ctx.progress(min(done, total), total, f"{len(finished)}/{len(names)} nodes done")
-        ctx.sleep(POLL_SECONDS)
+        notices.sleep(min(POLL_SECONDS, max(0.0, deadline - time.monotonic())),
+                      [row.id for row in by_node.values() if row.state not in FINAL])
 
 
 def _cells_done(row: Job, sweep: Sweep) -> int:

@@ -14,9 +14,12 @@ from nexus.config import Settings
 from nexus.jobs import children as child_writes  # not `children`: JobContext.children is a method
 from nexus.jobs import lifecycle, queries
 from nexus.jobs.fanout import check_fan_out
+from nexus.jobs.notify import ChildNotices
 from nexus.jobs.records import Job, Lease
 
 if TYPE_CHECKING:
+    import redis
+
     from nexus.jobs.submit import Submitter
     from nexus.replicas import NodeReads
     from nexus.storage import ObjectStore
@@ -52,6 +55,7 @@ class JobContext:
     # handler that runs other attempts itself (a proof proving its segments).
     node_storage: "ObjectStore | None" = None
     grants: "LeaseGrants | None" = None
+    notices: "redis.Redis | None" = None  # the master's Redis, where jobs' completion notices go (jobs/notify.py)
     cancel_event: threading.Event = field(default_factory=threading.Event)
     lost_event: threading.Event = field(default_factory=threading.Event)
     _last_progress: float = 0.0
@@ -87,6 +91,11 @@ class JobContext:
             self.check_cancelled()
             time.sleep(min(step, remaining))
         self.check_cancelled()
+
+    def child_notices(self) -> ChildNotices:
+        """For a handler waiting on its children: `with ctx.child_notices() as notices: ... notices.sleep(s, ids)`
+        sleeps until one of those children ends (nexus.jobs.notify.ChildNotices)."""
+        return ChildNotices(self.notices, self.sleep, self.check_cancelled)
 
     # --- progress ----------------------------------------------------------------
     def progress(self, done: int, total: int, message: str | None = None, *, force: bool = False) -> None:

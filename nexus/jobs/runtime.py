@@ -115,7 +115,7 @@ class JobRunner:
             job_id=job.id, attempt=job.attempt, node=self.node, tenant=job.tenant, input_key=job.input_key,
             settings=self.settings, engine=self.engine, storage=self._job_store(job), submitter=self.submitter,
             read_after_lsn=read_after_lsn, reads=self.reads, lease_token=job.lease_token,
-            node_storage=self.storage, grants=self.grants,
+            node_storage=self.storage, grants=self.grants, notices=self.notifier.redis,
         )
         self.leases.track(ctx)
         try:

@@ -182,17 +182,18 @@ def _wait_for_segments(ctx: JobContext, segments: list[Segment], queue: str) -> 
     """Until every segment succeeded: report progress, help with queued segments, else sleep."""
     total = len(segments)
     helper = SegmentHelper(ctx, queue) if ctx.settings.proof_parent_helps else None
-    while True:
-        ctx.check_cancelled()
-        rows = _segment_rows(ctx)
-        done = sum(r["state"] == "succeeded" for r in rows)
-        ctx.progress(done, total, f"{done}/{total} segments proven")
-        if any(r["state"] in ("failed", "cancelled") for r in rows):
-            _raise_for_stopped_segment(ctx)
-        if done == total:
-            return rows
-        if helper is None or not helper.prove_one(rows):
-            ctx.sleep(ctx.settings.proof_poll_seconds)
+    with ctx.child_notices() as notices:
+        while True:
+            ctx.check_cancelled()
+            rows = _segment_rows(ctx)
+            done = sum(r["state"] == "succeeded" for r in rows)
+            ctx.progress(done, total, f"{done}/{total} segments proven")
+            if any(r["state"] in ("failed", "cancelled") for r in rows):
+                _raise_for_stopped_segment(ctx)
+            if done == total:
+                return rows
+            if helper is None or not helper.prove_one(rows):
+                notices.sleep(ctx.settings.proof_poll_seconds, [r["id"] for r in rows if r["state"] != "succeeded"])
 
 
 def _raise_for_stopped_segment(ctx: JobContext) -> None:

@@ -32,7 +32,7 @@ from nexus.jobs.registry import JobType
 RESULTS_NAME = "results.jsonl"
 MAX_INLINE_REQUESTS = 10_000
 FINAL = ("succeeded", "failed", "cancelled")
-POLL_SECONDS = 0.2  # how often the parent looks at its chunks (one indexed query)
+POLL_SECONDS = 1.0  # how often the parent reads its chunks when no chunk's notice wakes it sooner
 
 
 def _check_model(payload: Any) -> str:
@@ -118,14 +118,16 @@ def _request_lines(ctx: JobContext, payload: dict) -> list[str]:
 
 def _wait_for_children(ctx: JobContext, chunks: int, total_lines: int) -> list[Job]:
     """The chunk jobs in chunk order once all are final; progress = lines finished so far."""
-    while True:
-        rows = ctx.children()
-        by_chunk = {int(r.idempotency_key.rsplit("chunk-", 1)[1]): r for r in rows}
-        done = sum(_lines_done(r) for r in rows)
-        if len(by_chunk) == chunks and all(r.state in FINAL for r in rows):
-            return [by_chunk[n] for n in range(chunks)]
-        ctx.progress(min(done, total_lines), total_lines, f"{sum(r.state in FINAL for r in rows)}/{chunks} chunks")
-        ctx.sleep(POLL_SECONDS)
+    with ctx.child_notices() as notices:
+        while True:
+            rows = ctx.children()
+            by_chunk = {int(r.idempotency_key.rsplit("chunk-", 1)[1]): r for r in rows}
+            done = sum(_lines_done(r) for r in rows)
+            if len(by_chunk) == chunks and all(r.state in FINAL for r in rows):
+                return [by_chunk[n] for n in range(chunks)]
+            ctx.progress(min(done, total_lines), total_lines,
+                         f"{sum(r.state in FINAL for r in rows)}/{chunks} chunks")
+            notices.sleep(POLL_SECONDS, [r.id for r in rows if r.state not in FINAL])
 
 
 def _lines_done(row: Job) -> int:

@@ -107,8 +107,8 @@ def test_a_tampered_stored_receipt_is_rejected_by_the_verify_job(api, services, 
 def proof_workers(settings, session_dir):
     started = []
 
-    def start(name):
-        started.append(start_worker(settings, session_dir, name=name, extra_env=PROOF_WORKER_ENV))
+    def start(name, **env):
+        started.append(start_worker(settings, session_dir, name=name, extra_env={**PROOF_WORKER_ENV, **env}))
         return started[-1]
 
     yield start
@@ -243,3 +243,18 @@ def test_nexus_prove_on_the_cluster_then_nexus_verify(live_api, worker, services
     assert verified.exit_code == 0, verified.output
     refused = runner.invoke(main, ["prove", "--nonces", "9:3", "--allow-cpu", "-o", str(tmp_path / "x.json")])
     assert refused.exit_code != 0 and "nonce_start < nonce_end" in refused.output
+
+
+def test_a_waiting_proof_wakes_when_its_last_segment_ends_not_at_its_next_poll(api, services, live_api, reconciler,
+                                                                             proof_workers):
+    """The proof polls its segments every 30 s here and proves none itself: it must still finish within a
+    second of its last segment, woken by the segment's completion notice (nexus.jobs.notify.ChildNotices).
+    Before, it slept out its poll: up to 0.5 s late by default, 30 s here."""
+    proof_workers("proof-notices", NEXUS_PROOF_POLL_SECONDS="30", NEXUS_PROOF_PARENT_HELPS="false")
+    proof = submit_proof(api, tiny(tier=PROOF_TIER))
+    assert wait_job(api, proof["id"], timeout=60)["state"] == "succeeded"
+    with services.engine.connect() as conn:
+        parent_done, last_segment_done = conn.execute(text(
+            "SELECT p.finished_at, max(s.finished_at) FROM jobs p JOIN jobs s ON s.parent_id = p.id "
+            "WHERE p.id = :id GROUP BY p.finished_at"), {"id": proof["id"]}).one()
+    assert (parent_done - last_segment_done).total_seconds() < 1.0
