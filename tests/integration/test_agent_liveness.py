@@ -303,6 +303,8 @@ def test_a_declined_retry_reaches_the_idle_node_beside_the_one_that_declines_it(
         for node in nodes.values():
             beat(api, node, "rtx4070")
         workers.append(start_worker(services.settings, tmp_path, "decline-b", queue_args))
+        for node in nodes.values():  # ready, not stale, while the rest of the test runs (20 s without a beat)
+            beat(api, node, "rtx4070")
         wait_for(lambda: job(services, job_id)["state"] == "succeeded", timeout=20, interval=0.2,
                  what="the retry run by the idle node")
         declines = workers[0].log_text().count(f"job {job_id} attempt 2: declined")
