@@ -57,14 +57,17 @@ def stragglers(cluster: ChaosCluster, tenant: str) -> str:
                          "WHERE tenant = :t AND state NOT IN ('succeeded','failed','cancelled') LIMIT 10", {"t": tenant})
     client = cluster.services.redis
     held = broker.held_jobs(client)
+    queues = {row["queue"] for row in rows}  # each queue read once, however many of its jobs are stuck
+    present = {queue: broker.job_messages(client, queue) for queue in queues}
+    depths = {queue: broker.queue_depth(client, queue) for queue in queues}
     lines = []
     for row in rows:
-        pair = (str(row["id"]), row["attempt"] + 1)
-        where = [place for place, present in (("queue", pair in broker.job_messages(client, row["queue"])),
-                                              ("held", pair in held.get(row["queue"], set()))) if present]
+        pair, queue = (str(row["id"]), row["attempt"] + 1), row["queue"]
+        where = [place for place, found in (("queue", pair in present[queue]),
+                                            ("held", pair in held.get(queue, set()))) if found]
         events = cluster.query("SELECT at, from_state, to_state, attempt, node, message FROM job_events "
                                "WHERE job_id = :id ORDER BY id", {"id": row["id"]})
-        lines.append(f"{dict(row)} message: {where or 'none'}; depth {broker.queue_depth(client, row['queue'])}; "
+        lines.append(f"{dict(row)} message: {where or 'none'}; depth {depths[queue]}; "
                      f"events {[tuple(e.values()) for e in events]}")
         lines += _log_lines(cluster, str(row["id"]))
     failed_passes = [line for line in cluster.reconciler.log_text().splitlines() if "reconcile pass failed" in line]

@@ -291,20 +291,22 @@ def test_a_declined_retry_reaches_the_idle_node_beside_the_one_that_declines_it(
     declined message came back. With the delay equal to kombu's BRPOP timeout (1 s), it was the longest
     waiter every time: in a chaos run one retry went back to its failed node 102 times in a row for 100 s
     while two other nodes sat idle."""
-    nodes = {name: registered(api, name, "rtx4070") for name in ("decline-a", "decline-b")}
-    for node in nodes.values():
-        beat(api, node, "rtx4070")
+    nodes = [registered(api, name, "rtx4070") for name in ("decline-a", "decline-b")]
+
+    def both_ready() -> None:  # not stale (20 s without a beat) while the test runs
+        for node in nodes:
+            beat(api, node, "rtx4070")
+
+    both_ready()
     queue_args = ["--queues", "gpu_infra", "-c", "2", "-P", "threads"]
     workers = [start_worker(services.settings, tmp_path, "decline-a", queue_args)]
     try:
         job_id = submit(services, tier="gpu_infra", payload={"fail_attempts": 1}, max_attempts=3)
         wait_for(lambda: f"job {job_id} attempt 2: declined" in workers[0].log_text(), timeout=30,
                  what="decline-a declining the retry it failed")
-        for node in nodes.values():
-            beat(api, node, "rtx4070")
+        both_ready()
         workers.append(start_worker(services.settings, tmp_path, "decline-b", queue_args))
-        for node in nodes.values():  # ready, not stale, while the rest of the test runs (20 s without a beat)
-            beat(api, node, "rtx4070")
+        both_ready()
         wait_for(lambda: job(services, job_id)["state"] == "succeeded", timeout=20, interval=0.2,
                  what="the retry run by the idle node")
         declines = workers[0].log_text().count(f"job {job_id} attempt 2: declined")
