@@ -13,13 +13,8 @@ from pathlib import Path
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-# Secrets that must never reach production: the well-known defaults of the
-# services we bundle and the placeholders our example env files ship with.
-KNOWN_DEFAULT_SECRETS = frozenset(
-    {"", "minioadmin", "postgres", "password", "changeme", "change-me", "admin", "secret",
-     "nexus", "nexus-dev-admin-token", "nexus-dev-join-token", "example", "redis"}
-)
-
+from nexus.credentials import (API_REDIS_USER, MASTER_ONLY_SECRETS, RECONCILER_REDIS_USER, WORKER_REDIS_USER, is_weak,
+                               worker_role_name)
 
 class Mode(str, Enum):
     DEV = "dev"
@@ -32,43 +27,6 @@ class Role(str, Enum):
 
     MASTER = "master"
     WORKER = "worker"
-
-
-# Settings only the master holds: a worker's configuration must leave them out (production refuses it).
-MASTER_ONLY_SECRETS = ("admin_token", "flower_password", "worker_database_password", "worker_redis_password",
-                       "worker_s3_secret_key", "api_redis_password", "reconciler_redis_password")
-
-# The workers' Redis ACL user: every key and channel (Celery's queues, results and bindings, the job
-# notices, the token streams, the activity and probe keys), no administrative or dangerous command
-# (CONFIG, ACL, FLUSHALL, FLUSHDB, KEYS, DEBUG, SHUTDOWN, MONITOR, REPLICAOF, ...).
-WORKER_REDIS_USER = "nexus-worker"
-WORKER_REDIS_RULES = "~* &* +@all -@admin -@dangerous"
-
-
-# The API's and the reconciler's own users (their processes hold no other Redis password): every key and
-# channel too, since both publish to every queue and the API reads every stream and notice, and no
-# administrative or dangerous command either. Separate users, so that each password is held by one
-# kind of process only, rotated or revoked on its own, and a leaked one says which.
-API_REDIS_USER = "nexus-api"
-RECONCILER_REDIS_USER = "nexus-reconciler"
-SERVICE_REDIS_RULES = WORKER_REDIS_RULES
-
-
-def worker_redis_acl(password: str) -> str:
-    """The ACL rules of the workers' user, as a Redis `user` directive's arguments."""
-    return f"on >{password} {WORKER_REDIS_RULES}"
-
-
-def service_redis_acl(password: str) -> str:
-    """The ACL rules of the API's or the reconciler's user, as a Redis `user` directive's arguments."""
-    return f"on >{password} {SERVICE_REDIS_RULES}"
-
-
-def worker_role_name(database: str) -> str:
-    """The worker's PostgreSQL role of this database. Roles are cluster-wide, so the database's name is in
-    it: two clusters (or test sessions) on one server never share one."""
-    safe = "".join(c if c.isalnum() or c == "_" else "_" for c in database.lower())
-    return f"nexus_worker_{safe}"[:63]
 
 
 class Settings(BaseSettings):
@@ -245,8 +203,8 @@ class Settings(BaseSettings):
         """Passwords inside connection URLs (bento.env's POSTGRES_/REDIS_PASSWORD reach us this way)."""
         if self.mode is Mode.PRODUCTION:
             weak = [name for name, password in self.url_passwords().items()
-                    if password is not None and _is_weak(password)]
-            if self.replica_s3_secret_key and _is_weak(self.replica_s3_secret_key):
+                    if password is not None and is_weak(password)]
+            if self.replica_s3_secret_key and is_weak(self.replica_s3_secret_key):
                 weak.append("replica_s3_secret_key")
             if weak:
                 raise ValueError(
@@ -304,7 +262,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _production_refuses_default_secrets(self) -> "Settings":
         if self.mode is Mode.PRODUCTION:
-            weak = [name for name, value in self.secrets().items() if _is_weak(value)]
+            weak = [name for name, value in self.secrets().items() if is_weak(value)]
             if weak:
                 raise ValueError(
                     "production mode refuses default, example or empty secrets: set "
@@ -432,11 +390,6 @@ class Settings(BaseSettings):
     @property
     def buckets(self) -> tuple[str, ...]:
         return (self.bucket_inputs, self.bucket_outputs, self.bucket_receipts, self.bucket_models)
-
-
-def _is_weak(value: str) -> bool:
-    lowered = value.strip().lower()
-    return lowered in KNOWN_DEFAULT_SECRETS or lowered.startswith(("nexus-dev-", "example", "change")) or len(value) < 12
 
 
 def load_settings(**overrides) -> Settings:

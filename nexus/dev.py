@@ -25,8 +25,8 @@ import requests
 
 from nexus.client import NexusClient, NexusError
 from nexus.supervisor import ChildSpec, RestartPolicy, Supervisor
-from nexus.config import (API_REDIS_USER, RECONCILER_REDIS_USER, WORKER_REDIS_USER, Settings, service_redis_acl,
-                          worker_redis_acl)
+from nexus.config import Settings
+from nexus.credentials import API_REDIS_USER, RECONCILER_REDIS_USER, WORKER_REDIS_USER, service_redis_acl, worker_redis_acl
 from nexus.queueing.health import StuckWorkers
 from nexus.localservers import LocalServer, PostgresServer, RedisServer, S3Server, free_port
 from nexus.localservers.s3 import ScopedKey
@@ -320,7 +320,7 @@ def _inherited_env(for_node: bool = False) -> dict[str, str]:
     `for_node` leaves out the master's secrets (and its database URL) for a worker node."""
     import os
 
-    from nexus.config import MASTER_ONLY_SECRETS
+    from nexus.credentials import MASTER_ONLY_SECRETS
 
     if not for_node:
         return dict(os.environ)

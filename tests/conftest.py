@@ -22,8 +22,8 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.engine import make_url
 
 from nexus.auth import hash_token
-from nexus.config import (API_REDIS_USER, RECONCILER_REDIS_USER, WORKER_REDIS_USER, Settings, service_redis_acl,
-                          worker_redis_acl)
+from nexus.config import Settings
+from nexus.credentials import API_REDIS_USER, RECONCILER_REDIS_USER, WORKER_REDIS_USER, service_redis_acl, worker_redis_acl
 from nexus.db.engine import dispose_engines
 from nexus.localservers import PostgresServer, RedisServer, S3Server, free_port
 from nexus.localservers.s3 import ScopedKey

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import click
 
-from nexus.config import _is_weak, worker_role_name
+from nexus.credentials import is_weak, worker_role_name
 
 MASTER_ENV, WORKER_ENV = "bento.env", "worker.env"
 _SECRET_NAME = re.compile(r"(PASSWORD|_TOKEN|SECRET_KEY)$")
@@ -79,7 +79,7 @@ def render_env(template: str, values: dict[str, str]) -> str:
 
 def weak_secrets(values: dict[str, str]) -> list[str]:
     """Names of secrets that are empty, placeholders or well-known defaults (production refuses them)."""
-    return [name for name, value in values.items() if is_secret(name) and _is_weak(value)]
+    return [name for name, value in values.items() if is_secret(name) and is_weak(value)]
 
 
 _ALPHABET = string.ascii_letters + string.digits
@@ -105,7 +105,7 @@ class Answers:
 
 def with_secrets(current: dict[str, str], rotate: bool) -> dict[str, str]:
     """Every secret in `current` kept if strong (and not rotating), else freshly generated."""
-    return {name: generate_secret(name) if rotate or _is_weak(value) else value
+    return {name: generate_secret(name) if rotate or is_weak(value) else value
             for name, value in current.items() if is_secret(name)}
 
 
@@ -277,7 +277,7 @@ def _configure_master(folder, non_interactive, rotate, master_ip, subnet, node_n
 def _configure_worker(folder, from_master, non_interactive, master_ip, node_name, gpu, replicas):
     worker_template = read_template(folder, WORKER_ENV)
     source = parse_env((from_master or folder / WORKER_ENV).read_text())
-    weak = [name for name in SHARED_WITH_WORKERS if is_secret(name) and _is_weak(source.get(name, ""))]
+    weak = [name for name in SHARED_WITH_WORKERS if is_secret(name) and is_weak(source.get(name, ""))]
     if weak:
         raise click.ClickException(
             f"{from_master or folder / WORKER_ENV} lacks the master's secrets ({', '.join(weak)}): run "

@@ -3,7 +3,7 @@
 
 The master creates it at start (nexus.master.prepare_master), idempotently and under a lock, so several
 masters and test sessions may run this at once. Roles are cluster-wide in PostgreSQL: the name carries the
-database's (`config.worker_role_name`), so clusters sharing a server never share a worker role.
+database's (`credentials.worker_role_name`), so clusters sharing a server never share a worker role.
 
 What the role may do:
   - call the SECURITY DEFINER functions below: claim, renew leases, progress, complete, fail, record a
@@ -25,7 +25,8 @@ import math
 
 from sqlalchemy import Connection, Engine, text
 
-from nexus.config import Settings, worker_role_name
+from nexus.config import Settings
+from nexus.credentials import worker_role_name
 from nexus.db.functions import MAX_CHILDREN_MARK, DefinerFunction
 from nexus.jobs import children, digest, fairshare, lifecycle, placement, queries
 from nexus.queueing.celery_app import PUBLISH_GIVE_UP_SECONDS

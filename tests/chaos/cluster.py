@@ -19,7 +19,7 @@ from sqlalchemy.exc import OperationalError
 
 from nexus.config import Settings
 from nexus.db.engine import dispose_engines
-from nexus.config import WORKER_REDIS_USER, worker_redis_acl
+from nexus.credentials import WORKER_REDIS_USER, worker_redis_acl
 from nexus.localservers import PostgresServer, RedisServer, S3Server, free_port
 from nexus.localservers.s3 import ScopedKey
 from nexus.master import prepare_master

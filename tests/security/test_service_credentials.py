@@ -13,7 +13,7 @@ import uuid
 import pytest
 import redis
 
-from nexus.config import API_REDIS_USER, RECONCILER_REDIS_USER
+from nexus.credentials import API_REDIS_USER, RECONCILER_REDIS_USER
 from tests.security.test_worker_credentials import process_environment
 from tests.support import wait_for
 

@@ -17,7 +17,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.exc import DBAPIError, ProgrammingError
 
 from nexus.auth import hash_token
-from nexus.config import MASTER_ONLY_SECRETS
+from nexus.credentials import MASTER_ONLY_SECRETS
 from nexus.jobs import children, lifecycle, queries
 from nexus.jobs.records import Lease
 from tests.support import wait_for

@@ -11,7 +11,8 @@ from click.testing import CliRunner
 
 from nexus.cli.config import (SHARED_WITH_WORKERS, config_cmd, generate_secret, is_secret, parse_env, render_env,
                               weak_secrets)
-from nexus.config import Settings, _is_weak
+from nexus.config import Settings
+from nexus.credentials import is_weak
 from tests.deploy_support import ENV_FILES, ROOT, compose_binary, compose_config, environment_of, load_compose
 
 pytestmark = pytest.mark.timeout(120)
@@ -37,7 +38,7 @@ def secrets_of(values: dict) -> dict:
 def test_generated_secrets_are_strong_distinct_and_safe_in_urls():
     values = [generate_secret("REDIS_PASSWORD") for _ in range(200)]
     assert len(set(values)) == 200
-    assert all(v.isalnum() and len(v) >= 40 and not _is_weak(v) for v in values)
+    assert all(v.isalnum() and len(v) >= 40 and not is_weak(v) for v in values)
     assert generate_secret("NEXUS_JOIN_TOKEN").startswith("nxj_")
 
 

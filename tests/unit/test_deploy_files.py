@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from nexus.cli.config import is_secret
-from nexus.config import KNOWN_DEFAULT_SECRETS, Settings, _is_weak
+from nexus.config import Settings
+from nexus.credentials import KNOWN_DEFAULT_SECRETS, is_weak
 from tests.deploy_support import (ROOT, MissingVariable, environment_of, interpolate, load_compose, load_env,
                                   raw_text, referenced_variables, unbraced_references)
 
@@ -169,7 +170,7 @@ def test_flower_has_basic_auth_and_binds_the_internal_address():
     flower = master_services()["flower"]
     assert flower["command"] == ["nexus", "flower"] and flower_cmd.name == "flower"
     env = environment_of(flower)
-    assert env["NEXUS_FLOWER_USER"] and not _is_weak(env["NEXUS_FLOWER_USER"] * 12)
+    assert env["NEXUS_FLOWER_USER"] and not is_weak(env["NEXUS_FLOWER_USER"] * 12)
     assert "${NEXUS_FLOWER_PASSWORD:?" in raw_text("master")  # no password, no Flower
     assert "FLOWER_BASIC_AUTH" in (ROOT / "nexus/queueing/monitor.py").read_text()
     [(host_ip, _, _)] = published(flower)
@@ -259,7 +260,7 @@ def test_no_secret_has_a_known_default(role):
             continue
         assert value.strip().lower() not in KNOWN_DEFAULT_SECRETS, f"{name} ships a service's default"
         # The committed values are placeholders that production refuses (`just config` replaces them).
-        assert _is_weak(value) and value.startswith("change-me"), f"{name} must be a placeholder in the template"
+        assert is_weak(value) and value.startswith("change-me"), f"{name} must be a placeholder in the template"
         assert not re.search(r"\$\{" + name + r":?-", text), f"{name} has a default in the compose file"
 
 
@@ -282,10 +283,10 @@ def test_production_refuses_the_template_secrets_with_a_clear_message():
 
 
 def test_each_master_process_reaches_redis_as_the_user_settings_name():
-    """The API and the reconciler log in as their own ACL users, with the rules nexus.config gives them (the
+    """The API and the reconciler log in as their own ACL users, with the rules nexus.credentials gives them (the
     ones `nexus dev` and the tests' Redis use), and neither holds the default user's password."""
-    from nexus.config import (API_REDIS_USER, RECONCILER_REDIS_USER, SERVICE_REDIS_RULES, WORKER_REDIS_RULES,
-                              WORKER_REDIS_USER)
+    from nexus.credentials import (API_REDIS_USER, RECONCILER_REDIS_USER, SERVICE_REDIS_RULES, WORKER_REDIS_RULES,
+                                   WORKER_REDIS_USER)
 
     services = master_services()
     env = load_env("master")

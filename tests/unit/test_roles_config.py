@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from nexus.config import MASTER_ONLY_SECRETS, Role, Settings, worker_role_name
+from nexus.config import Role, Settings
+from nexus.credentials import MASTER_ONLY_SECRETS, worker_role_name
 
 STRONG = "Str0ng" + "x" * 30
 MASTER = {"mode": "production", "s3_secret_key": STRONG + "s", "admin_token": STRONG + "a", "join_token": STRONG + "j",
